@@ -6,8 +6,16 @@ Bundled or generated (no download): ``digits``, ``digits-points``, ``shapes3d``.
 ``cifar100`` (python pickles; torchvision downloads them when asked).
 """
 from . import images, points  # noqa: F401 - registration side effects
-from ._registry import (DataNotFoundError, DatasetInfo, DataSplits, UnknownDatasetError, create_dataset,
-                        dataset_info, list_datasets, register_dataset)
+from ._registry import (
+                        DataNotFoundError,
+                        DatasetInfo,
+                        DataSplits,
+                        UnknownDatasetError,
+                        create_dataset,
+                        dataset_info,
+                        list_datasets,
+                        register_dataset,
+)
 
 __all__ = ["DataNotFoundError", "DatasetInfo", "DataSplits", "UnknownDatasetError", "create_dataset",
            "dataset_info", "list_datasets", "register_dataset"]

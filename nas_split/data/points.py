@@ -65,7 +65,8 @@ def _cone(rng, m):
 
 def _torus(rng, m, big=1.0, small=0.35):
     u, v = rng.uniform(0, 2 * np.pi, (2, m))
-    return np.stack([(big + small * np.cos(v)) * np.cos(u), (big + small * np.cos(v)) * np.sin(u), small * np.sin(v)], 1)
+    ring = big + small * np.cos(v)
+    return np.stack([ring * np.cos(u), ring * np.sin(u), small * np.sin(v)], 1)
 
 
 _SQ = np.array([[-1, -1, -1], [1, -1, -1], [1, 1, -1], [-1, 1, -1]], float)
@@ -236,7 +237,7 @@ def digits_points(seed: int = 0, root: str | None = None, num_points: int = 32, 
     return _point_view("digits-points", digits(seed=seed), num_points, threshold, seed)
 
 
-@register_dataset("fashion-mnist-points", "Fashion-MNIST as point clouds: pixels above a threshold -> (x, y, intensity)")
+@register_dataset("fashion-mnist-points", "Fashion-MNIST as point clouds: bright pixels -> (x, y, intensity)")
 def fashion_mnist_points(seed: int = 0, root: str | None = None, num_points: int = 256,
                          threshold: float = 0.1) -> DataSplits:
     """Point view of ``fashion-mnist``."""

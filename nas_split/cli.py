@@ -1,0 +1,114 @@
+"""``nas-split`` command line.  Bad input prints one ``nas-split: error: ...`` line and exits with code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise SystemExit(_fail(message))
+
+
+def _fail(message: str) -> int:
+    print(f"nas-split: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every verb."""
+    p = _Parser(prog="nas-split", description="Grow networks by splitting steepest descent; compare with pruning.")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a backbone on a dataset and write a run directory")
+    t.add_argument("--config", help="YAML file with RunConfig fields")
+    t.add_argument("--dataset", help="dataset name (see `nas-split list`)")
+    t.add_argument("--backbone", help="backbone name (see `nas-split list`)")
+    t.add_argument("--epochs", type=int, help="training epochs")
+    t.add_argument("--lr", type=float, help="base learning rate")
+    t.add_argument("--batch-size", type=int, help="training batch size")
+    t.add_argument("--seed", type=int, help="seed of data splits, initialisation and shuffling")
+    t.add_argument("--width-mult", type=float, help="backbone width multiplier")
+    t.add_argument("--data-dir", help="directory of the dataset's files")
+    t.add_argument("--out", help="run directory to create (default runs/train)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set train.optimizer=adamw (repeatable)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory when done")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+
+    sub.add_parser("list", help="list datasets and backbones")
+    return p
+
+
+def _train_overrides(a: argparse.Namespace) -> list[str]:
+    flags = {"dataset": a.dataset, "backbone": a.backbone, "train.epochs": a.epochs, "train.lr": a.lr,
+             "train.batch_size": a.batch_size, "train.seed": a.seed, "backbone_options.width_mult": a.width_mult,
+             "data_dir": a.data_dir, "out": a.out}
+    out = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if a.no_progress:
+        out.append("train.progress=false")
+    if a.no_latency:
+        out.append("latency=false")
+    return out + list(a.set)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .config import RunConfig, load_config
+    from .experiment import check_out_dir, prepare, run_train
+
+    cfg = load_config(RunConfig, a.config, _train_overrides(a))
+    check_out_dir(cfg.out, a.overwrite)
+    prepared = prepare(cfg)
+    res = run_train(cfg, overwrite=a.overwrite, prepared=prepared)
+    f = res["final"]
+    print(f"test top-1 {100 * f['test_acc']:.2f} % | {f['mmacs']:.3f} MMACs | {f['params'] / 1e6:.3f} M params | "
+          f"{f['energy_uj_est']:.1f} uJ (estimate) | {f['latency_ms'] or float('nan'):.2f} ms (measured) | "
+          f"{res['wall_seconds']:.0f} s")
+    print(f"run directory: {cfg.out}  (view: tensorboard --logdir {cfg.out})")
+    return 0
+
+
+def _cmd_list(a: argparse.Namespace) -> int:
+    import search_spaces
+
+    from .data import dataset_info, list_datasets
+
+    print("datasets:")
+    for n in list_datasets():
+        print(f"  {n:24s} {dataset_info(n)}")
+    print("backbones:")
+    for n in search_spaces.list():
+        s = search_spaces.info(n)
+        print(f"  {n:24s} [{s.input_kind}] {s.description}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nas-split`` console script."""
+    args = build_parser().parse_args(argv)
+    import search_spaces
+
+    from .config import ConfigError
+    from .data import DataNotFoundError, UnknownDatasetError
+    from .experiment import BackboneMismatchError
+
+    user_errors = (ConfigError, DataNotFoundError, UnknownDatasetError, search_spaces.UnknownSpaceError,
+                   BackboneMismatchError)
+    try:
+        return {"train": _cmd_train, "list": _cmd_list}[args.verb](args)
+    except user_errors as e:
+        return _fail(str(e))
+    except ValueError as e:  # option values a builder refuses (widths of the wrong length, ...)
+        return _fail(str(e).splitlines()[0])
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

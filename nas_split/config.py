@@ -1,0 +1,94 @@
+"""Validated run configuration: YAML files plus ``key.sub=value`` overrides, checked by pydantic.
+
+Unknown keys and values of the wrong type raise :class:`ConfigError` with one line naming the key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .training import TrainConfig
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "apply_overrides"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line naming the key and the problem."""
+
+
+class RunConfig(BaseModel):
+    """What ``nas-split train`` runs: a dataset, a backbone and a training recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "digits"
+    dataset_options: dict[str, Any] = Field(default_factory=dict, description="passed to the dataset loader")
+    data_dir: str | None = Field(None, description="directory of the dataset's files")
+    backbone: str = "mobilenetv1_cifar_050"
+    backbone_options: dict[str, Any] = Field(default_factory=dict, description="width_mult, widths, ...")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    out: str = "runs/train"
+    latency: bool = Field(True, description="measure forward latency for the records")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings to a nested dict; values are parsed as YAML (``3``, ``0.1``, ``[8, 16]``, ``x``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = nxt
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e.problem})") from None
+    return data
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(root)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        return f"config key {key!r} does not exist{more}"
+    return f"config value {key}={first.get('input')!r}: {first['msg']}{more}"
+
+
+def load_config(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> M:
+    """Build ``model`` from ``base``, then the YAML file ``path``, then ``overrides`` (later wins)."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping, not {type(loaded).__name__}")
+        data = _merge(data, loaded)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

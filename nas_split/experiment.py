@@ -1,0 +1,124 @@
+"""Set up and run one training experiment: validate everything first, then train into a fresh run directory.
+
+Nothing is written until the dataset loads, the backbone builds and a forward pass of a real sample succeeds;
+the run is written into a temporary sibling directory that is renamed to the final name only when it completes,
+so an output directory never holds a half-written run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import search_spaces
+
+from .config import ConfigError, RunConfig
+from .cost import measure_cost
+from .data import DataSplits, create_dataset
+from .runlog import RunWriter, layer_widths
+from .training import Trainer
+
+__all__ = ["Prepared", "BackboneMismatchError", "prepare", "check_out_dir", "run_train"]
+
+
+class BackboneMismatchError(ValueError):
+    """The backbone cannot take the dataset's samples."""
+
+
+@dataclass
+class Prepared:
+    """A validated experiment: data, model and one batch of example inputs."""
+
+    data: DataSplits
+    model: nn.Module
+    example_inputs: torch.Tensor
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Load the dataset, build the backbone for it and check that they fit (raises before anything is written)."""
+    data = create_dataset(cfg.dataset, seed=cfg.train.seed, root=cfg.data_dir, **_opts(cfg.dataset_options, "dataset"))
+    space = search_spaces.info(cfg.backbone)
+    info = data.info
+    if space.input_kind != info.kind:
+        raise BackboneMismatchError(f"backbone {cfg.backbone!r} takes {space.input_kind} inputs but dataset "
+                                    f"{info.name!r} gives {info.kind} samples {info.input_shape}")
+    opts = _opts(cfg.backbone_options, "backbone")
+    if opts.get("in_chans", info.in_chans) != info.in_chans:
+        raise BackboneMismatchError(f"backbone_options.in_chans={opts['in_chans']} does not fit dataset "
+                                    f"{info.name!r}, whose samples have {info.in_chans} channels")
+    opts.pop("in_chans", None)
+    try:
+        model = search_spaces.create(cfg.backbone, num_classes=info.num_classes, in_chans=info.in_chans,
+                                     input_size=info.input_size, **opts)
+    except TypeError as e:
+        raise ConfigError(f"backbone_options for {cfg.backbone!r}: {e}") from None
+    x = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except RuntimeError as e:
+        raise BackboneMismatchError(f"backbone {cfg.backbone!r} does not fit dataset {info.name!r} "
+                                    f"(samples {info.input_shape}): {str(e).splitlines()[0]}") from None
+    model.train()
+    return Prepared(data, model, x)
+
+
+def _opts(options: dict, what: str) -> dict:
+    if not isinstance(options, dict):
+        raise ConfigError(f"{what}_options must be a mapping")
+    return dict(options)
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing non-empty output directory unless ``overwrite``."""
+    p = Path(out)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
+        raise ConfigError(f"output directory {str(p)!r} already exists and is not empty; "
+                          "choose another --out or pass --overwrite")
+    return p
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def run_train(cfg: RunConfig, overwrite: bool = False, prepared: Prepared | None = None) -> dict:
+    """Train ``cfg.backbone`` on ``cfg.dataset`` and write the run directory ``cfg.out``.
+
+    Returns:
+        The content of ``results.json``.
+    """
+    out = check_out_dir(cfg.out, overwrite)
+    p = prepared or prepare(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    info = p.data.info
+    writer = RunWriter(tmp, {"command": "train", "config": cfg.model_dump(),
+                             "dataset": {"name": info.name, "kind": info.kind, "input_shape": list(info.input_shape),
+                                         "num_classes": info.num_classes},
+                             "backbone": cfg.backbone})
+    trainer = Trainer(cfg.train)
+    train_loader, val_loader, test_loader = p.data.loaders(cfg.train.batch_size, cfg.train.eval_batch_size,
+                                                           cfg.train.num_workers, cfg.train.seed)
+    fit = trainer.fit(p.model, train_loader, val_loader, on_epoch_end=lambda r: writer.epoch(r["epoch"], r))
+    test = trainer.evaluate(p.model, test_loader)
+    cost = measure_cost(p.model.cpu(), p.example_inputs, latency=cfg.latency)
+    writer.stage({"stage": 0, "epochs": cfg.train.epochs, "test_acc": test.acc, "test_loss": test.loss,
+                  "val_acc": fit.history[-1].get("val_acc") if fit.history else None,
+                  "train_seconds": fit.seconds, "history": fit.history, "cost": cost.to_dict(layers=True),
+                  "widths": layer_widths(p.model)})
+    results = writer.finish({"method": "train", "dataset": cfg.dataset, "backbone": cfg.backbone,
+                             "epochs": cfg.train.epochs, "lr": cfg.train.lr, "seed": cfg.train.seed})
+    _publish(tmp, out)
+    return results

@@ -1,0 +1,105 @@
+"""Run directories: TensorBoard event files with fixed tag names plus a versioned ``results.json``.
+
+One run directory per run (per method and seed in comparisons).  Tags are constants of :class:`Tags` so that
+every method's curves overlay in TensorBoard.  ``results.json`` follows :data:`RESULTS_SCHEMA_VERSION`; its
+fields are documented in the README ("results.json").
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_write_json
+
+__all__ = ["Tags", "RunWriter", "RESULTS_SCHEMA_VERSION", "layer_widths"]
+
+#: Version of the ``results.json`` layout; bump it when a field changes meaning or disappears.
+RESULTS_SCHEMA_VERSION = 1
+
+
+class Tags:
+    """TensorBoard scalar tags shared by every method."""
+
+    TOP1 = "acc/top1"                  # test top-1 accuracy (fraction) after a stage
+    VAL_TOP1 = "acc/val_top1"          # validation top-1 per epoch
+    TRAIN_LOSS = "loss/train"          # training loss per epoch
+    VAL_LOSS = "loss/val"              # validation loss per epoch
+    LR = "opt/lr"
+    MMACS = "cost/mmacs"               # counted
+    PARAMS = "cost/params"             # counted
+    ENERGY = "cost/energy_uj_est"      # estimated (see results.json cost.energy_model)
+    LATENCY = "cost/latency_ms"        # measured
+    PEAK_MEM = "cost/peak_activation_kb_est"
+    TRAIN_SECONDS = "time/train_s"
+    ANALYSIS_SECONDS = "time/analysis_s"
+
+
+def layer_widths(model) -> dict[str, int]:
+    """Output channels of every conv / linear layer, by module name."""
+    from torch import nn
+
+    return {n: (m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
+            for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)}
+
+
+class RunWriter:
+    """Writes one run directory: TensorBoard events and ``results.json`` (rewritten atomically on every update).
+
+    Args:
+        run_dir: the directory (created).
+        meta: top-level fields of ``results.json`` (command, config, dataset, backbone, ...).
+    """
+
+    def __init__(self, run_dir: str | Path, meta: dict[str, Any]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tb = SummaryWriter(str(self.run_dir))
+        self.t0 = time.time()
+        self.results: dict[str, Any] = {"schema_version": RESULTS_SCHEMA_VERSION, **meta, "stages": [],
+                                        "final": None, "status": "running"}
+        self.flush()
+
+    def epoch(self, global_epoch: int, rec: dict) -> None:
+        """Log one epoch record from :meth:`nas_split.training.Trainer.fit`."""
+        self.tb.add_scalar(Tags.TRAIN_LOSS, rec["train_loss"], global_epoch)
+        self.tb.add_scalar(Tags.LR, rec["lr"], global_epoch)
+        if "val_acc" in rec:
+            self.tb.add_scalar(Tags.VAL_TOP1, rec["val_acc"], global_epoch)
+            self.tb.add_scalar(Tags.VAL_LOSS, rec["val_loss"], global_epoch)
+
+    def stage(self, record: dict) -> None:
+        """Log a finished stage: ``{stage, test_acc, cost: CostReport.to_dict(), train_seconds, ...}``."""
+        s, c = record["stage"], record["cost"]
+        self.tb.add_scalar(Tags.TOP1, record["test_acc"], s)
+        self.tb.add_scalar(Tags.MMACS, c["mmacs"], s)
+        self.tb.add_scalar(Tags.PARAMS, c["params"], s)
+        self.tb.add_scalar(Tags.ENERGY, c["energy_uj_est"], s)
+        self.tb.add_scalar(Tags.PEAK_MEM, c["peak_activation_bytes"] / 1024, s)
+        if c.get("latency_ms") is not None:
+            self.tb.add_scalar(Tags.LATENCY, c["latency_ms"], s)
+        self.tb.add_scalar(Tags.TRAIN_SECONDS, record.get("train_seconds", 0.0), s)
+        if "analysis_seconds" in record:
+            self.tb.add_scalar(Tags.ANALYSIS_SECONDS, record["analysis_seconds"], s)
+        self.results["stages"].append(record)
+        self.flush()
+
+    def finish(self, hparams: dict[str, Any]) -> dict:
+        """Record the final stage as ``final``, write ``add_hparams`` into this run and close the writer."""
+        last = self.results["stages"][-1]
+        c = last["cost"]
+        final = {"test_acc": last["test_acc"], "mmacs": c["mmacs"], "params": c["params"],
+                 "energy_uj_est": c["energy_uj_est"], "latency_ms": c["latency_ms"]}
+        self.results.update(final=final, status="done", wall_seconds=time.time() - self.t0)
+        hp = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in hparams.items()}
+        self.tb.add_hparams(hp, {f"hparam/{k}": v for k, v in final.items() if v is not None}, run_name=".")
+        self.tb.close()
+        self.flush()
+        return self.results
+
+    def flush(self) -> None:
+        """Rewrite ``results.json`` atomically."""
+        self.results["wall_seconds"] = time.time() - self.t0
+        atomic_write_json(self.run_dir / "results.json", self.results)

@@ -1,0 +1,195 @@
+"""The one training loop every method uses (seed training, growth stages, pruning fine-tune, scratch).
+
+Built on Lightning Fabric: the loop stays ours, so an optimizer whose state was carried through a change of
+parameter shapes (growth) can be passed back in, while ``accelerator`` / ``devices`` / ``strategy`` /
+``num_nodes`` give multi-GPU and multi-node data-parallel training by flag (e.g. ``devices=4, strategy="ddp"``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.data import DataLoader
+
+__all__ = ["TrainConfig", "Trainer", "FitResult", "EvalResult", "make_optimizer", "lr_factor"]
+
+
+class TrainConfig(BaseModel):
+    """Training recipe (validated: unknown keys and wrong types are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(30, ge=0, description="epochs per fit (one growth stage, or the whole run)")
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="step schedule, epoch fractions")
+    gamma: float = Field(0.1, gt=0, description="step schedule decay")
+    warmup_epochs: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    precision: str = "32-true"
+    progress: bool = True
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW; no weight decay on 1-D tensors (norms, biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(cfg: TrainConfig, progress: float) -> float:
+    """Learning-rate multiplier at ``progress`` in [0, 1] of a fit: linear warm-up, then cosine / step / constant."""
+    total = max(cfg.epochs, 1e-12)
+    warm = cfg.warmup_epochs / total
+    if progress < warm:
+        return (progress + 1e-3) / warm
+    if cfg.schedule == "cosine":
+        p = (progress - warm) / max(1 - warm, 1e-12)
+        return 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
+    return 1.0
+
+
+@dataclass
+class EvalResult:
+    """Mean loss and top-1 accuracy over a loader."""
+
+    loss: float
+    acc: float
+    n: int
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns: per-epoch history, the optimizer (with its state) and wall time."""
+
+    history: list[dict] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Runs fits and evaluations with one :class:`TrainConfig` on the devices it names."""
+
+    def __init__(self, cfg: TrainConfig | None = None):
+        from lightning_fabric import Fabric
+
+        self.cfg = cfg or TrainConfig()
+        self.fabric = Fabric(accelerator=self.cfg.accelerator, devices=self.cfg.devices, strategy=self.cfg.strategy,
+                             num_nodes=self.cfg.num_nodes, precision=self.cfg.precision)
+        if self.fabric.world_size > 1:
+            self.fabric.launch()
+        self.fabric.seed_everything(self.cfg.seed, verbose=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where models are trained."""
+        return self.fabric.device
+
+    def criterion(self) -> nn.Module:
+        """Cross-entropy with the configured label smoothing."""
+        return nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+
+    def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None = None,
+            epochs: int | None = None, optimizer: torch.optim.Optimizer | None = None,
+            on_epoch_end: Callable[[dict], None] | None = None, desc: str = "train") -> FitResult:
+        """Train ``model`` in place for ``epochs`` (default ``cfg.epochs``) with a fresh learning-rate schedule.
+
+        Args:
+            optimizer: an optimizer to continue (e.g. one whose state was carried through surgery); its learning
+                rates are driven by the schedule. ``None`` builds one with :func:`make_optimizer`.
+            on_epoch_end: called with each epoch's record ``{epoch, train_loss, train_acc, val_loss, val_acc, lr,
+                seconds}``.
+
+        Returns:
+            :class:`FitResult` with the history and the (raw, unwrapped) optimizer.
+        """
+        from tqdm.auto import tqdm
+
+        epochs = self.cfg.epochs if epochs is None else epochs
+        model.to(self.device)
+        optimizer = optimizer or make_optimizer(model, self.cfg)
+        fmodel, fopt = self.fabric.setup(model, optimizer)
+        loader = self.fabric.setup_dataloaders(train_loader)
+        crit = self.criterion()
+        steps = max(len(loader), 1) * max(epochs, 1)
+        result = FitResult(optimizer=optimizer)
+        t0 = time.perf_counter()
+        show = self.cfg.progress and self.fabric.is_global_zero
+        bar = tqdm(total=steps, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+        step = 0
+        for epoch in range(epochs):
+            fmodel.train()
+            te = time.perf_counter()
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), device=self.device)
+            n = 0
+            for x, y in loader:
+                lr = self.cfg.lr * lr_factor(self.cfg, step / steps)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                out = fmodel(x)
+                loss = crit(out, y)
+                fopt.zero_grad(set_to_none=True)
+                self.fabric.backward(loss)
+                fopt.step()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch}, step {step}")
+                loss_sum += loss.detach() * len(y)
+                correct += (out.detach().argmax(1) == y).sum()
+                n += len(y)
+                step += 1
+                bar.update(1)
+            rec = {"epoch": epoch, "train_loss": (loss_sum / max(n, 1)).item(),
+                   "train_acc": (correct / max(n, 1)).item(), "lr": lr if n else self.cfg.lr,
+                   "seconds": time.perf_counter() - te}
+            if val_loader is not None:
+                ev = self.evaluate(model, val_loader)
+                rec.update(val_loss=ev.loss, val_acc=ev.acc)
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec.get('val_acc', rec['train_acc']):.3f}")
+            result.history.append(rec)
+            if on_epoch_end is not None:
+                on_epoch_end(rec)
+        bar.close()
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> EvalResult:
+        """Loss and top-1 accuracy of ``model`` on ``loader`` (eval mode; summed over all processes)."""
+        model.to(self.device)
+        was = model.training
+        model.eval()
+        crit = nn.CrossEntropyLoss(reduction="sum")
+        stats = torch.zeros(3, device=self.device, dtype=torch.float64)
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            out = model(x)
+            stats += torch.stack([crit(out, y).double(), (out.argmax(1) == y).sum().double(),
+                                  torch.tensor(len(y), device=self.device, dtype=torch.float64)])
+        model.train(was)
+        stats = self.fabric.all_reduce(stats, reduce_op="sum") if self.fabric.world_size > 1 else stats
+        n = max(stats[2].item(), 1.0)
+        return EvalResult(stats[0].item() / n, stats[1].item() / n, int(stats[2].item()))
