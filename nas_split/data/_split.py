@@ -7,15 +7,19 @@ from torch.utils.data import Dataset, TensorDataset
 
 
 def split_indices(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
-    """Stratified split of ``range(len(labels))`` into parts of the given fractions (the last takes the rest)."""
+    """Stratified split of ``range(len(labels))`` into parts of the given fractions (the last takes the rest).
+
+    Each sample gets the key ``(rank within its class + U[0, 1)) / class size`` from a seeded permutation; sorting
+    by key and cutting at the global fractions gives exact part sizes and per-class shares within one sample.
+    """
     rng = np.random.default_rng(seed)
-    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    keys = np.empty(len(labels))
     for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        cuts = np.cumsum([int(round(f * len(idx))) for f in fractions])
-        for p, chunk in zip(parts, np.split(idx, cuts), strict=True):
-            p.extend(chunk.tolist())
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+        idx = np.flatnonzero(labels == c)
+        keys[idx[rng.permutation(len(idx))]] = (np.arange(len(idx)) + rng.random(len(idx))) / len(idx)
+    order = np.argsort(keys, kind="stable")
+    cuts = np.round(np.cumsum(fractions) * len(labels)).astype(int)
+    return [np.sort(part) for part in np.split(order, cuts)]
 
 
 def tensor_dataset(x: np.ndarray, y: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> TensorDataset:
