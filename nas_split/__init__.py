@@ -1,0 +1,22 @@
+"""nas-split: grow networks by splitting steepest descent.
+
+Public API (stable names): :func:`growable_layers`, :func:`split`, :func:`add_channels`, :func:`save_grown`,
+:func:`load_grown`, :class:`SplitScheme`, :class:`NewChannels`.  Datasets live in :mod:`nas_split.data`, the
+training loop in :mod:`nas_split.training`, cost accounting in :mod:`nas_split.cost`.
+"""
+from .surgery import (
+                      NewChannels,
+                      NotGrowableError,
+                      SplitReport,
+                      SplitScheme,
+                      add_channels,
+                      growable_layers,
+                      load_grown,
+                      save_grown,
+                      split,
+)
+
+__version__ = "0.1.0"
+
+__all__ = ["NewChannels", "NotGrowableError", "SplitReport", "SplitScheme", "add_channels", "growable_layers",
+           "load_grown", "save_grown", "split", "__version__"]

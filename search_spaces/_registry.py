@@ -114,5 +114,10 @@ def create(name: str, num_classes: int = 10, in_chans: int = 3, input_size: int 
     """
     space = info(name)
     if space.fn is _create_timm:
-        return _create_timm(num_classes, in_chans, input_size, _name=name, **kwargs)
-    return space.fn(num_classes=num_classes, in_chans=in_chans, input_size=input_size, **kwargs)
+        model = _create_timm(num_classes, in_chans, input_size, _name=name, **kwargs)
+    else:
+        model = space.fn(num_classes=num_classes, in_chans=in_chans, input_size=input_size, **kwargs)
+    # how to rebuild the seed (nas_split.save_grown / load_grown)
+    model.nas_split_spec = {"space": name, "num_classes": num_classes, "in_chans": in_chans,
+                            "input_size": input_size, "kwargs": dict(kwargs)}
+    return model

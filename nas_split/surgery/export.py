@@ -1,0 +1,125 @@
+"""Export and reload grown models without any growth-time state.
+
+``save_grown`` writes one file holding plain data only (loadable with ``torch.load(weights_only=True)``): how
+to build the seed architecture (a ``search_spaces`` name and its arguments, recorded by ``search_spaces.create``,
+or an importable factory), the width of every conv / linear / norm layer, the ``state_dict``, and for timm
+models the timm shape string.  ``load_grown`` builds the seed, resizes its layers and loads the weights.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._io import atomic_torch_save
+from .handlers import resize
+
+__all__ = ["save_grown", "load_grown", "timm_shape_string", "refresh_feature_info", "FORMAT"]
+
+FORMAT = "nas-split-grown/1"
+_SIZED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+def _sizes(model: nn.Module) -> dict[str, list[int]]:
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out[n] = [m.num_features, m.num_features]
+        elif isinstance(m, nn.Linear):
+            out[n] = [m.out_features, m.in_features]
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            out[n] = [m.out_channels, m.in_channels]
+    return out
+
+
+def timm_shape_string(model: nn.Module) -> str:
+    """The shape string of ``model`` in the format of ``timm.models.adapt_model_from_string``."""
+    return "***".join(f"{k}:[{', '.join(str(d) for d in v.shape)}]" for k, v in model.state_dict().items())
+
+
+def save_grown(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any] | None = None) -> None:
+    """Write ``model``'s architecture and weights to ``path`` (atomically).
+
+    Args:
+        spec: how to build the seed: ``{"space": name, "num_classes", "in_chans", "input_size", "kwargs"}``
+            (recorded by ``search_spaces.create`` as ``model.nas_split_spec``) or ``{"factory":
+            "package.module:function", "kwargs": {...}}``.  JSON-serialisable values only.
+    """
+    spec = spec or getattr(model, "nas_split_spec", None)
+    if spec is None:
+        raise ValueError("save_grown needs spec= (how to build the seed) for models not made by search_spaces.create")
+    try:
+        json.dumps(spec)
+    except TypeError as e:
+        raise ValueError(f"spec must hold plain JSON values to reload with weights_only=True: {e}") from None
+    payload = {"format": FORMAT, "spec": spec, "sizes": _sizes(model),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "timm_shape_string": timm_shape_string(model) if hasattr(model, "pretrained_cfg") else None,
+               "feature_chs": [int(e["num_chs"]) for e in _feature_entries(model)]}
+    atomic_torch_save(path, payload)
+
+
+def _build(spec: dict[str, Any]) -> nn.Module:
+    if "space" in spec:
+        import search_spaces
+
+        return search_spaces.create(spec["space"], spec["num_classes"], spec["in_chans"], spec.get("input_size"),
+                                    **spec.get("kwargs", {}))
+    mod, _, fn = spec["factory"].partition(":")
+    return getattr(importlib.import_module(mod), fn)(**spec.get("kwargs", {}))
+
+
+def load_grown(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model written by :func:`save_grown` (``torch.load(weights_only=True)``)."""
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a nas-split grown-model file")
+    model = _build(payload["spec"])
+    modules, current = dict(model.named_modules()), _sizes(model)
+    for name, (out, inp) in payload["sizes"].items():
+        m = modules[name]
+        if current.get(name) == [out, inp]:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            resize(m, out=out)
+        elif isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels:
+            resize(m, out=out)  # depthwise: in = out = groups
+        else:
+            resize(m, out=out, inp=inp)
+    model.load_state_dict(payload["state_dict"])
+    for e, c in zip(_feature_entries(model), payload.get("feature_chs", []), strict=False):
+        e["num_chs"] = c
+    model.nas_split_spec = payload["spec"]
+    return model
+
+
+def _feature_entries(model: nn.Module) -> list[dict]:
+    info = getattr(model, "feature_info", None) or []
+    return list(info.info if hasattr(info, "info") else info)
+
+
+def refresh_feature_info(model: nn.Module, example_inputs: torch.Tensor) -> None:
+    """Update ``num_chs`` of a timm model's ``feature_info`` after its widths changed (timm issue #2370)."""
+    entries = _feature_entries(model)
+    if not entries:
+        return
+    modules = dict(model.named_modules())
+    chans, hooks = {}, []
+    for e in entries:
+        def hook(_m, _i, out, key=e["module"]):
+            chans[key] = out.shape[1]
+        hooks.append(modules[e["module"]].register_forward_hook(hook))
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example_inputs[:1])
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    for e in entries:
+        e["num_chs"] = int(chans.get(e["module"], e["num_chs"]))

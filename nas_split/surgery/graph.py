@@ -1,0 +1,202 @@
+"""Coupling groups: which layers change together when an output channel is duplicated.
+
+Built on Torch-Pruning's ``DependencyGraph``: the pruning group of a layer's output channels lists exactly the
+edits a split needs — the producing layer's rows, its norm entries, depthwise convs in between (``in = out``
+coupled), residual-tied producers, and every consumer's input columns, with index maps through flatten,
+concatenation and pooling.  A :class:`ChannelGroup` records, for each coupled module and dimension, the
+positions of every root channel, so edits can be expressed as gathers (see :mod:`.handlers`).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+__all__ = ["NotGrowableError", "Slot", "ChannelGroup", "CouplingGraph", "growable_layers", "is_depthwise"]
+
+_OPT = tp.ops.OPTYPE
+_PASS_OPS = {_OPT.ELEMENTWISE, _OPT.RESHAPE, _OPT.CONCAT}
+_REFUSED_OPS = {_OPT.OUTPUT: "its channels are outputs of the model",
+                _OPT.SPLIT: "its channels are split/chunked", _OPT.UNBIND: "its channels are unbound",
+                _OPT.SLICE: "its channels are sliced", _OPT.EXPAND: "its channels are expanded",
+                _OPT.PARAMETER: "its channels meet an unwrapped parameter", _OPT.LN: "a LayerNorm normalises over them",
+                _OPT.GN: "a GroupNorm normalises over them", _OPT.IN: "an InstanceNorm is coupled to them",
+                _OPT.EMBED: "an embedding is coupled to them", _OPT.MHA: "an attention layer is coupled to them",
+                _OPT.LSTM: "an LSTM is coupled to them", _OPT.PRELU: "a PReLU is coupled to them",
+                _OPT.CUSTOMIZED: "a customised layer is coupled to them"}
+
+Role = Literal["root", "producer", "depthwise", "norm", "consumer"]
+
+
+class NotGrowableError(ValueError):
+    """A layer whose output channels cannot be split or added; the message says why."""
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    """A convolution with one filter per input channel (``groups == in_channels == out_channels``)."""
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One coupled (module, dimension): ``positions[c]`` are the indices along ``dim`` that carry root channel ``c``.
+
+    ``dim`` is ``"out"`` (rows of a conv/linear, entries of a norm, filters of a depthwise conv) or ``"in"``
+    (input columns of a consumer).
+    """
+
+    name: str
+    module: nn.Module
+    dim: Literal["out", "in"]
+    role: Role
+    positions: tuple[tuple[int, ...], ...]
+
+
+@dataclass
+class ChannelGroup:
+    """All slots that change when an output channel of ``root`` is duplicated."""
+
+    root: str
+    width: int
+    slots: list[Slot]
+
+    @property
+    def producers(self) -> list[str]:
+        """Conv/linear layers whose output channels are these channels (several when residual-tied)."""
+        return [s.name for s in self.slots if s.role in ("root", "producer")]
+
+    def slot(self, name: str, dim: str) -> Slot:
+        """The slot of module ``name`` on ``dim``."""
+        for s in self.slots:
+            if s.name == name and s.dim == dim:
+                return s
+        raise KeyError(f"{name} ({dim}) is not in the group of {self.root}")
+
+
+def _out_width(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+
+
+class CouplingGraph:
+    """Traces ``model`` once with ``example_inputs`` and answers coupling questions about its layers.
+
+    The graph describes the model as traced: after surgery changes widths, build a new one.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor):
+        self.model = model
+        was = model.training
+        model.eval()
+        try:
+            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs)
+        finally:
+            model.train(was)
+        self.names = {m: n for n, m in model.named_modules()}
+        self.modules = dict(model.named_modules())
+
+    def candidates(self) -> list[str]:
+        """Conv and linear layers (not depthwise) in the traced graph, in module order."""
+        return [n for n, m in self.modules.items()
+                if isinstance(m, nn.modules.conv._ConvNd | nn.Linear) and not is_depthwise(m)
+                and m in self.dg.module2node]
+
+    def group(self, name: str) -> ChannelGroup:
+        """The coupling group of the output channels of layer ``name``; raises :class:`NotGrowableError`."""
+        if name not in self.modules:
+            raise NotGrowableError(f"layer {name!r} does not exist")
+        m = self.modules[name]
+        if not isinstance(m, nn.modules.conv._ConvNd | nn.Linear):
+            raise NotGrowableError(f"layer {name!r} is a {type(m).__name__}, not a conv or linear layer")
+        if is_depthwise(m):
+            raise NotGrowableError(f"layer {name!r} is depthwise: its channels follow the layer before it")
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
+            raise NotGrowableError(f"layer {name!r} is a grouped convolution (groups={m.groups})")
+        if m not in self.dg.module2node:
+            raise NotGrowableError(f"layer {name!r} is not used in the forward pass")
+        width = _out_width(m)
+        fn = self.dg.get_pruner_of_module(m).prune_out_channels
+        group = self.dg.get_pruning_group(m, fn, list(range(width)))
+        slots, seen = [], set()
+        for item in group.items:
+            dep = item.dep
+            node, handler = dep.target, dep.handler
+            optype = node.type
+            if optype in _PASS_OPS:
+                continue
+            if optype in _REFUSED_OPS:
+                raise NotGrowableError(f"layer {name!r} is not growable: {_REFUSED_OPS[optype]}")
+            mod = node.module
+            out = self.dg.is_out_channel_pruning_fn(handler)
+            dim = "out" if out else "in"
+            mname = self.names.get(mod, str(mod))
+            if (mname, dim) in seen:
+                raise NotGrowableError(f"layer {name!r} is not growable: {mname} takes its channels twice")
+            seen.add((mname, dim))
+            role = _role(mod, out, mod is m, name, mname)
+            pos: list[list[int]] = [[] for _ in range(width)]
+            for idx, r in zip(item.idxs, item.root_idxs, strict=True):
+                pos[int(r)].append(int(idx))
+            if any(not p for p in pos):
+                raise NotGrowableError(f"layer {name!r} is not growable: the index map to {mname} is incomplete")
+            slots.append(Slot(mname, mod, dim, role, tuple(tuple(p) for p in pos)))
+        if not any(s.dim == "in" for s in slots):
+            raise NotGrowableError(f"layer {name!r} is not growable: no layer consumes its channels "
+                                   "(they are outputs of the model)")
+        return ChannelGroup(name, width, slots)
+
+
+def _role(mod: nn.Module, out: bool, is_root: bool, root: str, mname: str) -> Role:
+    if is_root:
+        return "root"
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return "norm"
+    if is_depthwise(mod):
+        return "depthwise"
+    if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups != 1:
+        raise NotGrowableError(f"layer {root!r} is not growable: grouped convolution {mname} is coupled to it")
+    if isinstance(mod, nn.modules.conv._ConvNd | nn.Linear):
+        return "producer" if out else "consumer"
+    raise NotGrowableError(f"layer {root!r} is not growable: {type(mod).__name__} {mname} is coupled to it")
+
+
+def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool = True,
+                    graph: CouplingGraph | None = None) -> list[str]:
+    """Names (as in ``model.named_modules()``) of the layers whose output channels can be split.
+
+    A layer qualifies when it is a dense conv or linear layer whose coupling group holds only layers nas-split
+    can edit.  With ``verify`` (default), each one is also split once on a copy of the model (channel 0, ε = 0)
+    and must keep the outputs equal (relative error ≤ 1e-4), which catches couplings the tracer cannot see
+    (e.g. channels reshaped into a matrix for ``torch.bmm``).
+    """
+    graph = graph or CouplingGraph(model, example_inputs)
+    names = []
+    for n in graph.candidates():
+        try:
+            graph.group(n)
+        except NotGrowableError:
+            continue
+        if verify and not _preserves(model, example_inputs, n):
+            continue
+        names.append(n)
+    return names
+
+
+def _preserves(model: nn.Module, x: torch.Tensor, name: str) -> bool:
+    from .split import split
+
+    trial = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        ref = trial(x)
+    try:
+        split(trial, x, {name: [0]}, eps=0.0)
+        with torch.no_grad():
+            out = trial(x)
+    except (RuntimeError, NotGrowableError, ValueError):
+        return False
+    if out.shape != ref.shape:
+        return False
+    return bool(((out - ref).norm() <= 1e-4 * ref.norm().clamp_min(1e-12)).item())
