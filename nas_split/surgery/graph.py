@@ -69,6 +69,12 @@ class ChannelGroup:
         """Conv/linear layers whose output channels are these channels (several when residual-tied)."""
         return [s.name for s in self.slots if s.role in ("root", "producer")]
 
+    def rebind(self, model: nn.Module) -> ChannelGroup:
+        """The same group with its modules looked up by name in ``model`` (e.g. a deep copy)."""
+        modules = dict(model.named_modules())
+        return ChannelGroup(self.root, self.width, [Slot(s.name, modules[s.name], s.dim, s.role, s.positions)
+                                                    for s in self.slots])
+
     def slot(self, name: str, dim: str) -> Slot:
         """The slot of module ``name`` on ``dim``."""
         for s in self.slots:
@@ -170,33 +176,32 @@ def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool
     A layer qualifies when it is a dense conv or linear layer whose coupling group holds only layers nas-split
     can edit.  With ``verify`` (default), each one is also split once on a copy of the model (channel 0, ε = 0)
     and must keep the outputs equal (relative error ≤ 1e-4), which catches couplings the tracer cannot see
-    (e.g. channels reshaped into a matrix for ``torch.bmm``).
+    (e.g. channels reshaped into a matrix for ``torch.bmm``, as in PointNet's feature transform).
     """
     graph = graph or CouplingGraph(model, example_inputs)
     names = []
     for n in graph.candidates():
         try:
-            graph.group(n)
+            group = graph.group(n)
         except NotGrowableError:
             continue
-        if verify and not _preserves(model, example_inputs, n):
+        if verify and not _preserves(model, example_inputs, group):
             continue
         names.append(n)
     return names
 
 
-def _preserves(model: nn.Module, x: torch.Tensor, name: str) -> bool:
-    from .split import split
+def _preserves(model: nn.Module, x: torch.Tensor, group: ChannelGroup) -> bool:
+    from .split import SplitScheme, split_groups
 
     trial = copy.deepcopy(model).eval()
     with torch.no_grad():
         ref = trial(x)
-    try:
-        split(trial, x, {name: [0]}, eps=0.0)
-        with torch.no_grad():
+        try:
+            split_groups(trial, x, {group.root: group.rebind(trial)}, {group.root: [(0, SplitScheme.s2d())]}, 0.0)
             out = trial(x)
-    except (RuntimeError, NotGrowableError, ValueError):
-        return False
+        except (RuntimeError, ValueError):
+            return False
     if out.shape != ref.shape:
         return False
     return bool(((out - ref).norm() <= 1e-4 * ref.norm().clamp_min(1e-12)).item())

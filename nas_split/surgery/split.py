@@ -35,7 +35,8 @@ from .graph import ChannelGroup, CouplingGraph, Slot
 from .handlers import DimEdit, ParamChange, apply_edit
 from .optim import carry_optimizer_state
 
-__all__ = ["SplitScheme", "NewChannels", "SplitRecord", "SplitReport", "split", "add_channels", "fan_in_shape"]
+__all__ = ["SplitScheme", "NewChannels", "SplitRecord", "SplitReport", "split", "split_groups", "add_channels",
+           "fan_in_shape"]
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,9 @@ def _validate(graph: CouplingGraph, plan: dict[str, list]) -> dict[str, ChannelG
 def _apply(model: nn.Module, edits: _Edits, optimizer: torch.optim.Optimizer | None,
            example_inputs: torch.Tensor) -> list[ParamChange]:
     changes = []
-    for (name, dim), e in edits.compile().items():
+    # rows before columns: a layer that is split (rows displaced, fan-in shaped as now) and also consumes another
+    # split (columns spread over copies) gets its displaced rows' columns spread too
+    for (name, dim), e in sorted(edits.compile().items(), key=lambda kv: kv[0][1] != "out"):
         changes += apply_edit(edits.slots[(name, dim)].module, dim, e)
     if optimizer is not None:
         carry_optimizer_state(optimizer, changes)
@@ -307,6 +310,15 @@ def split(model: nn.Module, example_inputs: torch.Tensor, plan: Mapping[str, Seq
         row = fan_in_shape(graph.modules[layer])
         for c, s in items:
             _check_scheme(layer, c, s, row)
+    return split_groups(model, example_inputs, groups, norm, eps, optimizer, max_width, round_to, generator)
+
+
+def split_groups(model: nn.Module, example_inputs: torch.Tensor, groups: Mapping[str, ChannelGroup],
+                 plan: Mapping[str, list[tuple[int, SplitScheme]]], eps: float,
+                 optimizer: torch.optim.Optimizer | None = None, max_width: int | Mapping[str, int] | None = None,
+                 round_to: int | None = None, generator: torch.Generator | None = None) -> SplitReport:
+    """:func:`split` for a validated plan with its coupling groups already computed (no tracing)."""
+    norm = dict(plan)
     dropped: list[tuple[str, int]] = []
     if max_width is not None or round_to:
         for layer in norm:
