@@ -344,3 +344,42 @@ def test_timm_shape_string_rebuilds_grown_model(name):
 def test_save_needs_a_spec_for_unregistered_models(tmp_path):
     with pytest.raises(ValueError, match="spec"):
         ns.save_grown(nn.Linear(2, 2), tmp_path / "m.pt")
+
+
+class _FlattenNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class _ConcatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 5, 1)
+        self.head = nn.Conv2d(9, 6, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(x))], dim=1)).mean((2, 3))
+
+
+@pytest.mark.parametrize("net, x, plan", [
+    (_FlattenNet, torch.randn(3, 2, 3, 3), {"conv": [1, 3]}),  # each channel is 9 columns of fc
+    (_ConcatNet, torch.randn(3, 3, 4, 4), {"a": [0, 2], "b": [4]}),  # a's copies go before b's channels
+])
+def test_flatten_and_concat_couplings(net, x, plan):
+    torch.manual_seed(0)
+    model = net().eval()
+    ref = model(x)
+    ns.split(model, x, {k: [(c, SplitScheme(SIGNED)) for c in v] for k, v in plan.items()}, eps=0.0)
+    _consistent(model)
+    assert _rel(model(x), ref) <= 1e-6
+    if net is _FlattenNet:
+        assert model.fc.in_features == (4 + 4) * 9
+    else:
+        assert model.head.in_channels == 9 + 2 * 3
