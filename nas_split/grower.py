@@ -1,0 +1,245 @@
+"""``Grower``: analyze -> select -> split, the way Torch-Pruning's pruner runs importance -> selection -> prune.
+
+Drive it from any training loop::
+
+    grower = nas_split.Grower(model, example_inputs, method="s3d", grow_ratio=0.3, optimizer=opt)
+    for round in range(rounds):
+        train(model, opt, epochs)
+        report = grower.step(train_loader)      # splits in place, carries opt's state
+
+Methods (``METHODS``): ``s2d`` (exact matrices, S2D splits), ``fast`` (Rayleigh-quotient analysis, S2D splits),
+``s3d`` (fast analysis of both spectrum ends, signed splits), ``s3d-exact``; ``energy_aware=True`` replaces the
+grow-ratio selection by the linear program over MAC (or energy) costs.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cost import EnergyModel
+from .splitting.analysis import Spectrum, exact_spectrum, fast_spectrum
+from .splitting.channel_cost import channel_costs
+from .splitting.neurons import Neuron, NotAnalyzableError, find_neurons
+from .splitting.schemes import NeuronSplit, best_s3d_split, s2d_split
+from .splitting.selection import Candidate, select_lp, select_ratio
+from .surgery import CouplingGraph, NotGrowableError, growable_layers, split
+
+__all__ = ["Grower", "GrowthReport", "METHODS", "MethodSpec", "NotAnalyzableError"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A growth method: how splitting matrices are analysed and which schemes are used."""
+
+    analysis: str  # "exact" | "fast"
+    schemes: str   # "s2d" | "s3d"
+
+
+METHODS: dict[str, MethodSpec] = {
+    "s2d": MethodSpec("exact", "s2d"),
+    "fast": MethodSpec("fast", "s2d"),
+    "s3d": MethodSpec("fast", "s3d"),
+    "s3d-exact": MethodSpec("exact", "s3d"),
+}
+
+
+@dataclass
+class GrowthReport:
+    """What one :meth:`Grower.step` did."""
+
+    splits: list[NeuronSplit]
+    widths: dict[str, tuple[int, int]]
+    lam_stats: dict[str, dict[str, float]]
+    predicted_change: float
+    analysis_seconds: float
+    split_seconds: float
+    schemes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def new_neurons(self) -> int:
+        """Neurons added."""
+        return sum(b - a for a, b in self.widths.values())
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary."""
+        per_layer = {}
+        for s in self.splits:
+            d = per_layer.setdefault(s.layer, {"split": 0, "new_neurons": 0})
+            d["split"] += 1
+            d["new_neurons"] += s.new_neurons
+        return {"new_neurons": self.new_neurons, "split": len(self.splits), "schemes": self.schemes,
+                "predicted_loss_change": self.predicted_change, "analysis_seconds": self.analysis_seconds,
+                "split_seconds": self.split_seconds, "per_layer": per_layer,
+                "widths": {k: list(v) for k, v in self.widths.items()}, "lambda": self.lam_stats}
+
+
+class Grower:
+    """Grows ``model`` in place by splitting steepest descent.
+
+    Args:
+        model: the network (any ``nn.Module`` whose neurons are conv/linear -> [batch norm] -> activation module).
+        example_inputs: a batch used to trace couplings and count costs.
+        method: a key of :data:`METHODS`.
+        grow_ratio: new neurons per round as a fraction of the current neurons of the analysed layers.
+        eps: split step ε.
+        c: S3D mass budget ``Σ|w_i| <= c`` (``c >= 1``; 1 is S2D).
+        max_copies: 3 or 4 (S3D's 4-copy scheme).
+        only_negative: split only neurons whose predicted loss change is negative.
+        energy_aware: select with the LP over costs instead of the ratio.
+        cost: ``"macs"`` or ``"energy"`` as the LP's cost.
+        budget_scale: multiplies the LP's default budgets.
+        groups, quotas: ``{layer: group}`` and ``{group: ratio}`` for per-group quotas / budgets.
+        max_width, round_to: per-layer cap and width rounding, as in :func:`nas_split.split`.
+        layers: restrict growth to these layers (default: every growable layer with a nonlinearity).
+        optimizer: its state is carried through each split.
+        loss_fn: loss used for the analysis (default cross-entropy).
+        beta: softplus surrogate curvature for ReLU / ReLU6.
+        analysis_batches: batches of the analysis loader (exact: all by default; fast: 20 per pass).
+        fast_passes, fast_lr: Rayleigh-quotient iterations.
+        seed: random source of the fast method's initial directions.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, method: str = "s2d", *,
+                 grow_ratio: float = 0.3, eps: float = 1e-2, c: float = 3.0, max_copies: int = 4,
+                 only_negative: bool = True, energy_aware: bool = False, cost: str = "macs",
+                 energy_model: EnergyModel | None = None, budget_scale: float = 1.0,
+                 groups: Mapping[str, str] | None = None, quotas: Mapping[str, float] | None = None,
+                 max_width: int | Mapping[str, int] | None = None, round_to: int | None = None,
+                 layers: list[str] | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+                 beta: float = 3.0, analysis_batches: int | None = None, fast_passes: int = 3,
+                 fast_lr: float = 0.05, seed: int = 0):
+        if method not in METHODS:
+            raise ValueError(f"unknown growth method {method!r}; known: {', '.join(METHODS)}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if c < 1:
+            raise ValueError(f"the S3D mass budget c must be >= 1, got {c}")
+        if max_copies not in (3, 4):
+            raise ValueError(f"max_copies must be 3 or 4, got {max_copies}")
+        if cost not in ("macs", "energy"):
+            raise ValueError(f"cost must be 'macs' or 'energy', got {cost!r}")
+        if grow_ratio < 0:
+            raise ValueError(f"grow_ratio must be >= 0, got {grow_ratio}")
+        self.model, self.example_inputs = model, example_inputs
+        self.method, self.spec = method, METHODS[method]
+        self.grow_ratio, self.eps, self.c, self.max_copies = grow_ratio, eps, c, max_copies
+        self.only_negative, self.energy_aware, self.cost, self.budget_scale = only_negative, energy_aware, cost, \
+            budget_scale
+        self.energy_model = energy_model or EnergyModel()
+        self.groups, self.quotas = dict(groups or {}), dict(quotas or {})
+        self.max_width, self.round_to = max_width, round_to
+        self.requested_layers = layers
+        self.optimizer, self.loss_fn, self.beta = optimizer, loss_fn, beta
+        self.analysis_batches, self.fast_passes, self.fast_lr = analysis_batches, fast_passes, fast_lr
+        self.generator = torch.Generator().manual_seed(seed)
+        self._previous: dict[str, Spectrum] = {}
+        if not self.neurons():
+            raise NotGrowableError("the model has no growable layer with a nonlinearity to split")
+
+    def neurons(self) -> dict[str, Neuron]:
+        """The analysed layers (growable, with a nonlinearity; one per coupled group) and their neurons."""
+        graph = CouplingGraph(self.model, self.example_inputs)
+        names = self.requested_layers or growable_layers(self.model, self.example_inputs, graph=graph)
+        found = find_neurons(self.model, self.example_inputs, names)
+        owned, out = set(), {}
+        for n, nr in found.items():
+            if nr.is_linear:
+                continue
+            producers = set(graph.group(n).producers)
+            if owned & producers:
+                continue
+            owned |= producers
+            out[n] = nr
+        return out
+
+    def analyze(self, loader: Iterable) -> dict[str, Spectrum]:
+        """Per analysed layer: ``λ_min``, ``v_min``, ``λ_max``, ``v_max`` of every neuron's splitting matrix."""
+        neurons = self.neurons()
+        if self.spec.analysis == "exact":
+            spectra = exact_spectrum(self.model, loader, neurons, self.loss_fn, self.beta, self.analysis_batches)
+        else:
+            ends = ("min",) if self.spec.schemes == "s2d" else ("min", "max")
+            spectra = fast_spectrum(self.model, loader, neurons, self.loss_fn, self.beta, self.fast_passes,
+                                    self.analysis_batches or 20, self.fast_lr, ends, self._previous, self.generator)
+        self._previous = spectra
+        return spectra
+
+    def candidates(self, spectra: Mapping[str, Spectrum]) -> list[NeuronSplit]:
+        """The best scheme for every neuron."""
+        out = []
+        for layer, sp in spectra.items():
+            for o in range(sp.lam_min.shape[0]):
+                if self.spec.schemes == "s2d":
+                    out.append(s2d_split(layer, o, float(sp.lam_min[o]), sp.v_min[o]))
+                else:
+                    out.append(best_s3d_split(layer, o, float(sp.lam_min[o]), sp.v_min[o], float(sp.lam_max[o]),
+                                              sp.v_max[o], self.c, self.max_copies))
+        return out
+
+    def select(self, splits: list[NeuronSplit]) -> list[NeuronSplit]:
+        """Choose splits by grow ratio (with quotas) or, when ``energy_aware``, by the LP over costs."""
+        graph = CouplingGraph(self.model, self.example_inputs)
+        layers = sorted({s.layer for s in splits})
+        widths = {n: graph.group(n).width for n in layers}
+        groups = {n: self.groups.get(n, "all") for n in layers}
+        if not self.energy_aware:
+            cands = [Candidate(s, 0.0, groups[s.layer]) for s in splits]
+            chosen = select_ratio(cands, widths, self.grow_ratio, self.only_negative, self.quotas, groups)
+        else:
+            per = channel_costs(self.model, self.example_inputs, {n: graph.group(n) for n in layers},
+                                self.energy_model)
+            unit = {n: (per[n].macs if self.cost == "macs" else per[n].energy_pj) for n in layers}
+            budgets: dict[str, float] = {}
+            for n in layers:
+                g = groups[n]
+                budgets[g] = budgets.get(g, 0.0) + self.quotas.get(g, self.grow_ratio) * widths[n] * unit[n] \
+                    * self.budget_scale
+            cands = [Candidate(s, unit[s.layer] * s.new_neurons, groups[s.layer]) for s in splits
+                     if not self.only_negative or s.gain < 0]
+            room = None
+            if self.max_width is not None:
+                cap = self.max_width
+                room = {n: (cap.get(n) if isinstance(cap, Mapping) else cap) - widths[n] for n in layers
+                        if (cap.get(n) if isinstance(cap, Mapping) else cap) is not None}
+            chosen, _ = select_lp(cands, budgets, room)
+        return [c.split for c in chosen]
+
+    def step(self, loader: Iterable) -> GrowthReport:
+        """Analyze on ``loader``, select and split in place (carrying the optimizer state)."""
+        t0 = time.perf_counter()
+        spectra = self.analyze(loader)
+        analysis_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        chosen = self.select(self.candidates(spectra))
+        by_layer: dict[str, list] = {}
+        for s in sorted(chosen, key=lambda s: s.gain):
+            by_layer.setdefault(s.layer, []).append((s.channel, s.scheme))
+        report = split(self.model, self.example_inputs, by_layer, eps=self.eps, optimizer=self.optimizer,
+                       max_width=self.max_width, round_to=self.round_to)
+        dropped = set(report.dropped)
+        done = [s for s in chosen if (s.layer, s.channel) not in dropped]
+        kinds: dict[str, int] = {}
+        for s in done:
+            kinds[s.kind] = kinds.get(s.kind, 0) + 1
+        stats = {layer: _stats(sp) for layer, sp in spectra.items()}
+        return GrowthReport(done, {k: v for k, v in report.widths.items()}, stats,
+                            sum(s.predicted_change(self.eps) for s in done), analysis_s,
+                            time.perf_counter() - t1, kinds)
+
+
+def _stats(sp: Spectrum) -> dict[str, float]:
+    def q(t: torch.Tensor) -> dict[str, float]:
+        t = t[torch.isfinite(t)].double()
+        if t.numel() == 0:
+            return {}
+        return {"min": t.min().item(), "median": t.median().item(), "max": t.max().item()}
+
+    return {**{f"lam_min_{k}": v for k, v in q(sp.lam_min).items()},
+            **{f"lam_max_{k}": v for k, v in q(sp.lam_max).items()},
+            "negative": int((sp.lam_min < 0).sum().item())}

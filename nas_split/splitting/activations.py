@@ -1,0 +1,84 @@
+"""Second derivatives σ''(u) of activations, for splitting matrices.
+
+Exact for SiLU (swish), hard-swish (a.e.), GELU (erf form), tanh and sigmoid.  ReLU has σ'' = 0 almost
+everywhere, so it uses the softplus surrogate of the splitting papers, softplus_β(u) = log(1 + e^{βu}) / β with
+σ''(u) = β s(βu)(1 − s(βu)) and β = 3 by default (``klightz/splitting``).  ReLU6 = min(max(u, 0), 6) has two
+kinks; its surrogate is softplus_β(u) − softplus_β(u − 6).  Identity (a linear neuron) has no curvature.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["ACTIVATIONS", "activation_kind", "second_derivative", "LINEAR"]
+
+LINEAR = "identity"
+
+
+def _softplus_dd(u: torch.Tensor, beta: float) -> torch.Tensor:
+    s = torch.sigmoid(beta * u)
+    return beta * s * (1 - s)
+
+
+def _silu_dd(u: torch.Tensor, beta: float) -> torch.Tensor:
+    s = torch.sigmoid(u)
+    return s * (1 - s) * (2 + u * (1 - 2 * s))
+
+
+def _hardswish_dd(u: torch.Tensor, beta: float) -> torch.Tensor:
+    return ((u > -3) & (u < 3)).to(u.dtype) / 3.0
+
+
+def _gelu_dd(u: torch.Tensor, beta: float) -> torch.Tensor:
+    phi = torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
+    return phi * (2 - u * u)
+
+
+def _tanh_dd(u: torch.Tensor, beta: float) -> torch.Tensor:
+    t = torch.tanh(u)
+    return -2 * t * (1 - t * t)
+
+
+def _sigmoid_dd(u: torch.Tensor, beta: float) -> torch.Tensor:
+    s = torch.sigmoid(u)
+    return s * (1 - s) * (1 - 2 * s)
+
+
+#: activation kind -> σ''(u, β)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "relu": _softplus_dd,
+    "relu6": lambda u, beta: _softplus_dd(u, beta) - _softplus_dd(u - 6.0, beta),
+    "silu": _silu_dd,
+    "hardswish": _hardswish_dd,
+    "gelu": _gelu_dd,
+    "tanh": _tanh_dd,
+    "sigmoid": _sigmoid_dd,
+}
+
+_KINDS: tuple[tuple[type, str], ...] = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.SiLU, "silu"),
+                                        (nn.Hardswish, "hardswish"), (nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid"),
+                                        (nn.Identity, LINEAR))
+
+
+def activation_kind(module: nn.Module | None) -> str | None:
+    """The kind of an activation module (``"relu"``, ``"silu"``, ...), ``"identity"`` for none, ``None`` if unknown."""
+    if module is None:
+        return LINEAR
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else None
+    if isinstance(module, nn.Hardtanh) and not isinstance(module, nn.ReLU6):
+        return None
+    for cls, kind in _KINDS:
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+def second_derivative(kind: str, u: torch.Tensor, beta: float = 3.0) -> torch.Tensor:
+    """σ''(u) for activation ``kind`` (surrogate curvature ``beta`` for ReLU / ReLU6)."""
+    if kind == LINEAR:
+        return torch.zeros_like(u)
+    return ACTIVATIONS[kind](u, beta)

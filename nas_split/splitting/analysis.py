@@ -1,0 +1,267 @@
+"""Splitting matrices and their extreme eigenpairs, exact (S2D) and fast (Rayleigh-quotient SGD).
+
+For neuron ``o`` of layer ℓ (see :mod:`.neurons`) with input patches ``p`` at positions ``l``:
+
+    S_o = E_x[ Σ_l g_{o,l} σ''(u_{o,l}) a_o² p_l p_lᵀ ],        g = ∂L/∂σ (back-propagated),
+
+(Liu, Wu & Wang 2019, eq. for deep networks; BN folded in eval mode).  The exact method accumulates ``S_o`` from
+unfolded patches, ``S_o += Pᵀ diag(c_o) P`` with ``c = g σ''(u) a²``, chunked over neurons to bound memory,
+then ``torch.linalg.eigh`` gives ``λ_min, v_min, λ_max, v_max``.  No D×D dummy parameter per neuron is needed.
+
+The fast method (Wang et al. 2019) never forms ``S``: ``S_o v_o = Σ_l c_{o,l} (p_l·v_o) p_l`` is the weight
+gradient of a convolution whose output gradient is ``c ⊙ conv(x, v)``, so every neuron of every layer gets
+``S v`` from one ordinary backward pass plus two convolutions per layer.  Each ``v`` descends (``v_min``) or
+ascends (``v_max``) its Rayleigh quotient ``R(v) = vᵀSv / vᵀv`` with RMSprop and is renormalised; a final pass
+with the directions fixed averages ``R`` into ``λ``.
+
+Linear neurons (no nonlinearity, e.g. MobileNetV2's projection convs) have ``σ'' = 0`` and hence ``S = 0``: a
+split of such a neuron leaves the network function unchanged for every ε, so it can never lower the loss.
+They are reported with ``λ_min = λ_max = 0`` and never selected.  (The published MobileNetV2 code uses σ'' ≡ 1
+there, a pseudo-matrix without meaning in the theory; nas-split does not reproduce it.)
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activations import second_derivative
+from .neurons import Neuron, NotAnalyzableError
+
+__all__ = ["Spectrum", "splitting_matrices", "exact_spectrum", "fast_spectrum", "LossFn"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Spectrum:
+    """Extreme eigenpairs of the splitting matrices of one layer's neurons (``O`` neurons, fan-in ``D``)."""
+
+    lam_min: torch.Tensor  # (O,)
+    v_min: torch.Tensor    # (O, *fan_in)
+    lam_max: torch.Tensor  # (O,)
+    v_max: torch.Tensor    # (O, *fan_in)
+
+
+def _check(nr: Neuron) -> None:
+    m = nr.layer
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) or isinstance(m, nn.Conv3d):
+            raise NotAnalyzableError(f"layer {nr.name!r}: only dense Conv1d/Conv2d with numeric zero padding")
+    elif not isinstance(m, nn.Linear):
+        raise NotAnalyzableError(f"layer {nr.name!r} is not a conv or linear layer")
+
+
+def _as_2d(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Input as 4-D and the conv2d arguments of ``m`` (Conv1d becomes a 1 x k Conv2d)."""
+    if isinstance(m, nn.Conv1d):
+        return x.unsqueeze(2), {"stride": (1, m.stride[0]), "padding": (0, m.padding[0]),
+                                "dilation": (1, m.dilation[0])}
+    return x, {"stride": m.stride, "padding": m.padding, "dilation": m.dilation}
+
+
+def _kernel_2d(m: nn.Module) -> tuple[int, int]:
+    return (1, m.kernel_size[0]) if isinstance(m, nn.Conv1d) else tuple(m.kernel_size)
+
+
+def _patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input patches ``(N * L, D)`` in the order of the output positions."""
+    if isinstance(m, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    x4, kw = _as_2d(m, x)
+    p = F.unfold(x4, _kernel_2d(m), **kw)  # (N, D, L)
+    return p.transpose(1, 2).reshape(-1, p.shape[1])
+
+
+def _coefficients(nr: Neuron, z: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
+    """``c = g σ''(u) a²`` with the shape of the layer's output ``z`` (channels on dim 1, or last for linear)."""
+    a, b = nr.fold()
+    shape = (1,) * (z.dim() - 1) + (-1,) if isinstance(nr.layer, nn.Linear) else (1, -1) + (1,) * (z.dim() - 2)
+    z_lin = z - (nr.layer.bias.detach().view(shape) if nr.layer.bias is not None else 0)
+    u = a.view(shape) * z_lin + b.view(shape)
+    return g * second_derivative(nr.kind, u, beta) * (a * a).view(shape)
+
+
+def _flat(nr: Neuron, c: torch.Tensor) -> torch.Tensor:
+    """Coefficients as ``(N * L, O)`` in the order of :func:`_patches`."""
+    if isinstance(nr.layer, nn.Linear):
+        return c.reshape(-1, c.shape[-1])
+    return c.movedim(1, -1).reshape(-1, c.shape[1])
+
+
+class _Capture:
+    """Hooks that record, per analysed layer, its input ``x``, output ``z`` and ``g = ∂L/∂σ``."""
+
+    def __init__(self, neurons: dict[str, Neuron]):
+        self.neurons = neurons
+        self.data: dict[str, dict[str, torch.Tensor]] = {}
+        self.handles = []
+        acts = [id(nr.act) for nr in neurons.values()]
+        if len(acts) != len(set(acts)):
+            raise NotAnalyzableError("an activation module is shared by several layers; give each its own")
+        for name, nr in neurons.items():
+            self.handles.append(nr.layer.register_forward_hook(self._layer_hook(name)))
+            self.handles.append(nr.act.register_forward_hook(self._act_hook(name)))
+
+    def _layer_hook(self, name):
+        def fn(_m, inputs, out):
+            self.data[name] = {"x": inputs[0].detach(), "z": out.detach()}
+        return fn
+
+    def _act_hook(self, name):
+        def fn(_m, _inputs, out):
+            if out.requires_grad:
+                out.register_hook(lambda grad: self.data[name].__setitem__("g", grad.detach()))
+        return fn
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _passes(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss_fn: LossFn,
+            max_batches: int | None) -> Iterator[tuple[int, dict[str, dict[str, torch.Tensor]]]]:
+    """For each batch: forward + backward (eval mode), yield the batch size and the captured tensors."""
+    device = next(model.parameters()).device
+    cap = _Capture(neurons)
+    was = model.training
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for x, y in itertools.islice(loader, max_batches):
+            x, y = x.to(device), y.to(device)
+            cap.data = {}
+            loss = loss_fn(model(x), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} during splitting analysis")
+            torch.autograd.grad(loss, params, allow_unused=True)
+            missing = [n for n in neurons if "g" not in cap.data.get(n, {})]
+            if missing:
+                raise NotAnalyzableError(f"no gradient reached the activation of {missing[0]!r}")
+            yield len(y), cap.data
+    finally:
+        cap.close()
+        model.train(was)
+
+
+def splitting_matrices(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss_fn: LossFn,
+                       beta: float = 3.0, max_batches: int | None = None,
+                       chunk_bytes: int = 2 * 1024 ** 3) -> dict[str, torch.Tensor]:
+    """Exact splitting matrices ``{layer: S (O, D, D)}`` averaged over ``loader`` (``D`` = fan-in size).
+
+    Memory of one chunk of neurons ``(chunk, N·L, D)`` is kept under ``chunk_bytes`` (default 2 GB).
+    """
+    for nr in neurons.values():
+        _check(nr)
+    acc: dict[str, torch.Tensor] = {}
+    total = 0
+    for n_b, data in _passes(model, loader, neurons, loss_fn, max_batches):
+        total += n_b
+        for name, nr in neurons.items():
+            d = data[name]
+            p = _patches(nr.layer, d["x"])                                 # (M, D)
+            c = _flat(nr, _coefficients(nr, d["z"], d["g"], beta))         # (M, O)
+            m_, dd = p.shape
+            o = c.shape[1]
+            s = acc.setdefault(name, torch.zeros(o, dd, dd, dtype=torch.float64, device=p.device))
+            step = max(1, int(chunk_bytes // max(1, m_ * dd * p.element_size())))
+            for i in range(0, o, step):
+                cp = c[:, i:i + step].T.unsqueeze(2) * p.unsqueeze(0)     # (chunk, M, D)
+                s[i:i + step] += (cp.transpose(1, 2) @ p).double() * n_b   # batch mean -> weight by batch size
+    return {k: v / max(total, 1) for k, v in acc.items()}
+
+
+def exact_spectrum(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss_fn: LossFn,
+                   beta: float = 3.0, max_batches: int | None = None,
+                   chunk_bytes: int = 2 * 1024 ** 3) -> dict[str, Spectrum]:
+    """S2D analysis: exact ``S`` per neuron, then ``eigh`` (float64) for both ends of the spectrum."""
+    out = {}
+    for name, s in splitting_matrices(model, loader, neurons, loss_fn, beta, max_batches, chunk_bytes).items():
+        lam, vec = torch.linalg.eigh(0.5 * (s + s.transpose(1, 2)))
+        shape = (-1, *neurons[name].layer.weight.shape[1:])
+        dtype = neurons[name].layer.weight.dtype
+        out[name] = Spectrum(lam[:, 0].to(dtype), vec[:, :, 0].reshape(shape).to(dtype),
+                             lam[:, -1].to(dtype), vec[:, :, -1].reshape(shape).to(dtype))
+    return out
+
+
+def _sv(nr: Neuron, x: torch.Tensor, c_full: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``S_batch v`` for all neurons of a layer: ``(O, *fan_in)``; ``c_full`` from :func:`_coefficients`."""
+    m = nr.layer
+    if isinstance(m, nn.Linear):
+        q = x @ v.T                                                  # (..., O)
+        return (c_full * q).reshape(-1, q.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    x4, kw = _as_2d(m, x)
+    v4 = v.unsqueeze(2) if isinstance(m, nn.Conv1d) else v
+    q = F.conv2d(x4, v4, None, **kw)
+    c4 = c_full.unsqueeze(2) if isinstance(m, nn.Conv1d) else c_full
+    sv = torch.nn.grad.conv2d_weight(x4, v4.shape, c4 * q, **kw)
+    return sv.squeeze(2) if isinstance(m, nn.Conv1d) else sv
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (v.dim() - 1))
+
+
+def fast_spectrum(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss_fn: LossFn,
+                  beta: float = 3.0, passes: int = 3, max_batches: int | None = 20, lr: float = 0.05,
+                  ends: tuple[str, ...] = ("min", "max"), init: dict[str, Spectrum] | None = None,
+                  generator: torch.Generator | None = None) -> dict[str, Spectrum]:
+    """Fast analysis (Rayleigh-quotient SGD): ``passes`` passes of ``max_batches`` batches update the directions
+    (RMSprop, momentum 0.9, α 0.9), then one more pass with the directions fixed estimates ``λ``.
+
+    Args:
+        ends: ``"min"`` (S2D needs ``v_min``), ``"max"`` (S3D's signed splits need ``v_max``), or both.
+        init: directions to start from (e.g. the previous round's), else uniform random.
+    """
+    for nr in neurons.values():
+        _check(nr)
+    vs: dict[tuple[str, str], torch.Tensor] = {}
+    for name, nr in neurons.items():
+        w = nr.layer.weight
+        for end in ends:
+            start = getattr(init[name], f"v_{end}") if init and name in init and \
+                getattr(init[name], f"v_{end}").shape == w.shape else None
+            v = start.clone() if start is not None else torch.rand(w.shape, generator=generator) - 0.5
+            vs[(name, end)] = _unit(v.to(w.device, w.dtype)).requires_grad_(True)
+    opt = torch.optim.RMSprop(list(vs.values()), lr=lr, momentum=0.9, alpha=0.9)
+    for _ in range(passes):
+        for _, data in _passes(model, loader, neurons, loss_fn, max_batches):
+            opt.zero_grad(set_to_none=False)
+            for (name, end), v in vs.items():
+                nr, d = neurons[name], data[name]
+                with torch.no_grad():
+                    sv = _sv(nr, d["x"], _coefficients(nr, d["z"], d["g"], beta), v)
+                    vv = v.flatten(1).pow(2).sum(1)
+                    r = (sv * v).flatten(1).sum(1) / vv
+                    grad = 2 * (sv - r.view(-1, *[1] * (v.dim() - 1)) * v) / vv.view(-1, *[1] * (v.dim() - 1))
+                    v.grad = grad if end == "min" else -grad
+            opt.step()
+            with torch.no_grad():
+                for v in vs.values():
+                    v.copy_(_unit(v))
+    lam = {k: torch.zeros(v.shape[0], dtype=torch.float64, device=v.device) for k, v in vs.items()}
+    total = 0
+    for n_b, data in _passes(model, loader, neurons, loss_fn, max_batches):
+        total += n_b
+        with torch.no_grad():
+            for (name, end), v in vs.items():
+                nr, d = neurons[name], data[name]
+                sv = _sv(nr, d["x"], _coefficients(nr, d["z"], d["g"], beta), v)
+                lam[(name, end)] += (sv * v).flatten(1).sum(1).double() * n_b
+    out = {}
+    for name, nr in neurons.items():
+        w = nr.layer.weight
+
+        def get(end, name=name, w=w):
+            if (name, end) not in vs:
+                return torch.full((w.shape[0],), float("nan"), dtype=w.dtype), torch.zeros_like(w).detach()
+            return (lam[(name, end)] / max(total, 1)).to(w.dtype), vs[(name, end)].detach().clone()
+
+        (lmin, vmin), (lmax, vmax) = get("min"), get("max")
+        out[name] = Spectrum(lmin, vmin, lmax, vmax)
+    return out
