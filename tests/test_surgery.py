@@ -383,3 +383,24 @@ def test_flatten_and_concat_couplings(net, x, plan):
         assert model.fc.in_features == (4 + 4) * 9
     else:
         assert model.head.in_channels == 9 + 2 * 3
+
+
+def test_layer_reading_and_writing_the_split_channels_gets_row_displacement_only():
+    """test_mobilenetv2: the stem and the first ds block (with skip) share one stream; its 1x1 conv reads and
+    writes the channels, so it is both the split layer (rows displaced) and a consumer (columns weighted)."""
+    model = search_spaces.create("test_mobilenetv2", num_classes=4, in_chans=3, input_size=16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    pw = model.blocks[0][0].conv_pw
+    w_old = pw.weight.detach().clone()
+    group = CouplingGraph(model, x).group("blocks.0.0.conv_pw")
+    assert {(s.dim, s.role) for s in group.slots if s.name == "blocks.0.0.conv_pw"} == {("out", "root"),
+                                                                                       ("in", "consumer")}
+    d = torch.randn(2, *w_old.shape[1:])
+    ns.split(model, x, {"blocks.0.0.conv_pw": [(2, SplitScheme(SIGNED[:1] + (-1.0,), d))]}, eps=0.1)
+    # rows of channel 2: copy 0 in place, copy 1 appended; columns of channel 2 weighted by (2, -1)
+    others = [j for j in range(8) if j != 2]
+    assert torch.allclose(pw.weight[2, others], (w_old[2] + 0.1 * d[0])[others])
+    assert torch.allclose(pw.weight[8, others], (w_old[2] + 0.1 * d[1])[others])
+    assert torch.allclose(pw.weight[others][:, others], w_old[others][:, others])
+    assert torch.allclose(pw.weight[others, 2], 2.0 * w_old[others, 2])
+    assert torch.allclose(pw.weight[others, 8], -1.0 * w_old[others, 2])

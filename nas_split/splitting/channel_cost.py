@@ -1,10 +1,10 @@
 """The cost of one more output channel of a layer, from the model's own cost accounting.
 
 Adding a channel to layer ℓ grows every slot of its coupling group by one position: the producing layers'
-rows (MACs and output activations), depthwise filters in between (MACs, input and output activations) and each
-consumer's input columns (MACs and input activations, once per position the channel occupies).  MACs and bytes
-of a conv/linear layer are linear in each of its channel counts, so the increase is the layer's own figure
-(from :func:`nas_split.cost.measure_cost`) divided by its width — exact, not a hand table.
+rows, depthwise filters in between and each consumer's input columns (once per position the channel occupies).
+A conv/linear layer's MACs and weight bytes are proportional to ``out x in`` and its activations to ``in`` and
+``out``, so the increase follows from the layer's own figures (:func:`nas_split.cost.measure_cost`) scaled by
+the width ratios — exact, not a hand table.
 """
 from __future__ import annotations
 
@@ -33,27 +33,36 @@ class ChannelCost:
 
 def channel_costs(model: nn.Module, example_inputs: torch.Tensor, groups: Mapping[str, ChannelGroup],
                   energy_model: EnergyModel | None = None) -> dict[str, ChannelCost]:
-    """``{layer: ChannelCost}`` for the root layer of each group."""
+    """``{layer: ChannelCost}`` for the root layer of each group.
+
+    A dense layer's MACs and weights scale with ``out x in``; one that both reads and writes the channels (a
+    residual stream it belongs to) grows in both factors, so the increase is computed per layer, exactly.
+    """
     em = energy_model or EnergyModel()
     layers = {lc.name: lc for lc in measure_cost(model, example_inputs, em, latency=False).layers}
     out = {}
     for layer, group in groups.items():
-        macs = nbytes = 0.0
+        grow: dict[str, dict[str, int]] = {}
         for s in group.slots:
-            if s.role == "norm" or s.name not in layers:
-                continue
-            lc, m = layers[s.name], s.module
+            if s.role != "norm" and s.name in layers:
+                grow.setdefault(s.name, {})[s.dim] = 1 if s.dim == "out" else len(s.positions[0])
+        macs = nbytes = 0.0
+        modules = {s.name: s.module for s in group.slots}
+        for name, dims in grow.items():
+            lc, m = layers[name], modules[name]
+            if is_depthwise(m):  # in = out = C
+                f = (m.weight.shape[0] + 1) / m.weight.shape[0]
+                fo = fi = f
+                fw = f
+            else:
+                n_out, n_in = m.weight.shape[0], m.weight.shape[1]
+                fo = (n_out + dims.get("out", 0)) / n_out
+                fi = (n_in + dims.get("in", 0)) / n_in
+                fw = fo * fi
             w_bytes = m.weight.numel() * _BYTES
             b_bytes = m.bias.numel() * _BYTES if getattr(m, "bias", None) is not None else 0
-            if s.dim == "out":
-                n = m.weight.shape[0]
-                extra = lc.input_bytes if is_depthwise(m) else 0
-                macs += lc.macs / n
-                nbytes += (w_bytes + b_bytes + lc.output_bytes + extra) / n
-            else:
-                n = m.weight.shape[1]
-                r = len(s.positions[0])
-                macs += lc.macs / n * r
-                nbytes += (w_bytes + lc.input_bytes) / n * r
+            macs += lc.macs * (fw - 1)
+            nbytes += w_bytes * (fw - 1) + b_bytes * (fo - 1) + lc.input_bytes * (fi - 1) + \
+                lc.output_bytes * (fo - 1)
         out[layer] = ChannelCost(macs, em.layer_energy_pj(macs, nbytes))
     return out

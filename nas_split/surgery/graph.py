@@ -156,8 +156,8 @@ class CouplingGraph:
 
 
 def _role(mod: nn.Module, out: bool, is_root: bool, root: str, mname: str) -> Role:
-    if is_root:
-        return "root"
+    if is_root and out:
+        return "root"  # the same layer may also read these channels (a residual stream it writes): a consumer
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
         return "norm"
     if is_depthwise(mod):
