@@ -24,32 +24,47 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
     p = _Parser(prog="nas-split", description="Grow networks by splitting steepest descent; compare with pruning.")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    _common(sub.add_parser("train", help="train a backbone on a dataset and write a run directory"))
+    gr = sub.add_parser("grow", help="grow a thin seed by splitting steepest descent, round by round")
+    _common(gr)
+    gr.add_argument("--method", help="s2d | fast | s3d | s3d-exact")
+    gr.add_argument("--rounds", type=int, help="growth rounds after the seed stage")
+    gr.add_argument("--grow-ratio", type=float, help="new neurons per round / current neurons")
+    gr.add_argument("--eps", type=float, help="split step")
+    gr.add_argument("--seed-epochs", type=int, help="epochs of the seed stage (default --epochs)")
+    gr.add_argument("--budget-mmacs", type=float, help="stop once the model reaches this many MMACs")
+    gr.add_argument("--energy-aware", action="store_true", help="select splits with the energy-aware LP")
+    gr.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last completed stage")
+    sub.add_parser("list", help="list datasets and backbones")
+    return p
 
-    t = sub.add_parser("train", help="train a backbone on a dataset and write a run directory")
-    t.add_argument("--config", help="YAML file with RunConfig fields")
+
+def _common(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--config", help="YAML file with the run's configuration (see README)")
     t.add_argument("--dataset", help="dataset name (see `nas-split list`)")
     t.add_argument("--backbone", help="backbone name (see `nas-split list`)")
-    t.add_argument("--epochs", type=int, help="training epochs")
+    t.add_argument("--epochs", type=int, help="training epochs (per stage for grow)")
     t.add_argument("--lr", type=float, help="base learning rate")
     t.add_argument("--batch-size", type=int, help="training batch size")
     t.add_argument("--seed", type=int, help="seed of data splits, initialisation and shuffling")
     t.add_argument("--width-mult", type=float, help="backbone width multiplier")
     t.add_argument("--data-dir", help="directory of the dataset's files")
-    t.add_argument("--out", help="run directory to create (default runs/train)")
+    t.add_argument("--out", help="run directory to create")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.optimizer=adamw (repeatable)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory when done")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
 
-    sub.add_parser("list", help="list datasets and backbones")
-    return p
 
-
-def _train_overrides(a: argparse.Namespace) -> list[str]:
+def _overrides(a: argparse.Namespace) -> list[str]:
     flags = {"dataset": a.dataset, "backbone": a.backbone, "train.epochs": a.epochs, "train.lr": a.lr,
              "train.batch_size": a.batch_size, "train.seed": a.seed, "backbone_options.width_mult": a.width_mult,
              "data_dir": a.data_dir, "out": a.out}
+    if a.verb == "grow":
+        flags.update({"growth.method": a.method, "growth.rounds": a.rounds, "growth.grow_ratio": a.grow_ratio,
+                      "growth.eps": a.eps, "growth.seed_epochs": a.seed_epochs,
+                      "growth.budget_mmacs": a.budget_mmacs, "growth.energy_aware": a.energy_aware or None})
     out = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if a.no_progress:
         out.append("train.progress=false")
@@ -62,7 +77,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from .config import RunConfig, load_config
     from .experiment import check_out_dir, prepare, run_train
 
-    cfg = load_config(RunConfig, a.config, _train_overrides(a))
+    cfg = load_config(RunConfig, a.config, _overrides(a))
     check_out_dir(cfg.out, a.overwrite)
     prepared = prepare(cfg)
     res = run_train(cfg, overwrite=a.overwrite, prepared=prepared)
@@ -70,6 +85,39 @@ def _cmd_train(a: argparse.Namespace) -> int:
     print(f"test top-1 {100 * f['test_acc']:.2f} % | {f['mmacs']:.3f} MMACs | {f['params'] / 1e6:.3f} M params | "
           f"{f['energy_uj_est']:.1f} uJ (estimate) | {f['latency_ms'] or float('nan'):.2f} ms (measured) | "
           f"{res['wall_seconds']:.0f} s")
+    print(f"run directory: {cfg.out}  (view: tensorboard --logdir {cfg.out})")
+    return 0
+
+
+def _cmd_grow(a: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .config import ConfigError, GrowRunConfig, load_config
+    from .experiment import check_out_dir, prepare
+    from .grow_run import run_grow, validate_growth
+
+    if a.resume:
+        res = Path(a.resume) / "results.json"
+        if not res.is_file():
+            raise ConfigError(f"--resume {a.resume!r}: no results.json there")
+        base = json.loads(res.read_text())["config"]
+        own = [o for o in _overrides(a) if o not in ("train.progress=false", "latency=false")]
+        if own or a.config:
+            raise ConfigError("--resume continues with the run's own configuration; give no other options")
+        cfg = load_config(GrowRunConfig, None, _overrides(a), base=base)
+    else:
+        cfg = load_config(GrowRunConfig, a.config, _overrides(a))
+        check_out_dir(cfg.out, a.overwrite)
+    prepared = prepare(cfg)
+    if not a.resume:
+        validate_growth(cfg, prepared)
+    res = run_grow(cfg, resume=bool(a.resume), overwrite=a.overwrite, prepared=prepared)
+    print(f"{'stage':>5} {'test top-1':>10} {'MMACs':>9} {'params':>9} {'new':>5} {'analysis s':>10} {'train s':>8}")
+    for st in res["stages"]:
+        print(f"{st['stage']:>5} {100 * st['test_acc']:>9.2f}% {st['cost']['mmacs']:>9.3f} {st['cost']['params']:>9} "
+              f"{st.get('growth', {}).get('new_neurons', 0):>5} {st.get('analysis_seconds', 0):>10.1f} "
+              f"{st['train_seconds']:>8.1f}")
     print(f"run directory: {cfg.out}  (view: tensorboard --logdir {cfg.out})")
     return 0
 
@@ -97,15 +145,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataNotFoundError, UnknownDatasetError
     from .experiment import BackboneMismatchError
+    from .splitting.neurons import NotAnalyzableError
+    from .surgery import NotGrowableError
 
     user_errors = (ConfigError, DataNotFoundError, UnknownDatasetError, search_spaces.UnknownSpaceError,
-                   BackboneMismatchError)
+                   BackboneMismatchError, NotGrowableError, NotAnalyzableError)
     try:
-        return {"train": _cmd_train, "list": _cmd_list}[args.verb](args)
+        return {"train": _cmd_train, "grow": _cmd_grow, "list": _cmd_list}[args.verb](args)
     except user_errors as e:
         return _fail(str(e))
     except ValueError as e:  # option values a builder refuses (widths of the wrong length, ...)
         return _fail(str(e).splitlines()[0])
+    except FloatingPointError as e:  # NaN loss; the last completed stage's checkpoint is intact
+        return _fail(f"{e} (the run directory keeps the last completed stage; fix the recipe and --resume)")
     except KeyboardInterrupt:
         return _fail("interrupted")
 

@@ -5,14 +5,14 @@ Unknown keys and values of the wrong type raise :class:`ConfigError` with one li
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .training import TrainConfig
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "apply_overrides"]
+__all__ = ["ConfigError", "RunConfig", "GrowthConfig", "GrowRunConfig", "load_config", "apply_overrides"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -34,6 +34,39 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     out: str = "runs/train"
     latency: bool = Field(True, description="measure forward latency for the records")
+
+
+class GrowthConfig(BaseModel):
+    """How ``nas-split grow`` grows the seed (see :class:`nas_split.Grower` for the meaning of each field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["s2d", "fast", "s3d", "s3d-exact"] = "fast"
+    rounds: int = Field(3, ge=0, description="growth rounds after the seed stage")
+    seed_epochs: int | None = Field(None, ge=0, description="epochs of the seed stage (default train.epochs)")
+    grow_ratio: float = Field(0.3, ge=0)
+    eps: float = Field(1e-2, gt=0)
+    c: float = Field(3.0, ge=1, description="S3D mass budget sum|w_i| <= c")
+    max_copies: Literal[3, 4] = 4
+    only_negative: bool = True
+    energy_aware: bool = False
+    cost: Literal["macs", "energy"] = "macs"
+    budget_mmacs: float | None = Field(None, gt=0, description="stop once the model reaches this many MMACs")
+    budget_energy_uj: float | None = Field(None, gt=0, description="stop once the energy estimate reaches this")
+    max_width: int | None = Field(None, ge=1)
+    round_to: int | None = Field(None, ge=1)
+    carry_optimizer: bool = True
+    beta: float = Field(3.0, gt=0, description="softplus surrogate curvature for ReLU/ReLU6")
+    analysis_batches: int | None = Field(None, ge=1)
+    fast_passes: int = Field(3, ge=1)
+    fast_lr: float = Field(0.05, gt=0)
+
+
+class GrowRunConfig(RunConfig):
+    """What ``nas-split grow`` runs: a :class:`RunConfig` plus the growth schedule."""
+
+    growth: GrowthConfig = Field(default_factory=GrowthConfig)
+    out: str = "runs/grow"
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

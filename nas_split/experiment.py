@@ -51,6 +51,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise BackboneMismatchError(f"backbone_options.in_chans={opts['in_chans']} does not fit dataset "
                                     f"{info.name!r}, whose samples have {info.in_chans} channels")
     opts.pop("in_chans", None)
+    torch.manual_seed(cfg.train.seed)  # the seed's initial weights depend on the run's seed only
     try:
         model = search_spaces.create(cfg.backbone, num_classes=info.num_classes, in_chans=info.in_chans,
                                      input_size=info.input_size, **opts)
@@ -114,7 +115,8 @@ def run_train(cfg: RunConfig, overwrite: bool = False, prepared: Prepared | None
     fit = trainer.fit(p.model, train_loader, val_loader, on_epoch_end=lambda r: writer.epoch(r["epoch"], r))
     test = trainer.evaluate(p.model, test_loader)
     cost = measure_cost(p.model.cpu(), p.example_inputs, latency=cfg.latency)
-    writer.stage({"stage": 0, "epochs": cfg.train.epochs, "test_acc": test.acc, "test_loss": test.loss,
+    writer.stage({"stage": 0, "epochs": cfg.train.epochs, "epochs_total": cfg.train.epochs, "test_acc": test.acc,
+                  "test_loss": test.loss,
                   "val_acc": fit.history[-1].get("val_acc") if fit.history else None,
                   "train_seconds": fit.seconds, "history": fit.history, "cost": cost.to_dict(layers=True),
                   "widths": layer_widths(p.model)})

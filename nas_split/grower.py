@@ -138,7 +138,7 @@ class Grower:
         self.optimizer, self.loss_fn, self.beta = optimizer, loss_fn, beta
         self.analysis_batches, self.fast_passes, self.fast_lr = analysis_batches, fast_passes, fast_lr
         self.generator = torch.Generator().manual_seed(seed)
-        self._previous: dict[str, Spectrum] = {}
+        self.spectra: dict[str, Spectrum] = {}  # the last analysis (the fast method warm-starts from it)
         if not self.neurons():
             raise NotGrowableError("the model has no growable layer with a nonlinearity to split")
 
@@ -166,8 +166,8 @@ class Grower:
         else:
             ends = ("min",) if self.spec.schemes == "s2d" else ("min", "max")
             spectra = fast_spectrum(self.model, loader, neurons, self.loss_fn, self.beta, self.fast_passes,
-                                    self.analysis_batches or 20, self.fast_lr, ends, self._previous, self.generator)
-        self._previous = spectra
+                                    self.analysis_batches or 20, self.fast_lr, ends, self.spectra, self.generator)
+        self.spectra = spectra
         return spectra
 
     def candidates(self, spectra: Mapping[str, Spectrum]) -> list[NeuronSplit]:

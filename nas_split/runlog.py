@@ -51,15 +51,17 @@ class RunWriter:
         meta: top-level fields of ``results.json`` (command, config, dataset, backbone, ...).
     """
 
-    def __init__(self, run_dir: str | Path, meta: dict[str, Any]):
+    def __init__(self, run_dir: str | Path, meta: dict[str, Any], resume: dict[str, Any] | None = None,
+                 purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.tb = SummaryWriter(str(self.run_dir))
-        self.t0 = time.time()
-        self.results: dict[str, Any] = {"schema_version": RESULTS_SCHEMA_VERSION, **meta, "stages": [],
-                                        "final": None, "status": "running"}
+        self.tb = SummaryWriter(str(self.run_dir), purge_step=purge_step)
+        self.t0 = time.time() - (resume or {}).get("wall_seconds", 0.0)
+        self.results: dict[str, Any] = resume or {"schema_version": RESULTS_SCHEMA_VERSION, **meta, "stages": [],
+                                                  "final": None}
+        self.results["status"] = "running"
         self.flush()
 
     def epoch(self, global_epoch: int, rec: dict) -> None:
@@ -71,8 +73,11 @@ class RunWriter:
             self.tb.add_scalar(Tags.VAL_LOSS, rec["val_loss"], global_epoch)
 
     def stage(self, record: dict) -> None:
-        """Log a finished stage: ``{stage, test_acc, cost: CostReport.to_dict(), train_seconds, ...}``."""
-        s, c = record["stage"], record["cost"]
+        """Log a finished stage: ``{stage, epochs_total, test_acc, cost: CostReport.to_dict(), train_seconds, ...}``.
+
+        Stage scalars are logged at step ``epochs_total`` (epochs trained so far), the step of the epoch curves.
+        """
+        s, c = record.get("epochs_total", record["stage"]), record["cost"]
         self.tb.add_scalar(Tags.TOP1, record["test_acc"], s)
         self.tb.add_scalar(Tags.MMACS, c["mmacs"], s)
         self.tb.add_scalar(Tags.PARAMS, c["params"], s)
@@ -98,6 +103,12 @@ class RunWriter:
         self.tb.close()
         self.flush()
         return self.results
+
+    def fail(self, error: str) -> None:
+        """Mark the run failed (the last completed stage stays recorded)."""
+        self.results.update(status="failed", error=error)
+        self.tb.close()
+        self.flush()
 
     def flush(self) -> None:
         """Rewrite ``results.json`` atomically."""

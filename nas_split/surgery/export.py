@@ -18,7 +18,8 @@ from torch import nn
 from .._io import atomic_torch_save
 from .handlers import resize
 
-__all__ = ["save_grown", "load_grown", "timm_shape_string", "refresh_feature_info", "FORMAT"]
+__all__ = ["save_grown", "load_grown", "grown_payload", "build_grown", "timm_shape_string", "refresh_feature_info",
+           "FORMAT"]
 
 FORMAT = "nas-split-grown/1"
 _SIZED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -41,6 +42,21 @@ def timm_shape_string(model: nn.Module) -> str:
     return "***".join(f"{k}:[{', '.join(str(d) for d in v.shape)}]" for k, v in model.state_dict().items())
 
 
+def grown_payload(model: nn.Module, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plain-data description of ``model`` that :func:`save_grown` writes (see there for ``spec``)."""
+    spec = spec or getattr(model, "nas_split_spec", None)
+    if spec is None:
+        raise ValueError("save_grown needs spec= (how to build the seed) for models not made by search_spaces.create")
+    try:
+        json.dumps(spec)
+    except TypeError as e:
+        raise ValueError(f"spec must hold plain JSON values to reload with weights_only=True: {e}") from None
+    return {"format": FORMAT, "spec": spec, "sizes": _sizes(model),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "timm_shape_string": timm_shape_string(model) if hasattr(model, "pretrained_cfg") else None,
+            "feature_chs": [int(e["num_chs"]) for e in _feature_entries(model)]}
+
+
 def save_grown(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any] | None = None) -> None:
     """Write ``model``'s architecture and weights to ``path`` (atomically).
 
@@ -49,18 +65,7 @@ def save_grown(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any] |
             (recorded by ``search_spaces.create`` as ``model.nas_split_spec``) or ``{"factory":
             "package.module:function", "kwargs": {...}}``.  JSON-serialisable values only.
     """
-    spec = spec or getattr(model, "nas_split_spec", None)
-    if spec is None:
-        raise ValueError("save_grown needs spec= (how to build the seed) for models not made by search_spaces.create")
-    try:
-        json.dumps(spec)
-    except TypeError as e:
-        raise ValueError(f"spec must hold plain JSON values to reload with weights_only=True: {e}") from None
-    payload = {"format": FORMAT, "spec": spec, "sizes": _sizes(model),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "timm_shape_string": timm_shape_string(model) if hasattr(model, "pretrained_cfg") else None,
-               "feature_chs": [int(e["num_chs"]) for e in _feature_entries(model)]}
-    atomic_torch_save(path, payload)
+    atomic_torch_save(path, grown_payload(model, spec))
 
 
 def _build(spec: dict[str, Any]) -> nn.Module:
@@ -78,6 +83,11 @@ def load_grown(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a nas-split grown-model file")
+    return build_grown(payload)
+
+
+def build_grown(payload: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from :func:`grown_payload`'s description."""
     model = _build(payload["spec"])
     modules, current = dict(model.named_modules()), _sizes(model)
     for name, (out, inp) in payload["sizes"].items():
