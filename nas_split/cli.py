@@ -35,7 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--budget-mmacs", type=float, help="stop once the model reaches this many MMACs")
     gr.add_argument("--energy-aware", action="store_true", help="select splits with the energy-aware LP")
     gr.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last completed stage")
-    sub.add_parser("list", help="list datasets and backbones")
+    rn = sub.add_parser("run", help="run one method (growth or baseline) by name and write its records")
+    _common(rn)
+    rn.add_argument("--method", help="a registered method (see `nas-split list`)")
+    rn.add_argument("--target-mmacs", type=float, help="MAC target (pruning and scratch need one)")
+    rn.add_argument("--rounds", type=int, help="growth rounds (fine-tuning epochs = rounds x --epochs)")
+    rn.add_argument("--seed-epochs", type=int, help="epochs of the seed / full model (default --epochs)")
+    rn.add_argument("--seed-width-mult", type=float, help="width multiplier of the thin seed growth starts from")
+    sub.add_parser("list", help="list datasets, backbones and methods")
     return p
 
 
@@ -61,6 +68,9 @@ def _overrides(a: argparse.Namespace) -> list[str]:
     flags = {"dataset": a.dataset, "backbone": a.backbone, "train.epochs": a.epochs, "train.lr": a.lr,
              "train.batch_size": a.batch_size, "train.seed": a.seed, "backbone_options.width_mult": a.width_mult,
              "data_dir": a.data_dir, "out": a.out}
+    if a.verb == "run":
+        flags.update({"method": a.method, "target_mmacs": a.target_mmacs, "rounds": a.rounds,
+                      "seed_epochs": a.seed_epochs, "seed_options.width_mult": a.seed_width_mult})
     if a.verb == "grow":
         flags.update({"growth.method": a.method, "growth.rounds": a.rounds, "growth.grow_ratio": a.grow_ratio,
                       "growth.eps": a.eps, "growth.seed_epochs": a.seed_epochs,
@@ -122,6 +132,23 @@ def _cmd_grow(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(a: argparse.Namespace) -> int:
+    from .config import MethodRunConfig, load_config
+    from .experiment import check_out_dir, method_context, prepare, run_method
+
+    cfg = load_config(MethodRunConfig, a.config, _overrides(a))
+    check_out_dir(cfg.out, a.overwrite)
+    prepared = prepare(cfg)
+    method_context(cfg, prepared)  # refuses bad methods, options and targets before training
+    res = run_method(cfg, overwrite=a.overwrite, prepared=prepared)
+    print(f"{'stage':>5} {'kind':>9} {'test top-1':>10} {'MMACs':>9} {'params':>9} {'train s':>8}")
+    for st in res["stages"]:
+        print(f"{st['stage']:>5} {st['kind']:>9} {100 * st['test_acc']:>9.2f}% {st['cost']['mmacs']:>9.3f} "
+              f"{st['cost']['params']:>9} {st['train_seconds']:>8.1f}")
+    print(f"run directory: {cfg.out}  (view: tensorboard --logdir {cfg.out})")
+    return 0
+
+
 def _cmd_list(a: argparse.Namespace) -> int:
     import search_spaces
 
@@ -134,6 +161,9 @@ def _cmd_list(a: argparse.Namespace) -> int:
     for n in search_spaces.list():
         s = search_spaces.info(n)
         print(f"  {n:24s} [{s.input_kind}] {s.description}")
+    from .methods import list_methods
+
+    print("methods:", ", ".join(list_methods()))
     return 0
 
 
@@ -145,13 +175,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataNotFoundError, UnknownDatasetError
     from .experiment import BackboneMismatchError
+    from .methods import UnknownMethodError
     from .splitting.neurons import NotAnalyzableError
     from .surgery import NotGrowableError
 
     user_errors = (ConfigError, DataNotFoundError, UnknownDatasetError, search_spaces.UnknownSpaceError,
-                   BackboneMismatchError, NotGrowableError, NotAnalyzableError)
+                   BackboneMismatchError, NotGrowableError, NotAnalyzableError, UnknownMethodError)
     try:
-        return {"train": _cmd_train, "grow": _cmd_grow, "list": _cmd_list}[args.verb](args)
+        return {"train": _cmd_train, "grow": _cmd_grow, "run": _cmd_run, "list": _cmd_list}[args.verb](args)
     except user_errors as e:
         return _fail(str(e))
     except ValueError as e:  # option values a builder refuses (widths of the wrong length, ...)

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .training import TrainConfig
 
-__all__ = ["ConfigError", "RunConfig", "GrowthConfig", "GrowRunConfig", "load_config", "apply_overrides"]
+__all__ = ["ConfigError", "RunConfig", "GrowthConfig", "GrowRunConfig", "MethodRunConfig", "load_config",
+           "apply_overrides"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -67,6 +68,22 @@ class GrowRunConfig(RunConfig):
 
     growth: GrowthConfig = Field(default_factory=GrowthConfig)
     out: str = "runs/grow"
+
+
+class MethodRunConfig(RunConfig):
+    """What ``nas-split run`` runs: one registered method (growth or baseline) under a MAC target or rounds.
+
+    ``backbone_options`` build the full-width model (pruning starts there); ``seed_options`` are merged over them
+    for the thin seed that growth methods start from.
+    """
+
+    method: str = "fast"
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    seed_options: dict[str, Any] = Field(default_factory=lambda: {"width_mult": 0.25})
+    rounds: int = Field(3, ge=0)
+    seed_epochs: int | None = Field(None, ge=0, description="seed / full-model epochs (default train.epochs)")
+    target_mmacs: float | None = Field(None, gt=0)
+    out: str = "runs/method"
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -16,13 +16,14 @@ from torch import nn
 
 import search_spaces
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, MethodRunConfig, RunConfig
 from .cost import measure_cost
 from .data import DataSplits, create_dataset
 from .runlog import RunWriter, layer_widths
 from .training import Trainer
 
-__all__ = ["Prepared", "BackboneMismatchError", "prepare", "check_out_dir", "run_train"]
+__all__ = ["Prepared", "BackboneMismatchError", "prepare", "check_out_dir", "run_train", "method_context",
+           "run_method"]
 
 
 class BackboneMismatchError(ValueError):
@@ -93,34 +94,91 @@ def _publish(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+def _publish_run(cfg: RunConfig, overwrite: bool, meta: dict, body) -> dict:
+    """Write a run into a temporary sibling of ``cfg.out`` with ``body(writer)`` and rename it when done."""
+    out = check_out_dir(cfg.out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    writer = RunWriter(tmp, meta)
+    hparams = body(writer)
+    results = writer.finish(hparams)
+    _publish(tmp, out)
+    return results
+
+
+def _meta(cfg: RunConfig, p: Prepared, command: str) -> dict:
+    info = p.data.info
+    return {"command": command, "config": cfg.model_dump(),
+            "dataset": {"name": info.name, "kind": info.kind, "input_shape": list(info.input_shape),
+                        "num_classes": info.num_classes}, "backbone": cfg.backbone}
+
+
+def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
+    """A :class:`~nas_split.methods.MethodContext` for ``cfg``, its method, and the method's checks done."""
+    from .cost import count_macs
+    from .methods import MethodContext, create_method
+
+    info = p.data.info
+    base = {k: v for k, v in cfg.backbone_options.items() if k != "in_chans"}
+
+    def build(**over):
+        torch.manual_seed(cfg.train.seed)
+        return search_spaces.create(cfg.backbone, num_classes=info.num_classes, in_chans=info.in_chans,
+                                    input_size=info.input_size, **{**base, **over})
+
+    def build_width(mult: float):
+        return build(**{"width_mult": mult, "widths": None} if "widths" in base else {"width_mult": mult})
+
+    try:
+        method = create_method(cfg.method, **cfg.method_options)
+        seed = build(**cfg.seed_options)
+    except TypeError as e:
+        raise ConfigError(f"options of {cfg.method!r} or seed_options: {e}") from None
+    ctx = MethodContext(p.data, cfg.train, lambda: build(**cfg.seed_options), build, build_width, p.example_inputs,
+                        cfg.seed_epochs if cfg.seed_epochs is not None else cfg.train.epochs, cfg.train.epochs,
+                        cfg.rounds, cfg.target_mmacs, record, cfg.latency)
+    method.check(ctx, count_macs(seed, p.example_inputs)[0], count_macs(p.model, p.example_inputs)[0])
+    return ctx, method
+
+
+def run_method(cfg: MethodRunConfig, overwrite: bool = False, prepared: Prepared | None = None) -> dict:
+    """Run one registered method and write its run directory (``cfg.out``); returns ``results.json``."""
+    check_out_dir(cfg.out, overwrite)
+    p = prepared or prepare(cfg)
+    ctx, method = method_context(cfg, p)
+    meta = {**_meta(cfg, p, "run"), "method": cfg.method}
+
+    def body(writer):
+        ctx.record, ctx.epoch_hook = writer.stage, writer.epoch
+        method.run(ctx)
+        return {"method": cfg.method, "dataset": cfg.dataset, "backbone": cfg.backbone, "seed": cfg.train.seed,
+                "target_mmacs": cfg.target_mmacs or 0.0, "rounds": cfg.rounds}
+
+    return _publish_run(cfg, overwrite, meta, body)
+
+
 def run_train(cfg: RunConfig, overwrite: bool = False, prepared: Prepared | None = None) -> dict:
     """Train ``cfg.backbone`` on ``cfg.dataset`` and write the run directory ``cfg.out``.
 
     Returns:
         The content of ``results.json``.
     """
-    out = check_out_dir(cfg.out, overwrite)
+    check_out_dir(cfg.out, overwrite)
     p = prepared or prepare(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    info = p.data.info
-    writer = RunWriter(tmp, {"command": "train", "config": cfg.model_dump(),
-                             "dataset": {"name": info.name, "kind": info.kind, "input_shape": list(info.input_shape),
-                                         "num_classes": info.num_classes},
-                             "backbone": cfg.backbone})
-    trainer = Trainer(cfg.train)
-    train_loader, val_loader, test_loader = p.data.loaders(cfg.train.batch_size, cfg.train.eval_batch_size,
-                                                           cfg.train.num_workers, cfg.train.seed)
-    fit = trainer.fit(p.model, train_loader, val_loader, on_epoch_end=lambda r: writer.epoch(r["epoch"], r))
-    test = trainer.evaluate(p.model, test_loader)
-    cost = measure_cost(p.model.cpu(), p.example_inputs, latency=cfg.latency)
-    writer.stage({"stage": 0, "epochs": cfg.train.epochs, "epochs_total": cfg.train.epochs, "test_acc": test.acc,
-                  "test_loss": test.loss,
-                  "val_acc": fit.history[-1].get("val_acc") if fit.history else None,
-                  "train_seconds": fit.seconds, "history": fit.history, "cost": cost.to_dict(layers=True),
-                  "widths": layer_widths(p.model)})
-    results = writer.finish({"method": "train", "dataset": cfg.dataset, "backbone": cfg.backbone,
-                             "epochs": cfg.train.epochs, "lr": cfg.train.lr, "seed": cfg.train.seed})
-    _publish(tmp, out)
-    return results
+
+    def body(writer):
+        trainer = Trainer(cfg.train)
+        train_loader, val_loader, test_loader = p.data.loaders(cfg.train.batch_size, cfg.train.eval_batch_size,
+                                                               cfg.train.num_workers, cfg.train.seed)
+        fit = trainer.fit(p.model, train_loader, val_loader, on_epoch_end=lambda r: writer.epoch(r["epoch"], r))
+        test = trainer.evaluate(p.model, test_loader)
+        cost = measure_cost(p.model.cpu(), p.example_inputs, latency=cfg.latency)
+        writer.stage({"stage": 0, "epochs": cfg.train.epochs, "epochs_total": cfg.train.epochs, "test_acc": test.acc,
+                      "test_loss": test.loss, "val_acc": fit.history[-1].get("val_acc") if fit.history else None,
+                      "train_seconds": fit.seconds, "history": fit.history, "cost": cost.to_dict(layers=True),
+                      "widths": layer_widths(p.model)})
+        return {"method": "train", "dataset": cfg.dataset, "backbone": cfg.backbone, "epochs": cfg.train.epochs,
+                "lr": cfg.train.lr, "seed": cfg.train.seed}
+
+    return _publish_run(cfg, overwrite, _meta(cfg, p, "train"), body)

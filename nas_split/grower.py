@@ -29,7 +29,24 @@ from .splitting.schemes import NeuronSplit, best_s3d_split, s2d_split
 from .splitting.selection import Candidate, select_lp, select_ratio
 from .surgery import CouplingGraph, NotGrowableError, growable_layers, split
 
-__all__ = ["Grower", "GrowthReport", "METHODS", "MethodSpec", "NotAnalyzableError"]
+__all__ = ["Grower", "GrowthReport", "METHODS", "MethodSpec", "NotAnalyzableError", "splittable_layers"]
+
+
+def splittable_layers(model: nn.Module, example_inputs: torch.Tensor,
+                      layers: list[str] | None = None) -> dict[str, Neuron]:
+    """Growable layers whose neurons have a nonlinearity, one per coupled group, with their :class:`Neuron`."""
+    graph = CouplingGraph(model, example_inputs)
+    names = layers or growable_layers(model, example_inputs, graph=graph)
+    owned, out = set(), {}
+    for n, nr in find_neurons(model, example_inputs, names).items():
+        if nr.is_linear:
+            continue
+        producers = set(graph.group(n).producers)
+        if owned & producers:
+            continue
+        owned |= producers
+        out[n] = nr
+    return out
 
 
 @dataclass(frozen=True)
@@ -144,19 +161,7 @@ class Grower:
 
     def neurons(self) -> dict[str, Neuron]:
         """The analysed layers (growable, with a nonlinearity; one per coupled group) and their neurons."""
-        graph = CouplingGraph(self.model, self.example_inputs)
-        names = self.requested_layers or growable_layers(self.model, self.example_inputs, graph=graph)
-        found = find_neurons(self.model, self.example_inputs, names)
-        owned, out = set(), {}
-        for n, nr in found.items():
-            if nr.is_linear:
-                continue
-            producers = set(graph.group(n).producers)
-            if owned & producers:
-                continue
-            owned |= producers
-            out[n] = nr
-        return out
+        return splittable_layers(self.model, self.example_inputs, self.requested_layers)
 
     def analyze(self, loader: Iterable) -> dict[str, Spectrum]:
         """Per analysed layer: ``λ_min``, ``v_min``, ``λ_max``, ``v_max`` of every neuron's splitting matrix."""

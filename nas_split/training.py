@@ -114,7 +114,8 @@ class Trainer:
 
     def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None = None,
             epochs: int | None = None, optimizer: torch.optim.Optimizer | None = None,
-            on_epoch_end: Callable[[dict], None] | None = None, desc: str = "train") -> FitResult:
+            on_epoch_end: Callable[[dict], None] | None = None, desc: str = "train",
+            regularizer: Callable[[nn.Module], torch.Tensor] | None = None) -> FitResult:
         """Train ``model`` in place for ``epochs`` (default ``cfg.epochs``) with a fresh learning-rate schedule.
 
         Args:
@@ -122,6 +123,7 @@ class Trainer:
                 rates are driven by the schedule. ``None`` builds one with :func:`make_optimizer`.
             on_epoch_end: called with each epoch's record ``{epoch, train_loss, train_acc, val_loss, val_acc, lr,
                 seconds}``.
+            regularizer: a term added to the loss, e.g. network slimming's L1 penalty on BN scales.
 
         Returns:
             :class:`FitResult` with the history and the (raw, unwrapped) optimizer.
@@ -152,8 +154,9 @@ class Trainer:
                     g["lr"] = lr
                 out = fmodel(x)
                 loss = crit(out, y)
+                total = loss + regularizer(model) if regularizer is not None else loss
                 fopt.zero_grad(set_to_none=True)
-                self.fabric.backward(loss)
+                self.fabric.backward(total)
                 fopt.step()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch}, step {step}")

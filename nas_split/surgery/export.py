@@ -16,16 +16,18 @@ import torch
 from torch import nn
 
 from .._io import atomic_torch_save
+from .graph import is_depthwise
 from .handlers import resize
 
-__all__ = ["save_grown", "load_grown", "grown_payload", "build_grown", "timm_shape_string", "refresh_feature_info",
-           "FORMAT"]
+__all__ = ["save_grown", "load_grown", "grown_payload", "build_grown", "layer_sizes", "apply_sizes",
+           "timm_shape_string", "refresh_feature_info", "FORMAT"]
 
 FORMAT = "nas-split-grown/1"
 _SIZED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 
-def _sizes(model: nn.Module) -> dict[str, list[int]]:
+def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
+    """``{name: [out, in]}`` channel counts of every conv, linear and batch-norm layer."""
     out = {}
     for n, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -51,7 +53,7 @@ def grown_payload(model: nn.Module, spec: dict[str, Any] | None = None) -> dict[
         json.dumps(spec)
     except TypeError as e:
         raise ValueError(f"spec must hold plain JSON values to reload with weights_only=True: {e}") from None
-    return {"format": FORMAT, "spec": spec, "sizes": _sizes(model),
+    return {"format": FORMAT, "spec": spec, "sizes": layer_sizes(model),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "timm_shape_string": timm_shape_string(model) if hasattr(model, "pretrained_cfg") else None,
             "feature_chs": [int(e["num_chs"]) for e in _feature_entries(model)]}
@@ -89,17 +91,7 @@ def load_grown(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 def build_grown(payload: dict[str, Any]) -> nn.Module:
     """Rebuild a model from :func:`grown_payload`'s description."""
     model = _build(payload["spec"])
-    modules, current = dict(model.named_modules()), _sizes(model)
-    for name, (out, inp) in payload["sizes"].items():
-        m = modules[name]
-        if current.get(name) == [out, inp]:
-            continue
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            resize(m, out=out)
-        elif isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels:
-            resize(m, out=out)  # depthwise: in = out = groups
-        else:
-            resize(m, out=out, inp=inp)
+    apply_sizes(model, payload["sizes"])
     model.load_state_dict(payload["state_dict"])
     for e, c in zip(_feature_entries(model), payload.get("feature_chs", []), strict=False):
         e["num_chs"] = c
@@ -110,6 +102,19 @@ def build_grown(payload: dict[str, Any]) -> nn.Module:
 def _feature_entries(model: nn.Module) -> list[dict]:
     info = getattr(model, "feature_info", None) or []
     return list(info.info if hasattr(info, "info") else info)
+
+
+def apply_sizes(model: nn.Module, sizes: dict[str, list[int]]) -> None:
+    """Resize (uninitialised) every layer whose ``[out, in]`` differs from ``sizes``, before loading weights."""
+    modules, current = dict(model.named_modules()), layer_sizes(model)
+    for name, (out, inp) in sizes.items():
+        m = modules[name]
+        if current.get(name) == [out, inp]:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or is_depthwise(m):
+            resize(m, out=out)  # norms and depthwise convs: in = out
+        else:
+            resize(m, out=out, inp=inp)
 
 
 def refresh_feature_info(model: nn.Module, example_inputs: torch.Tensor) -> None:

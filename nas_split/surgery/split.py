@@ -271,9 +271,20 @@ def _validate(graph: CouplingGraph, plan: dict[str, list]) -> dict[str, ChannelG
 def _apply(model: nn.Module, edits: _Edits, optimizer: torch.optim.Optimizer | None,
            example_inputs: torch.Tensor) -> list[ParamChange]:
     changes = []
+    compiled = edits.compile()
+    # a new column of a layer whose rows change in the same call follows the row gather (new rows get 0)
+    for (name, dim), e in compiled.items():
+        rows = compiled.get((name, "out"))
+        if dim == "in" and rows is not None:
+            for k, value in e.fresh.items():
+                if value is not None:
+                    col = value.index_select(0, torch.as_tensor(rows.index))
+                    for r in rows.fresh:
+                        col[r] = 0
+                    e.fresh[k] = col
     # rows before columns: a layer that is split (rows displaced, fan-in shaped as now) and also consumes another
     # split (columns spread over copies) gets its displaced rows' columns spread too
-    for (name, dim), e in sorted(edits.compile().items(), key=lambda kv: kv[0][1] != "out"):
+    for (name, dim), e in sorted(compiled.items(), key=lambda kv: kv[0][1] != "out"):
         changes += apply_edit(edits.slots[(name, dim)].module, dim, e)
     if optimizer is not None:
         carry_optimizer_state(optimizer, changes)

@@ -1,0 +1,112 @@
+"""Registers the baselines with nas-split's method registry (imported lazily by ``nas_split.methods``)."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from nas_split.methods import GrowthMethod, Method, MethodContext, register_method
+
+from .firefly import firefly_grow
+from .gradmax import gradmax_grow
+from .pruning import CRITERIA, bn_l1_penalty, prune_to_macs
+from .random_growth import random_grow
+from .scratch import match_width
+
+__all__ = ["PruneMethod", "ScratchMethod"]
+
+
+class _Random(GrowthMethod):
+    def __init__(self, grow_ratio: float = 0.3, eps: float = 1e-2):
+        self.grow_ratio, self.eps = grow_ratio, eps
+
+    def grow(self, ctx, model, loader, optimizer, stage):
+        rep = random_grow(model, ctx.example_inputs, self.grow_ratio, self.eps, optimizer,
+                          torch.Generator().manual_seed(ctx.recipe.seed * 1009 + stage))
+        return {"new_neurons": rep.new_neurons}
+
+
+class _Firefly(GrowthMethod):
+    def __init__(self, grow_ratio: float = 0.35, k: int = 8, steps: int = 20, eps: float = 1.0, **options: Any):
+        self.grow_ratio, self.k, self.steps, self.eps, self.options = grow_ratio, k, steps, eps, options
+
+    def grow(self, ctx, model, loader, optimizer, stage):
+        rep = firefly_grow(model, ctx.example_inputs, loader, self.grow_ratio, self.k, self.eps, optimizer,
+                           steps=self.steps, **self.options)
+        return {"new_neurons": rep.new_neurons, "split": sum(len(v) for v in rep.splits.values()),
+                "new": sum(rep.new.values())}
+
+
+class _GradMax(GrowthMethod):
+    def __init__(self, grow_ratio: float = 0.25, batches: int = 1, scale: float = 0.5):
+        self.grow_ratio, self.batches, self.scale = grow_ratio, batches, scale
+
+    def grow(self, ctx, model, loader, optimizer, stage):
+        from nas_split.grower import splittable_layers
+        from nas_split.surgery import CouplingGraph, NotGrowableError
+
+        from .gradmax import _path
+
+        graph = CouplingGraph(model, ctx.example_inputs)
+        counts = {}
+        for n, nr in splittable_layers(model, ctx.example_inputs).items():
+            try:
+                _path(graph, n)
+            except NotGrowableError:
+                continue
+            counts[n] = max(1, int(self.grow_ratio * nr.layer.weight.shape[0]))
+        rep = gradmax_grow(model, ctx.example_inputs, counts, loader, optimizer=optimizer, batches=self.batches,
+                           scale=self.scale)
+        return {"new_neurons": rep.new_neurons}
+
+
+class PruneMethod(Method):
+    """Train the full-width model, prune it to the MAC target, fine-tune for the rounds' epochs."""
+
+    def __init__(self, criterion: str, round_to: int | None = None, slim_penalty: float = 1e-4):
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown pruning criterion {criterion!r}; known: {', '.join(CRITERIA)}")
+        self.criterion, self.round_to, self.slim_penalty = criterion, round_to, slim_penalty
+
+    def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
+        if ctx.target_mmacs is None:
+            raise ValueError(f"{self.name} needs a MAC target (target_mmacs)")
+        if ctx.target_mmacs * 1e6 >= full_macs:
+            raise ValueError(f"{self.name}: MAC target {ctx.target_mmacs} MMACs is not below the full model's "
+                             f"{full_macs / 1e6:.3f} MMACs")
+
+    def run(self, ctx: MethodContext) -> nn.Module:
+        model = ctx.build_full()
+        reg = partial(bn_l1_penalty, coef=self.slim_penalty) if self.criterion == "slim" else None
+        ctx.stage(model, "full", ctx.seed_epochs, regularizer=reg)
+        tr, _, _ = ctx.loaders(len(ctx.records))
+        rep = prune_to_macs(model, ctx.example_inputs, ctx.target_mmacs * 1e6, self.criterion, loader=tr,
+                            round_to=self.round_to)
+        ctx.stage(model, "pruned", 0, pruning={"macs_before": rep.macs_before, "macs_after": rep.macs_after,
+                                              "target_error": rep.error, "steps": rep.steps})
+        ctx.stage(model, "finetune", ctx.epochs * ctx.rounds)
+        return model
+
+
+class ScratchMethod(Method):
+    """The uniform width multiplier whose MACs match the target, trained for the same total epochs."""
+
+    def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
+        if ctx.target_mmacs is None:
+            raise ValueError("scratch needs a MAC target (target_mmacs)")
+
+    def run(self, ctx: MethodContext) -> nn.Module:
+        mult, _ = match_width(ctx.build_width, ctx.example_inputs, ctx.target_mmacs * 1e6)
+        model = ctx.build_width(mult)
+        ctx.stage(model, "scratch", ctx.seed_epochs + ctx.epochs * ctx.rounds, width_mult=mult)
+        return model
+
+
+register_method("random")(_Random)
+register_method("firefly")(_Firefly)
+register_method("gradmax")(_GradMax)
+register_method("scratch")(ScratchMethod)
+for _c in CRITERIA:
+    register_method(f"prune-{_c}")(partial(PruneMethod, _c))

@@ -1,0 +1,25 @@
+"""Random growth, the control of every splitting paper: split random neurons in random directions (S2D weights)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nas_split.grower import splittable_layers
+from nas_split.surgery import SplitReport, split
+
+__all__ = ["random_grow"]
+
+
+def random_grow(model: nn.Module, example_inputs: torch.Tensor, grow_ratio: float, eps: float = 1e-2,
+                optimizer: torch.optim.Optimizer | None = None,
+                generator: torch.Generator | None = None) -> SplitReport:
+    """Split ``⌊grow_ratio x neurons⌋`` neurons drawn uniformly from the splittable layers, in place."""
+    gen = generator or torch.Generator().manual_seed(0)
+    widths = {n: nr.layer.weight.shape[0] for n, nr in splittable_layers(model, example_inputs).items()}
+    pool = [(n, c) for n, w in widths.items() for c in range(w)]
+    pick = torch.randperm(len(pool), generator=gen)[:int(grow_ratio * len(pool))].tolist()
+    plan: dict[str, list[int]] = {}
+    for i in sorted(pick):
+        n, c = pool[i]
+        plan.setdefault(n, []).append(c)
+    return split(model, example_inputs, plan, eps=eps, optimizer=optimizer, generator=gen)
