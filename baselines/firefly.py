@@ -150,13 +150,15 @@ def firefly_candidates(model: nn.Module, example_inputs: torch.Tensor, loader: I
     h = _Candidate(cand, neurons, names, widths, k, orig_in)
     gen = generator or torch.Generator().manual_seed(0)
     for n, nr in neurons.items():
-        row = tuple(nr.layer.weight.shape[1:])
-        h.params[f"{n}.D"] = ((torch.rand((widths[n], *row), generator=gen) * 2 - 1) * init_scale).requires_grad_()
-        h.params[f"{n}.A"] = (torch.randn((k, *row), generator=gen) * init_scale).requires_grad_()
+        row, dt = tuple(nr.layer.weight.shape[1:]), nr.layer.weight.dtype
+        h.params[f"{n}.D"] = ((torch.rand((widths[n], *row), generator=gen) * 2 - 1) * init_scale).to(dt)
+        h.params[f"{n}.A"] = (torch.randn((k, *row), generator=gen) * init_scale).to(dt)
         for cname in consumers.get(n, {}):
             w = graph.modules[cname].weight
             col = (w.shape[0] - (k if cname in neurons else 0), *w.shape[2:])
-            h.params[f"{n}->{cname}.B"] = ((torch.rand((k, *col), generator=gen) * 2 - 1) * 0.01).requires_grad_()
+            h.params[f"{n}->{cname}.B"] = ((torch.rand((k, *col), generator=gen) * 2 - 1) * 0.01).to(w.dtype)
+    for p in h.params.values():
+        p.requires_grad_()
     base = {name: p.detach() for name, p in cand.named_parameters()}
     batches = list(itertools.islice(loader, steps))
 

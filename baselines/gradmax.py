@@ -7,6 +7,9 @@ to the consumer's input positions through an identity-initialised depthwise conv
 maximised under ``‖B‖_F ≤ c`` by the top-k left singular vectors of ``G`` (as a ``fan-out x fan-in`` matrix).
 ``G`` is computed as the consumer's weight gradient for an input whose channels are ``p`` — no auxiliary layer.
 
+A linear consumer behind global pooling sees the positions' mean: exact for average pooling; for max pooling
+(PointNet) the new channel is 0 at every position, all positions tie, and their mean is the symmetric choice.
+
 ReLU-family activations have ``σ'(0) = 0`` in PyTorch, so the new neurons would never leave zero; the new
 channels' norm bias is set to ``bias_offset`` (default 1e-6) to sit in the linear region, which changes the
 output by at most ``|B| · 1e-6``.  New fan-out columns are unit-norm times ``scale`` x the mean norm of the
@@ -90,8 +93,12 @@ def gradmax_matrix(model: nn.Module, example_inputs: torch.Tensor, layer: str, l
     root, dw, consumer = _path(graph, layer)
     cons = consumer.module
     store: dict[str, torch.Tensor] = {}
+
+    def grab_grad(_m, _i, out) -> None:  # a forward hook must return None, or it replaces the output
+        out.register_hook(lambda g: store.__setitem__("g", g))
+
     hooks = [root.register_forward_hook(lambda m, i, o: store.__setitem__("x", i[0].detach())),
-             cons.register_forward_hook(lambda m, i, o: o.register_hook(lambda g: store.__setitem__("g", g)))]
+             cons.register_forward_hook(grab_grad)]
     was = model.training
     model.eval()
     g_total = None
@@ -104,6 +111,8 @@ def gradmax_matrix(model: nn.Module, example_inputs: torch.Tensor, layer: str, l
                 pmap = pmap[(..., *[slice(None, None, s) for s in dw.stride])]
             grad = store["g"]
             if isinstance(cons, nn.Linear):
+                if pmap.dim() > 2:  # pooled over positions before the linear consumer (see module docstring)
+                    pmap = pmap.flatten(2).mean(2)
                 g = grad.reshape(-1, grad.shape[-1]).T @ pmap.reshape(-1, pmap.shape[1])
             elif isinstance(cons, nn.Conv1d):
                 g = torch.nn.grad.conv1d_weight(pmap, (cons.out_channels, pmap.shape[1], cons.kernel_size[0]), grad,

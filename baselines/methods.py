@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import torch
 from torch import nn
@@ -29,12 +28,14 @@ class _Random(GrowthMethod):
 
 
 class _Firefly(GrowthMethod):
-    def __init__(self, grow_ratio: float = 0.35, k: int = 8, steps: int = 20, eps: float = 1.0, **options: Any):
-        self.grow_ratio, self.k, self.steps, self.eps, self.options = grow_ratio, k, steps, eps, options
+    def __init__(self, grow_ratio: float = 0.35, k: int = 8, steps: int = 20, eps: float = 1.0, lr: float = 1e-3,
+                 penalty: float = 1e-2, init_scale: float = 0.1):
+        self.grow_ratio, self.k, self.eps = grow_ratio, k, eps
+        self.options = {"steps": steps, "lr": lr, "penalty": penalty, "init_scale": init_scale}
 
     def grow(self, ctx, model, loader, optimizer, stage):
         rep = firefly_grow(model, ctx.example_inputs, loader, self.grow_ratio, self.k, self.eps, optimizer,
-                           steps=self.steps, **self.options)
+                           generator=torch.Generator().manual_seed(ctx.recipe.seed * 1009 + stage), **self.options)
         return {"new_neurons": rep.new_neurons, "split": sum(len(v) for v in rep.splits.values()),
                 "new": sum(rep.new.values())}
 

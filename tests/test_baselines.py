@@ -1,0 +1,224 @@
+"""Baselines: pruning to a MAC target, Firefly, GradMax, scratch width matching, random growth, one interface."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import search_spaces
+from baselines.firefly import firefly_candidates, firefly_grow, select_most_negative
+from baselines.gradmax import gradmax_directions, gradmax_grow, gradmax_matrix
+from baselines.pruning import CRITERIA, prune_to_macs
+from baselines.random_growth import random_grow
+from baselines.scratch import match_width
+from nas_split.cli import main
+from nas_split.cost import count_macs
+from nas_split.data import create_dataset
+from nas_split.grower import splittable_layers
+from nas_split.methods import list_methods
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+PRUNE_MODELS = [("mobilenetv1_100", (3, 32, 32)), ("mobilenetv2_050", (3, 32, 32)),
+                ("mobilenetv1_cifar_025", (3, 32, 32)), ("pointnet_lite", (3, 64))]
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("name, shape", PRUNE_MODELS, ids=[m for m, _ in PRUNE_MODELS])
+def test_pruning_lands_within_3_percent_and_trains(name, shape, criterion):
+    torch.manual_seed(0)
+    base = search_spaces.create(name, num_classes=10, in_chans=3, input_size=32)
+    x = torch.randn(2, *shape)
+    loader = [(torch.randn(8, *shape), torch.randint(0, 10, (8,))) for _ in range(2)]
+    full, _ = count_macs(base, x)
+    for frac in (0.5, 0.25):
+        model = copy.deepcopy(base)
+        rep = prune_to_macs(model, x, frac * full, criterion, loader=loader)
+        macs, _ = count_macs(model, x)
+        assert macs == rep.macs_after and abs(macs - frac * full) <= 0.03 * frac * full, (frac, macs / full)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        loss = F.cross_entropy(model(torch.randn(4, *shape)), torch.arange(4))
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+
+
+def test_pruning_refuses_bad_targets_and_criteria():
+    model = search_spaces.create("test_mobilenetv1", num_classes=4, in_chans=3, input_size=16)
+    x = torch.randn(2, 3, 16, 16)
+    full, _ = count_macs(model, x)
+    with pytest.raises(ValueError, match="must be below"):
+        prune_to_macs(model, x, 2 * full)
+    with pytest.raises(ValueError, match="unknown pruning criterion"):
+        prune_to_macs(model, x, full / 2, "l3")
+
+
+def test_firefly_keeps_exactly_the_most_negative():
+    scores = {("a", "split", i): s for i, s in enumerate([0.3, -2.0, -0.1, 5.0])}
+    scores.update({("b", "new", j): s for j, s in enumerate([-1.5, -0.2, 0.0])})
+    assert select_most_negative(scores, 3) == [("a", "split", 1), ("b", "new", 0), ("b", "new", 1)]
+    assert select_most_negative(scores, 0) == [] and len(select_most_negative(scores, 99)) == 7
+
+
+@pytest.mark.parametrize("name", ["test_mlp", "test_mobilenetv1"])
+def test_firefly_preserves_at_insertion_and_descends(name):
+    torch.manual_seed(0)
+    d = create_dataset("digits", seed=0)
+    model = search_spaces.create(name, num_classes=10, in_chans=1, input_size=8).eval()
+    x = torch.stack([d.train[i][0] for i in range(64)])
+    y = torch.stack([d.train[i][1] for i in range(64)])
+    batches = [(x, y)] * 5
+    ref = model(x)
+    trial = copy.deepcopy(model)
+    firefly_grow(trial, x[:2], batches, grow_ratio=0.3, k=4, steps=5, eps=0.0)
+    assert _rel(trial(x), ref) <= 1e-5  # insertion itself preserves the function
+    grown = copy.deepcopy(model)
+    rep = firefly_grow(grown, x[:2], batches, grow_ratio=0.3, k=4, steps=5, lr=1e-2)
+    assert rep.new_neurons == int(0.3 * sum(nr.layer.weight.shape[0] for nr in
+                                            splittable_layers(model, x[:2]).values()))
+    with torch.no_grad():
+        assert F.cross_entropy(grown(x), y) < F.cross_entropy(model(x), y)  # the kept candidates lower the loss
+
+
+def test_firefly_scores_are_gate_derivatives():
+    """The score of a candidate equals the finite-difference change of the loss when its gate moves from 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.arange(16) % 3
+    c = firefly_candidates(model, x[:2], [(x, y)], k=2, steps=1)["0"]
+    assert c.split_scores.shape == (5,) and c.new_scores.shape == (2,)
+    # gate of split candidate i scales D_i: loss(s) with only that gate moved, by hand
+    a = model[1].weight / torch.sqrt(model[1].running_var + model[1].eps)
+    b = model[1].bias - a * model[1].running_mean + a * model[0].bias
+
+    def loss(i, s):
+        z = x @ model[0].weight.T
+        u = a * z + b
+        d = (x @ c.split_dirs.T) * a * torch.ones(5, dtype=torch.float64)
+        gate = torch.ones(5, dtype=torch.float64)
+        gate[i] = s
+        sig = 0.5 * (torch.tanh(u + gate * d) + torch.tanh(u - gate * d))
+        new = torch.tanh((x @ c.new_fan_in.T) / torch.sqrt(torch.tensor(1 + 1e-5, dtype=torch.float64)))
+        out = sig @ model[3].weight.T + model[3].bias + new @ c.new_fan_out["3"]
+        return F.cross_entropy(out, y).item()
+
+    for i in range(5):
+        h = 1e-5
+        fd = (loss(i, 1 + h) - loss(i, 1 - h)) / (2 * h)
+        assert c.split_scores[i].item() == pytest.approx(fd, rel=1e-4, abs=1e-9)
+
+
+def test_gradmax_fan_out_equals_numpy_svd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4)).double().eval()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.arange(32) % 4
+    g, consumer = gradmax_matrix(model, x[:2], "0", [(x, y)])
+    assert consumer == "3"
+    # independent: G = sum_n dL/dz_c[n] x[n]^T with z_c the consumer's output
+    xs = x.clone()
+    z = model[3](model[2](model[1](model[0](xs))))
+    dz = torch.autograd.grad(F.cross_entropy(z, y), z)[0]
+    g_np = dz.detach().numpy().T @ x.numpy()
+    np.testing.assert_allclose(g.detach().numpy(), g_np, rtol=1e-10, atol=1e-12)
+    u, sv, _ = np.linalg.svd(g_np)
+    dirs = gradmax_directions(model, x[:2], "0", 3, [(x, y)], scale=1.0, scale_method="fixed")
+    for j in range(3):
+        got = dirs.fan_out[j].numpy()
+        assert abs(abs(got @ u[:, j]) - 1) < 1e-10  # the j-th left singular vector, up to sign
+    np.testing.assert_allclose(dirs.singular_values.numpy(), sv[:3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["test_mlp", "test_mobilenetv1", "test_pointnet"])
+def test_gradmax_preserves_output_at_insertion(name):
+    torch.manual_seed(0)
+    d = create_dataset("digits-points" if "point" in name else "digits", seed=0)
+    model = search_spaces.create(name, num_classes=10, in_chans=d.info.in_chans, input_size=d.info.input_size)
+    model.eval()
+    x = torch.stack([d.train[i][0] for i in range(32)])
+    y = torch.stack([d.train[i][1] for i in range(32)])
+    ref = model(x)
+    from baselines.gradmax import gradmax_layers
+
+    layers = gradmax_layers(model, x[:2])
+    assert layers
+    rep = gradmax_grow(model, x[:2], {n: 2 for n in layers}, [(x, y)])
+    assert rep.new_neurons == 2 * len(layers)
+    assert _rel(model(x), ref) <= 1e-5
+
+
+def test_scratch_width_matches_target_like_a_scan():
+    x = torch.randn(1, 1, 8, 8)
+
+    def build(m):
+        return search_spaces.create("mobilenetv1_cifar_100", num_classes=10, in_chans=1, input_size=8, width_mult=m)
+
+    target = 0.4 * count_macs(build(1.0), x)[0]
+    mult, macs = match_width(build, x, target)
+    scan = [count_macs(build(m), x)[0] for m in np.linspace(0.05, 1.0, 40)]
+    assert abs(macs - target) <= min(abs(s - target) for s in scan)
+    assert macs == count_macs(build(mult), x)[0]
+    with pytest.raises(ValueError, match="outside"):
+        match_width(build, x, 1e12)
+
+
+def test_random_growth_count_and_preservation():
+    model = search_spaces.create("test_mobilenetv1", num_classes=4, in_chans=3, input_size=16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    total = sum(nr.layer.weight.shape[0] for nr in splittable_layers(model, x).values())
+    rep = random_grow(model, x, 0.3, eps=0.0)
+    assert rep.new_neurons == int(0.3 * total) and _rel(model(x), ref) <= 1e-5
+
+
+BASELINES = ["random", "firefly", "gradmax", "scratch"] + [f"prune-{c}" for c in CRITERIA]
+
+
+def test_registry_lists_growth_methods_and_baselines():
+    assert set(BASELINES) | {"s2d", "fast", "s3d", "s3d-exact", "energy"} <= set(list_methods())
+
+
+@pytest.mark.parametrize("method", BASELINES + ["fast"])
+def test_every_method_runs_end_to_end_on_digits(tmp_path, method):
+    out = tmp_path / "run"
+    args = ["run", "--method", method, "--dataset", "digits", "--backbone", "mobilenetv1_cifar_025", "--out",
+            str(out), "--epochs", "1", "--seed-epochs", "1", "--rounds", "1", "--no-progress", "--no-latency",
+            "--set", "backbone_options.width_mult=0.25", "--seed-width-mult", "0.125", "--target-mmacs", "3.0"]
+    if method == "firefly":
+        args += ["--set", "method_options.steps=3", "--set", "method_options.k=4"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "done" and res["method"] == method and res["stages"]
+    kinds = [s["kind"] for s in res["stages"]]
+    if method.startswith("prune-"):
+        assert kinds == ["full", "pruned", "finetune"]
+        p = res["stages"][1]["pruning"]
+        assert abs(p["target_error"]) <= 0.03 and res["stages"][1]["cost"]["mmacs"] == pytest.approx(3.0, rel=0.03)
+    elif method == "scratch":
+        assert kinds == ["scratch"] and res["stages"][0]["cost"]["mmacs"] == pytest.approx(3.0, rel=0.25)
+    else:
+        assert kinds == ["seed", "round"]
+        assert res["stages"][1]["cost"]["macs"] > res["stages"][0]["cost"]["macs"]
+    for s in res["stages"]:
+        assert 0 <= s["test_acc"] <= 1 and s["cost"]["params"] > 0 and "energy_uj_est" in s["cost"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "prune-l1", "--target-mmacs", "1000"], "not below the full model"),
+    (["--method", "fast", "--target-mmacs", "0.001"], "not above the seed"),
+    (["--method", "prune-l3", "--target-mmacs", "1"], "unknown method 'prune-l3'"),
+    (["--method", "scratch"], "needs a MAC target"),
+    (["--method", "firefly", "--set", "method_options.colour=1"], "options of 'firefly'"),
+])
+def test_run_bad_input_exits_2(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", "digits", "--backbone", "test_mobilenetv1", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
