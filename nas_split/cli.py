@@ -122,14 +122,18 @@ def _cmd_grow(a: argparse.Namespace) -> int:
     prepared = prepare(cfg)
     if not a.resume:
         validate_growth(cfg, prepared)
-    res = run_grow(cfg, resume=bool(a.resume), overwrite=a.overwrite, prepared=prepared)
-    print(f"{'stage':>5} {'test top-1':>10} {'MMACs':>9} {'params':>9} {'new':>5} {'analysis s':>10} {'train s':>8}")
-    for st in res["stages"]:
-        print(f"{st['stage']:>5} {100 * st['test_acc']:>9.2f}% {st['cost']['mmacs']:>9.3f} {st['cost']['params']:>9} "
-              f"{st.get('growth', {}).get('new_neurons', 0):>5} {st.get('analysis_seconds', 0):>10.1f} "
-              f"{st['train_seconds']:>8.1f}")
-    print(f"run directory: {cfg.out}  (view: tensorboard --logdir {cfg.out})")
+    _print_stages(run_grow(cfg, resume=bool(a.resume), overwrite=a.overwrite, prepared=prepared), cfg.out)
     return 0
+
+
+def _print_stages(res: dict, out: str) -> None:
+    print(f"{'stage':>5} {'kind':>9} {'test top-1':>10} {'MMACs':>9} {'params':>9} {'new':>5} {'analysis s':>10} "
+          f"{'train s':>8}")
+    for st in res["stages"]:
+        print(f"{st['stage']:>5} {st.get('kind', ''):>9} {100 * st['test_acc']:>9.2f}% {st['cost']['mmacs']:>9.3f} "
+              f"{st['cost']['params']:>9} {st.get('growth', {}).get('new_neurons', 0):>5} "
+              f"{st.get('analysis_seconds', 0):>10.1f} {st['train_seconds']:>8.1f}")
+    print(f"run directory: {out}  (view: tensorboard --logdir {out})")
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
@@ -140,12 +144,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     check_out_dir(cfg.out, a.overwrite)
     prepared = prepare(cfg)
     method_context(cfg, prepared)  # refuses bad methods, options and targets before training
-    res = run_method(cfg, overwrite=a.overwrite, prepared=prepared)
-    print(f"{'stage':>5} {'kind':>9} {'test top-1':>10} {'MMACs':>9} {'params':>9} {'train s':>8}")
-    for st in res["stages"]:
-        print(f"{st['stage']:>5} {st['kind']:>9} {100 * st['test_acc']:>9.2f}% {st['cost']['mmacs']:>9.3f} "
-              f"{st['cost']['params']:>9} {st['train_seconds']:>8.1f}")
-    print(f"run directory: {cfg.out}  (view: tensorboard --logdir {cfg.out})")
+    _print_stages(run_method(cfg, overwrite=a.overwrite, prepared=prepared), cfg.out)
     return 0
 
 
