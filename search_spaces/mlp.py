@@ -31,7 +31,6 @@ class MLP(nn.Module):
             in_features = w
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_features, num_classes)
-        self.nas_split_widths = [int(w) for w in widths]
 
     def forward(self, x):
         return self.classifier(self.features(x))

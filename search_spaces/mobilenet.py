@@ -117,7 +117,6 @@ def gen_mobilenet(variant: str, stages: tuple, head: int | None, *, width_mult: 
         model.conv_stem.stride = (1, 1)
         for f in model.feature_info:
             f["reduction"] //= 2
-    model.nas_split_widths = widths  # the seed widths, for records
     return model
 
 

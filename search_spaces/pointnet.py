@@ -83,7 +83,6 @@ class PointNet(nn.Module):
         self.feature_tnet = TNet(widths[stem_layers - 1], tuple(t), tuple(th)) if feature_transform else None
         self.features = _shared_mlp(widths[stem_layers - 1], widths[stem_layers:])
         self.classifier = _head(widths[-1], head_widths, num_classes, dropout)
-        self.nas_split_widths = widths + head_widths
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Global feature ``(B, widths[-1])`` after the max-pool over points."""
