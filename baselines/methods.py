@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nas_split.methods import GrowthMethod, Method, MethodContext, register_method
+from nas_split.stages import stage_seed
 
 from .firefly import firefly_grow
 from .gradmax import gradmax_grow
@@ -23,7 +24,7 @@ class _Random(GrowthMethod):
 
     def grow(self, ctx, model, loader, optimizer, stage):
         rep = random_grow(model, ctx.example_inputs, self.grow_ratio, self.eps, optimizer,
-                          torch.Generator().manual_seed(ctx.recipe.seed * 1009 + stage))
+                          torch.Generator().manual_seed(stage_seed(ctx.recipe.seed, stage)))
         return {"new_neurons": rep.new_neurons}
 
 
@@ -35,7 +36,7 @@ class _Firefly(GrowthMethod):
 
     def grow(self, ctx, model, loader, optimizer, stage):
         rep = firefly_grow(model, ctx.example_inputs, loader, self.grow_ratio, self.k, self.eps, optimizer,
-                           generator=torch.Generator().manual_seed(ctx.recipe.seed * 1009 + stage), **self.options)
+                           generator=torch.Generator().manual_seed(stage_seed(ctx.recipe.seed, stage)), **self.options)
         return {"new_neurons": rep.new_neurons, "split": sum(len(v) for v in rep.splits.values()),
                 "new": sum(rep.new.values())}
 

@@ -17,10 +17,9 @@ from torch import nn
 import search_spaces
 
 from .config import ConfigError, MethodRunConfig, RunConfig
-from .cost import measure_cost
 from .data import DataSplits, create_dataset
-from .runlog import RunWriter, layer_widths
-from .training import Trainer
+from .runlog import RunWriter
+from .stages import StageRunner
 
 __all__ = ["Prepared", "BackboneMismatchError", "prepare", "check_out_dir", "run_train", "method_context",
            "run_method"]
@@ -135,9 +134,11 @@ def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
         seed = build(**cfg.seed_options)
     except TypeError as e:
         raise ConfigError(f"options of {cfg.method!r} or seed_options: {e}") from None
-    ctx = MethodContext(p.data, cfg.train, lambda: build(**cfg.seed_options), build, build_width, p.example_inputs,
-                        cfg.seed_epochs if cfg.seed_epochs is not None else cfg.train.epochs, cfg.train.epochs,
-                        cfg.rounds, cfg.target_mmacs, record, cfg.latency)
+    ctx = MethodContext(data=p.data, recipe=cfg.train, example_inputs=p.example_inputs, record=record,
+                        latency=cfg.latency, build_seed=lambda: build(**cfg.seed_options), build_full=build,
+                        build_width=build_width,
+                        seed_epochs=cfg.seed_epochs if cfg.seed_epochs is not None else cfg.train.epochs,
+                        epochs=cfg.train.epochs, rounds=cfg.rounds, target_mmacs=cfg.target_mmacs)
     method.check(ctx, count_macs(seed, p.example_inputs)[0], count_macs(p.model, p.example_inputs)[0])
     return ctx, method
 
@@ -168,16 +169,9 @@ def run_train(cfg: RunConfig, overwrite: bool = False, prepared: Prepared | None
     p = prepared or prepare(cfg)
 
     def body(writer):
-        trainer = Trainer(cfg.train)
-        train_loader, val_loader, test_loader = p.data.loaders(cfg.train.batch_size, cfg.train.eval_batch_size,
-                                                               cfg.train.num_workers, cfg.train.seed)
-        fit = trainer.fit(p.model, train_loader, val_loader, on_epoch_end=lambda r: writer.epoch(r["epoch"], r))
-        test = trainer.evaluate(p.model, test_loader)
-        cost = measure_cost(p.model.cpu(), p.example_inputs, latency=cfg.latency)
-        writer.stage({"stage": 0, "epochs": cfg.train.epochs, "epochs_total": cfg.train.epochs, "test_acc": test.acc,
-                      "test_loss": test.loss, "val_acc": fit.history[-1].get("val_acc") if fit.history else None,
-                      "train_seconds": fit.seconds, "history": fit.history, "cost": cost.to_dict(layers=True),
-                      "widths": layer_widths(p.model)})
+        runner = StageRunner(data=p.data, recipe=cfg.train, example_inputs=p.example_inputs, record=writer.stage,
+                             epoch_hook=writer.epoch, latency=cfg.latency)
+        runner.stage(p.model, "train", cfg.train.epochs)
         return {"method": "train", "dataset": cfg.dataset, "backbone": cfg.backbone, "epochs": cfg.train.epochs,
                 "lr": cfg.train.lr, "seed": cfg.train.seed}
 

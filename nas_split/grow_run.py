@@ -18,16 +18,13 @@ from .config import ConfigError, GrowRunConfig
 from .cost import measure_cost
 from .experiment import Prepared, check_out_dir, prepare
 from .grower import Grower
-from .runlog import RunWriter, layer_widths
+from .runlog import RunWriter
 from .splitting.analysis import Spectrum
+from .stages import StageRunner, stage_seed
 from .surgery.export import build_grown, grown_payload
-from .training import Trainer, make_optimizer
+from .training import make_optimizer
 
 __all__ = ["run_grow", "validate_growth", "latest_checkpoint"]
-
-
-def _stage_seed(seed: int, stage: int) -> int:
-    return seed * 1009 + stage
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
@@ -81,7 +78,6 @@ def run_grow(cfg: GrowRunConfig, resume: bool = False, overwrite: bool = False,
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
     info = p.data.info
-    trainer = Trainer(cfg.train)
     model, optimizer, previous, results, first = p.model, None, {}, None, 0
     if start is not None:
         ckpt = torch.load(start[1], weights_only=True)
@@ -91,45 +87,31 @@ def run_grow(cfg: GrowRunConfig, resume: bool = False, overwrite: bool = False,
             optimizer.load_state_dict(ckpt["optimizer"])
         previous = {k: Spectrum(**v) for k, v in ckpt["spectra"].items()}
         results, first = ckpt["results"], start[0] + 1
-    epochs_total = sum(s["epochs"] for s in results["stages"]) if results else 0
     writer = RunWriter(run_dir, {"command": "grow", "config": cfg.model_dump(),
                                  "dataset": {"name": info.name, "kind": info.kind,
                                              "input_shape": list(info.input_shape), "num_classes": info.num_classes},
                                  "backbone": cfg.backbone, "method": g.method},
-                       resume=results, purge_step=epochs_total if results else None)
+                       resume=results, purge_step=sum(s["epochs"] for s in results["stages"]) if results else None)
+    runner = StageRunner(data=p.data, recipe=cfg.train, example_inputs=p.example_inputs, record=writer.stage,
+                         epoch_hook=writer.epoch, latency=cfg.latency, records=list(writer.results["stages"]))
     try:
         for stage in range(first, g.rounds + 1):
-            trainer.fabric.seed_everything(_stage_seed(cfg.train.seed, stage), verbose=False)
-            tr, va, te = p.data.loaders(cfg.train.batch_size, cfg.train.eval_batch_size, cfg.train.num_workers,
-                                        _stage_seed(cfg.train.seed, stage))
-            record: dict = {"stage": stage, "kind": "seed" if stage == 0 else "round"}
+            extra = {}
             if stage > 0:
-                cost = measure_cost(model.cpu(), p.example_inputs, latency=False)
-                if _reached(g, cost):
+                if _reached(g, measure_cost(model.cpu(), p.example_inputs, latency=False)):
                     break
+                tr, _, _ = runner.loaders(stage)
                 grower = _grower(cfg, model, p.example_inputs, optimizer if g.carry_optimizer else None,
-                                 _stage_seed(cfg.train.seed, stage))
+                                 stage_seed(cfg.train.seed, stage))
                 grower.spectra = previous
                 report = grower.step(tr)
                 previous = grower.spectra
-                record.update(growth=report.to_dict(), analysis_seconds=report.analysis_seconds)
+                extra = {"growth": report.to_dict(), "analysis_seconds": report.analysis_seconds}
                 if not g.carry_optimizer:
                     optimizer = None
             epochs = (g.seed_epochs if g.seed_epochs is not None else cfg.train.epochs) if stage == 0 \
                 else cfg.train.epochs
-            base = epochs_total
-            fit = trainer.fit(model, tr, va, epochs=epochs, optimizer=optimizer, desc=f"stage {stage}",
-                              on_epoch_end=lambda r, base=base: writer.epoch(base + r["epoch"], r))
-            optimizer = fit.optimizer
-            epochs_total += epochs
-            test = trainer.evaluate(model, te)
-            model.cpu()
-            cost = measure_cost(model, p.example_inputs, latency=cfg.latency)
-            record.update(epochs=epochs, epochs_total=epochs_total, test_acc=test.acc, test_loss=test.loss,
-                          val_acc=fit.history[-1].get("val_acc") if fit.history else None,
-                          train_seconds=fit.seconds, history=fit.history, cost=cost.to_dict(layers=True),
-                          widths=layer_widths(model))
-            writer.stage(record)
+            optimizer = runner.stage(model, "seed" if stage == 0 else "round", epochs, optimizer, **extra)
             _save(run_dir, stage, model, optimizer, previous, writer.results)
         return writer.finish({"method": g.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
                               "rounds": g.rounds, "grow_ratio": g.grow_ratio, "eps": g.eps, "seed": cfg.train.seed,

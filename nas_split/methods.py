@@ -14,17 +14,13 @@ from __future__ import annotations
 import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from .cost import measure_cost
-from .data import DataSplits
 from .grower import Grower
-from .runlog import layer_widths
-from .training import TrainConfig, Trainer
+from .stages import StageRunner, stage_seed
 
 __all__ = ["MethodContext", "Method", "GrowthMethod", "register_method", "create_method", "list_methods",
            "load_baselines", "UnknownMethodError"]
@@ -37,61 +33,17 @@ class UnknownMethodError(KeyError):
         return str(self.args[0])
 
 
-@dataclass
-class MethodContext:
-    """What a method needs to run, and :meth:`stage` to train, evaluate and record one stage."""
+@dataclass(kw_only=True)
+class MethodContext(StageRunner):
+    """What a method needs to run: builders, schedule and MAC target; :meth:`stage` records each stage."""
 
-    data: DataSplits
-    recipe: TrainConfig
     build_seed: Callable[[], nn.Module]
     build_full: Callable[[], nn.Module]
     build_width: Callable[[float], nn.Module]
-    example_inputs: torch.Tensor
     seed_epochs: int
     epochs: int
     rounds: int
     target_mmacs: float | None = None
-    record: Callable[[dict], None] = lambda rec: None
-    latency: bool = True
-    epoch_hook: Callable[[int, dict], None] = lambda epoch, rec: None
-    trainer: Trainer | None = None
-    records: list[dict] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.trainer = self.trainer or Trainer(self.recipe)
-
-    @property
-    def epochs_total(self) -> int:
-        """Epochs trained so far in this run."""
-        return sum(r["epochs"] for r in self.records)
-
-    def loaders(self, stage: int):
-        """Train / val / test loaders, shuffled with a seed derived from ``(seed, stage)``."""
-        seed = self.recipe.seed * 1009 + stage
-        self.trainer.fabric.seed_everything(seed, verbose=False)
-        return self.data.loaders(self.recipe.batch_size, self.recipe.eval_batch_size, self.recipe.num_workers, seed)
-
-    def stage(self, model: nn.Module, kind: str, epochs: int, optimizer: torch.optim.Optimizer | None = None,
-              regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
-              **extra: Any) -> torch.optim.Optimizer | None:
-        """Train ``model`` for ``epochs`` (0: evaluate only), evaluate on test, measure costs, record the stage."""
-        stage = len(self.records)
-        tr, va, te = self.loaders(stage)
-        done = self.epochs_total
-        fit = self.trainer.fit(model, tr, va, epochs=epochs, optimizer=optimizer, desc=f"{kind} {stage}",
-                               regularizer=regularizer,
-                               on_epoch_end=lambda r: self.epoch_hook(done + r["epoch"], r)) if epochs else None
-        test = self.trainer.evaluate(model, te)
-        model.cpu()
-        cost = measure_cost(model, self.example_inputs, latency=self.latency)
-        rec = {"stage": stage, "kind": kind, "epochs": epochs, "epochs_total": self.epochs_total + epochs,
-               "test_acc": test.acc, "test_loss": test.loss,
-               "val_acc": fit.history[-1].get("val_acc") if fit and fit.history else None,
-               "train_seconds": fit.seconds if fit else 0.0, "history": fit.history if fit else [],
-               "cost": cost.to_dict(layers=True), "widths": layer_widths(model), **extra}
-        self.records.append(rec)
-        self.record(rec)
-        return fit.optimizer if fit else optimizer
 
 
 class Method(ABC):
@@ -174,7 +126,7 @@ def _splitting(method: str, energy_aware: bool = False):
         class Splitting(GrowthMethod):
             def grow(self, ctx, model, loader, optimizer, stage):
                 g = Grower(model, ctx.example_inputs, method, grow_ratio=grow_ratio, eps=eps,
-                           energy_aware=energy_aware, optimizer=optimizer, seed=ctx.recipe.seed * 1009 + stage,
+                           energy_aware=energy_aware, optimizer=optimizer, seed=stage_seed(ctx.recipe.seed, stage),
                            **options)
                 return g.step(loader).to_dict()
         return Splitting()

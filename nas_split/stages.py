@@ -1,0 +1,80 @@
+"""Training stages: the one step every run repeats — seed, train, evaluate, measure costs, record.
+
+``nas-split train``, ``grow`` and every registered method record their stages through :class:`StageRunner`, so
+their ``results.json`` stages have the same fields and the same seeding: stage ``k`` of a run with seed ``s``
+reseeds every random source with :func:`stage_seed` ``(s, k)``, which makes a resumed run repeat the choices of
+an uninterrupted one.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cost import measure_cost
+from .data import DataSplits
+from .runlog import layer_widths
+from .training import TrainConfig, Trainer
+
+__all__ = ["stage_seed", "StageRunner"]
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """The seed of stage ``stage`` of a run seeded with ``seed``."""
+    return seed * 1009 + stage
+
+
+@dataclass(kw_only=True)
+class StageRunner:
+    """Trains, evaluates and records stages; ``records`` holds the stages so far (restored ones on resume)."""
+
+    data: DataSplits
+    recipe: TrainConfig
+    example_inputs: torch.Tensor
+    record: Callable[[dict], None] = lambda rec: None
+    epoch_hook: Callable[[int, dict], None] = lambda epoch, rec: None
+    latency: bool = True
+    trainer: Trainer | None = None
+    records: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.trainer = self.trainer or Trainer(self.recipe)
+
+    @property
+    def epochs_total(self) -> int:
+        """Epochs trained so far in this run."""
+        return sum(r["epochs"] for r in self.records)
+
+    def loaders(self, stage: int):
+        """Train / val / test loaders of stage ``stage``, every random source reseeded with :func:`stage_seed`."""
+        seed = stage_seed(self.recipe.seed, stage)
+        self.trainer.fabric.seed_everything(seed, verbose=False)
+        return self.data.loaders(self.recipe.batch_size, self.recipe.eval_batch_size, self.recipe.num_workers, seed)
+
+    def stage(self, model: nn.Module, kind: str, epochs: int, optimizer: torch.optim.Optimizer | None = None,
+              regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+              **extra: Any) -> torch.optim.Optimizer | None:
+        """Train ``model`` for ``epochs`` (0: evaluate only), evaluate on test, measure costs, record the stage.
+
+        Returns the optimizer (the one given, or the one the fit created).
+        """
+        stage = len(self.records)
+        tr, va, te = self.loaders(stage)
+        done = self.epochs_total
+        fit = self.trainer.fit(model, tr, va, epochs=epochs, optimizer=optimizer, desc=f"{kind} {stage}",
+                               regularizer=regularizer,
+                               on_epoch_end=lambda r: self.epoch_hook(done + r["epoch"], r)) if epochs else None
+        test = self.trainer.evaluate(model, te)
+        model.cpu()
+        cost = measure_cost(model, self.example_inputs, latency=self.latency)
+        rec = {"stage": stage, "kind": kind, "epochs": epochs, "epochs_total": done + epochs,
+               "test_acc": test.acc, "test_loss": test.loss,
+               "val_acc": fit.history[-1].get("val_acc") if fit and fit.history else None,
+               "train_seconds": fit.seconds if fit else 0.0, "history": fit.history if fit else [],
+               "cost": cost.to_dict(layers=True), "widths": layer_widths(model), **extra}
+        self.records.append(rec)
+        self.record(rec)
+        return fit.optimizer if fit else optimizer
