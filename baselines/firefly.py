@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from nas_split.grower import splittable_layers
+from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.splitting.neurons import Neuron
 from nas_split.surgery import CouplingGraph, NewChannels, SplitScheme, add_channels, split
 
@@ -199,9 +200,12 @@ def firefly_candidates(model: nn.Module, example_inputs: torch.Tensor, loader: I
 
 def firefly_grow(model: nn.Module, example_inputs: torch.Tensor, loader: Iterable, grow_ratio: float = 0.35,
                  k: int = 8, eps: float = 1.0, optimizer: torch.optim.Optimizer | None = None,
-                 **kw) -> FireflyReport:
+                 max_macs: float | None = None, **kw) -> FireflyReport:
     """Score candidates (:func:`firefly_candidates`), keep the most negative ``⌊grow_ratio x neurons⌋`` and apply
-    them in place: new neurons first (fan-in ``eps·A``, fan-out ``B``), then splits (``±eps·D``)."""
+    them in place: new neurons first (fan-in ``eps·A``, fan-out ``B``), then splits (``±eps·D``).
+
+    With ``max_macs`` the negative scores are taken, most negative first, until the next would take the model
+    past it."""
     cands = firefly_candidates(model, example_inputs, loader, k=k, **kw)
     total = sum(c.split_scores.numel() for c in cands.values())
     scores = {}
@@ -209,7 +213,11 @@ def firefly_grow(model: nn.Module, example_inputs: torch.Tensor, loader: Iterabl
         scores.update({(n, "split", i): float(v) for i, v in enumerate(c.split_scores)})
         if c.new_fan_out:  # a new neuron without a consumer it can feed is useless
             scores.update({(n, "new", j): float(v) for j, v in enumerate(c.new_scores)})
-    chosen = select_most_negative(scores, int(grow_ratio * total))
+    if max_macs is None:
+        chosen = select_most_negative(scores, int(grow_ratio * total))
+    else:
+        chosen = select_most_negative({key: v for key, v in scores.items() if v < 0}, len(scores))
+        chosen = chosen[:prefix_within_macs(model, example_inputs, [(n, 1) for n, _, _ in chosen], max_macs)]
     splits: dict[str, list[int]] = {}
     new: dict[str, list[int]] = {}
     for n, kind, i in chosen:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nas_split.methods import GrowthMethod, Method, MethodContext, register_method
+from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.stages import stage_seed
 
 from .firefly import firefly_grow
@@ -22,9 +23,9 @@ class _Random(GrowthMethod):
     def __init__(self, grow_ratio: float = 0.3, eps: float = 1e-2):
         self.grow_ratio, self.eps = grow_ratio, eps
 
-    def grow(self, ctx, model, loader, optimizer, stage):
+    def grow(self, ctx, model, loader, optimizer, stage, max_macs):
         rep = random_grow(model, ctx.example_inputs, self.grow_ratio, self.eps, optimizer,
-                          torch.Generator().manual_seed(stage_seed(ctx.recipe.seed, stage)))
+                          torch.Generator().manual_seed(stage_seed(ctx.recipe.seed, stage)), max_macs)
         return {"new_neurons": rep.new_neurons}
 
 
@@ -34,8 +35,9 @@ class _Firefly(GrowthMethod):
         self.grow_ratio, self.k, self.eps = grow_ratio, k, eps
         self.options = {"steps": steps, "lr": lr, "penalty": penalty, "init_scale": init_scale}
 
-    def grow(self, ctx, model, loader, optimizer, stage):
+    def grow(self, ctx, model, loader, optimizer, stage, max_macs):
         rep = firefly_grow(model, ctx.example_inputs, loader, self.grow_ratio, self.k, self.eps, optimizer,
+                           max_macs=max_macs,
                            generator=torch.Generator().manual_seed(stage_seed(ctx.recipe.seed, stage)), **self.options)
         return {"new_neurons": rep.new_neurons, "split": sum(len(v) for v in rep.splits.values()),
                 "new": sum(rep.new.values())}
@@ -45,7 +47,7 @@ class _GradMax(GrowthMethod):
     def __init__(self, grow_ratio: float = 0.25, batches: int = 1, scale: float = 0.5):
         self.grow_ratio, self.batches, self.scale = grow_ratio, batches, scale
 
-    def grow(self, ctx, model, loader, optimizer, stage):
+    def grow(self, ctx, model, loader, optimizer, stage, max_macs):
         from nas_split.grower import splittable_layers
         from nas_split.surgery import CouplingGraph, NotGrowableError
 
@@ -53,12 +55,18 @@ class _GradMax(GrowthMethod):
 
         graph = CouplingGraph(model, ctx.example_inputs)
         counts = {}
-        for n, nr in splittable_layers(model, ctx.example_inputs).items():
+        splittable = splittable_layers(model, ctx.example_inputs)
+        for n, nr in splittable.items():
             try:
                 _path(graph, n)
             except NotGrowableError:
                 continue
             counts[n] = max(1, int(self.grow_ratio * nr.layer.weight.shape[0]))
+        if max_macs is not None:  # every layer grows by the same fraction of its width until the budget is met
+            widths = {n: splittable[n].layer.weight.shape[0] for n in counts}
+            order = sorted(((j + 1) / w, n) for n, w in widths.items() for j in range(w))
+            k = prefix_within_macs(model, ctx.example_inputs, [(n, 1) for _, n in order], max_macs, graph)
+            counts = {n: c for n in counts if (c := sum(1 for _, m in order[:k] if m == n))}
         rep = gradmax_grow(model, ctx.example_inputs, counts, loader, optimizer=optimizer, batches=self.batches,
                            scale=self.scale)
         return {"new_neurons": rep.new_neurons}

@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--rounds", type=int, help="growth rounds (fine-tuning epochs = rounds x --epochs)")
     rn.add_argument("--seed-epochs", type=int, help="epochs of the seed / full model (default --epochs)")
     rn.add_argument("--seed-width-mult", type=float, help="width multiplier of the thin seed growth starts from")
+    cp = sub.add_parser("compare", help="run methods x seeds x MAC targets and write one report")
+    _common(cp)
+    cp.add_argument("--methods", help="comma-separated method names (overrides the config's list)")
+    cp.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    cp.add_argument("--targets", help="comma-separated MAC targets in MMACs, e.g. 3,4,6")
+    cp.add_argument("--rounds", type=int, help="growth rounds (fine-tuning epochs = rounds x --epochs)")
+    cp.add_argument("--seed-epochs", type=int, help="epochs of the seed / full model (default --epochs)")
+    cp.add_argument("--seed-width-mult", type=float, help="width multiplier of the thin seed growth starts from")
+    cp.add_argument("--jobs", type=int, help="runs at once, in worker processes")
+    cp.add_argument("--engine", choices=["local", "nni"], default="local",
+                    help="local processes, or NNI trials through its training service (web UI)")
+    cp.add_argument("--port", type=int, default=8080, help="NNI web UI port (--engine nni)")
     sub.add_parser("list", help="list datasets, backbones and methods")
     return p
 
@@ -64,10 +76,18 @@ def _common(t: argparse.ArgumentParser) -> None:
     t.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
 
 
+def _list(csv: str | None) -> str | None:
+    return None if csv is None else "[" + ", ".join(x.strip() for x in csv.split(",") if x.strip()) + "]"
+
+
 def _overrides(a: argparse.Namespace) -> list[str]:
     flags = {"dataset": a.dataset, "backbone": a.backbone, "train.epochs": a.epochs, "train.lr": a.lr,
              "train.batch_size": a.batch_size, "train.seed": a.seed, "backbone_options.width_mult": a.width_mult,
              "data_dir": a.data_dir, "out": a.out}
+    if a.verb == "compare":
+        flags.update({"methods": _list(a.methods), "seeds": _list(a.seeds), "targets_mmacs": _list(a.targets),
+                      "rounds": a.rounds, "seed_epochs": a.seed_epochs, "seed_options.width_mult": a.seed_width_mult,
+                      "jobs": a.jobs})
     if a.verb == "run":
         flags.update({"method": a.method, "target_mmacs": a.target_mmacs, "rounds": a.rounds,
                       "seed_epochs": a.seed_epochs, "seed_options.width_mult": a.seed_width_mult})
@@ -148,6 +168,35 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import CompareConfig, describe, log, validate_compare
+    from .config import load_config
+    from .experiment import check_out_dir
+    from .report import write_report
+
+    cfg = load_config(CompareConfig, a.config, _overrides(a))
+    if a.overwrite:
+        check_out_dir(cfg.out, True)
+    runs = validate_compare(cfg)
+    log(f"{len(runs)} runs ({len(cfg.entries())} methods x {len(cfg.targets_mmacs) or 1} targets x "
+        f"{len(cfg.seeds)} seeds) -> {cfg.out}")
+    if a.engine == "nni":
+        from .nni_strategy import run_compare_nni
+
+        pairs = run_compare_nni(cfg, runs, port=a.port, overwrite=a.overwrite,
+                                on_done=lambda r, res, sk: log(describe(r, res, sk)))
+    else:
+        from .compare import run_compare
+
+        pairs = run_compare(cfg, overwrite=a.overwrite, runs=runs, on_done=lambda r, res, sk: log(describe(r, res, sk)))
+    paths = write_report(cfg.out, pairs, cfg.tolerance)
+    print(paths["table"].read_text())
+    print(f"table: {paths['table']}  csv: {paths['csv']}")
+    print(f"plots: {paths['pareto']}  {paths['widths']}")
+    print(f"TensorBoard: tensorboard --logdir {cfg.out}")
+    return 0
+
+
 def _cmd_list(a: argparse.Namespace) -> int:
     import search_spaces
 
@@ -181,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     user_errors = (ConfigError, DataNotFoundError, UnknownDatasetError, search_spaces.UnknownSpaceError,
                    BackboneMismatchError, NotGrowableError, NotAnalyzableError, UnknownMethodError)
     try:
-        return {"train": _cmd_train, "grow": _cmd_grow, "run": _cmd_run, "list": _cmd_list}[args.verb](args)
+        return {"train": _cmd_train, "grow": _cmd_grow, "run": _cmd_run, "compare": _cmd_compare,
+                "list": _cmd_list}[args.verb](args)
     except user_errors as e:
         return _fail(str(e))
     except ValueError as e:  # option values a builder refuses (widths of the wrong length, ...)

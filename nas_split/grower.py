@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cost import EnergyModel
+from .cost import EnergyModel, count_macs
 from .splitting.analysis import Spectrum, exact_spectrum, fast_spectrum
-from .splitting.channel_cost import channel_costs
+from .splitting.channel_cost import channel_costs, prefix_within_macs
 from .splitting.neurons import Neuron, NotAnalyzableError, find_neurons
 from .splitting.schemes import NeuronSplit, best_s3d_split, s2d_split
 from .splitting.selection import Candidate, select_lp, select_ratio
@@ -112,6 +112,10 @@ class Grower:
         budget_scale: multiplies the LP's default budgets.
         groups, quotas: ``{layer: group}`` and ``{group: ratio}`` for per-group quotas / budgets.
         max_width, round_to: per-layer cap and width rounding, as in :func:`nas_split.split`.
+        max_macs: MACs per sample the model may reach after a step.  The budget then sets how many neurons are
+            split (the best candidates are taken, best first, until the next would exceed it; with
+            ``energy_aware`` and ``cost="macs"`` the remaining MACs are the LP's budget) and ``grow_ratio`` is not
+            used for the count.
         layers: restrict growth to these layers (default: every growable layer with a nonlinearity).
         optimizer: its state is carried through each split.
         loss_fn: loss used for the analysis (default cross-entropy).
@@ -127,7 +131,8 @@ class Grower:
                  energy_model: EnergyModel | None = None, budget_scale: float = 1.0,
                  groups: Mapping[str, str] | None = None, quotas: Mapping[str, float] | None = None,
                  max_width: int | Mapping[str, int] | None = None, round_to: int | None = None,
-                 layers: list[str] | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 max_macs: float | None = None, layers: list[str] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
                  beta: float = 3.0, analysis_batches: int | None = None, fast_passes: int = 3,
                  fast_lr: float = 0.05, seed: int = 0):
@@ -150,7 +155,7 @@ class Grower:
             budget_scale
         self.energy_model = energy_model or EnergyModel()
         self.groups, self.quotas = dict(groups or {}), dict(quotas or {})
-        self.max_width, self.round_to = max_width, round_to
+        self.max_width, self.round_to, self.max_macs = max_width, round_to, max_macs
         self.requested_layers = layers
         self.optimizer, self.loss_fn, self.beta = optimizer, loss_fn, beta
         self.analysis_batches, self.fast_passes, self.fast_lr = analysis_batches, fast_passes, fast_lr
@@ -188,12 +193,15 @@ class Grower:
         return out
 
     def select(self, splits: list[NeuronSplit]) -> list[NeuronSplit]:
-        """Choose splits by grow ratio (with quotas) or, when ``energy_aware``, by the LP over costs."""
+        """Choose splits by grow ratio (with quotas) or, when ``energy_aware``, by the LP over costs; best first,
+        cut at ``max_macs`` when set."""
         graph = CouplingGraph(self.model, self.example_inputs)
         layers = sorted({s.layer for s in splits})
         widths = {n: graph.group(n).width for n in layers}
         groups = {n: self.groups.get(n, "all") for n in layers}
-        if not self.energy_aware:
+        if not self.energy_aware and self.max_macs is not None:
+            chosen = [Candidate(s) for s in splits if not self.only_negative or s.gain < 0]
+        elif not self.energy_aware:
             cands = [Candidate(s, 0.0, groups[s.layer]) for s in splits]
             chosen = select_ratio(cands, widths, self.grow_ratio, self.only_negative, self.quotas, groups)
         else:
@@ -205,6 +213,10 @@ class Grower:
                 g = groups[n]
                 budgets[g] = budgets.get(g, 0.0) + self.quotas.get(g, self.grow_ratio) * widths[n] * unit[n] \
                     * self.budget_scale
+            if self.max_macs is not None and self.cost == "macs":  # the remaining MACs, shared as the quotas are
+                room_macs = max(0.0, self.max_macs - count_macs(self.model, self.example_inputs)[0])
+                total = sum(budgets.values()) or 1.0
+                budgets = {g: room_macs * b / total for g, b in budgets.items()}
             cands = [Candidate(s, unit[s.layer] * s.new_neurons, groups[s.layer]) for s in splits
                      if not self.only_negative or s.gain < 0]
             room = None
@@ -213,7 +225,12 @@ class Grower:
                 room = {n: (cap.get(n) if isinstance(cap, Mapping) else cap) - widths[n] for n in layers
                         if (cap.get(n) if isinstance(cap, Mapping) else cap) is not None}
             chosen, _ = select_lp(cands, budgets, room)
-        return [c.split for c in chosen]
+        picked = sorted((c.split for c in chosen), key=lambda s: s.gain)
+        if self.max_macs is not None:
+            k = prefix_within_macs(self.model, self.example_inputs, [(s.layer, s.new_neurons) for s in picked],
+                                   self.max_macs, graph)
+            picked = picked[:k]
+        return picked
 
     def step(self, loader: Iterable) -> GrowthReport:
         """Analyze on ``loader``, select and split in place (carrying the optimizer state)."""

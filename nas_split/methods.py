@@ -95,12 +95,17 @@ def create_method(name: str, **options: Any) -> Method:
 
 
 class GrowthMethod(Method):
-    """Seed stage, then rounds of ``grow(model, loader, optimizer) -> info`` followed by training.
+    """Seed stage, then rounds of ``grow(...) -> info`` each followed by training.
 
-    Stops before a round once the model reaches ``ctx.target_mmacs``.
+    With a MAC target ``T`` the rounds follow a geometric MAC schedule from the seed's ``M_0``: round ``r`` of
+    ``R`` may reach ``M_0 (T / M_0)^{r/R}`` MACs, so every round adds the same factor, the last lands on the
+    target and a grown model trains for the same epochs as the baselines it is compared with.  The method
+    chooses *which* neurons; the schedule sets *how many* (``max_macs`` of :meth:`grow`).
     """
 
-    def grow(self, ctx: MethodContext, model: nn.Module, loader, optimizer, stage: int) -> dict:
+    def grow(self, ctx: MethodContext, model: nn.Module, loader, optimizer, stage: int,
+             max_macs: float | None) -> dict:
+        """Grow ``model`` in place (at most to ``max_macs`` MACs when given); returns a JSON-ready summary."""
         raise NotImplementedError
 
     def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
@@ -111,11 +116,14 @@ class GrowthMethod(Method):
     def run(self, ctx: MethodContext) -> nn.Module:
         model = ctx.build_seed()
         opt = ctx.stage(model, "seed", ctx.seed_epochs)
+        seed_macs = ctx.records[-1]["cost"]["macs"]
         for r in range(1, ctx.rounds + 1):
             if ctx.target_mmacs is not None and ctx.records[-1]["cost"]["mmacs"] >= ctx.target_mmacs:
                 break
+            budget = None if ctx.target_mmacs is None else \
+                seed_macs * (ctx.target_mmacs * 1e6 / seed_macs) ** (r / ctx.rounds)
             tr, _, _ = ctx.loaders(len(ctx.records))
-            info = self.grow(ctx, model, tr, opt, r)
+            info = self.grow(ctx, model, tr, opt, r, budget)
             opt = ctx.stage(model, "round", ctx.epochs, optimizer=opt, growth=info,
                             analysis_seconds=info.get("analysis_seconds", 0.0))
         return model
@@ -124,10 +132,10 @@ class GrowthMethod(Method):
 def _splitting(method: str, energy_aware: bool = False):
     def factory(grow_ratio: float = 0.3, eps: float = 1e-2, **options: Any) -> GrowthMethod:
         class Splitting(GrowthMethod):
-            def grow(self, ctx, model, loader, optimizer, stage):
+            def grow(self, ctx, model, loader, optimizer, stage, max_macs):
                 g = Grower(model, ctx.example_inputs, method, grow_ratio=grow_ratio, eps=eps,
                            energy_aware=energy_aware, optimizer=optimizer, seed=stage_seed(ctx.recipe.seed, stage),
-                           **options)
+                           max_macs=max_macs, **options)
                 return g.step(loader).to_dict()
         return Splitting()
     return factory

@@ -203,8 +203,8 @@ def test_every_method_runs_end_to_end_on_digits(tmp_path, method):
     elif method == "scratch":
         assert kinds == ["scratch"] and res["stages"][0]["cost"]["mmacs"] == pytest.approx(3.0, rel=0.25)
     else:
-        assert kinds == ["seed", "round"]
-        assert res["stages"][1]["cost"]["macs"] > res["stages"][0]["cost"]["macs"]
+        assert kinds == ["seed", "round"]  # the round's MAC budget is the target: it lands within 5 % under it
+        assert 0.95 * 3.0 <= res["stages"][1]["cost"]["mmacs"] <= 3.0
     for s in res["stages"]:
         assert 0 <= s["test_acc"] <= 1 and s["cost"]["params"] > 0 and "energy_uj_est" in s["cost"]
 

@@ -11,7 +11,7 @@ from torch import nn
 import nas_split as ns
 from nas_split.grower import Grower
 from nas_split.splitting.analysis import exact_spectrum, fast_spectrum, splitting_matrices
-from nas_split.splitting.channel_cost import channel_costs
+from nas_split.splitting.channel_cost import channel_costs, macs_after_growth, prefix_within_macs
 from nas_split.splitting.neurons import find_neurons
 from nas_split.splitting.schemes import s2d_split, s3d_splits
 from nas_split.splitting.selection import Candidate, select_lp, select_ratio
@@ -299,6 +299,80 @@ def test_channel_costs_equal_measured_increase(name):
         grown = measure_cost(trial, x, latency=False)
         assert grown.macs - base.macs == pytest.approx(per[layer].macs, rel=1e-9, abs=1e-9), layer
         assert (grown.energy_uj - base.energy_uj) * 1e6 == pytest.approx(per[layer].energy_pj, rel=1e-6), layer
+
+
+def _one_per_group(graph, layers):
+    owned, out = set(), []
+    for n in layers:
+        if not owned & set(graph.group(n).producers):
+            owned |= set(graph.group(n).producers)
+            out.append(n)
+    return out
+
+
+@pytest.mark.parametrize("name", ["test_mobilenetv2", "test_pointnet", "mobilenetv1_cifar_025"])
+def test_macs_after_growth_equals_real_split_with_cross_terms(name):
+    """Several coupled groups grown at once (consumer fed by two grown layers): exact, not the linear sum."""
+    import search_spaces
+    from nas_split.cost import count_macs
+
+    model = search_spaces.create(name, num_classes=5, in_chans=3, input_size=16).eval()
+    x = torch.randn(2, 3, 16, 16) if "mobilenet" in name else torch.randn(2, 3, 32)
+    graph = CouplingGraph(model, x)
+    layers = _one_per_group(graph, ns.growable_layers(model, x, graph=graph))
+    groups = {n: graph.group(n) for n in layers}
+    added = {n: 1 + i % 3 for i, n in enumerate(layers)}
+    trial = copy.deepcopy(model)
+    ns.split(trial, x, {n: list(range(k)) for n, k in added.items()}, eps=0.0)
+    assert macs_after_growth(model, x, groups, added) == pytest.approx(count_macs(trial, x)[0], rel=1e-12)
+    linear = count_macs(model, x)[0] + sum(k * c.macs for n, k in added.items()
+                                           for c in [channel_costs(model, x, {n: groups[n]})[n]])
+    assert count_macs(trial, x)[0] > linear  # the cross terms are real
+
+
+def test_prefix_within_macs_is_the_longest_fitting_prefix():
+    import search_spaces
+    from nas_split.cost import count_macs
+
+    model = search_spaces.create("test_mobilenetv2", num_classes=5, in_chans=3, input_size=16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    graph = CouplingGraph(model, x)
+    layers = _one_per_group(graph, ns.growable_layers(model, x, graph=graph))
+    g = torch.Generator().manual_seed(0)
+    items = [(layers[int(i)], 1) for i in torch.randint(len(layers), (30,), generator=g)]
+    base = count_macs(model, x)[0]
+
+    def real(k):  # brute force: split the first k items on a copy and count
+        trial, plan = copy.deepcopy(model), {}
+        for n, _ in items[:k]:
+            plan.setdefault(n, []).append(len(plan.get(n, [])))
+        ns.split(trial, x, plan, eps=0.0)
+        return count_macs(trial, x)[0]
+
+    sizes = [real(k) for k in range(len(items) + 1)]
+    for budget in (base - 1, base, (sizes[7] + sizes[8]) / 2, sizes[19], sizes[-1] + 1):
+        k = prefix_within_macs(model, x, items, budget)
+        assert k == max(i for i, m in enumerate(sizes) if m <= budget) if budget >= base else k == 0
+
+
+@pytest.mark.parametrize("energy_aware", [False, True])
+def test_grower_max_macs_lands_under_the_budget(energy_aware):
+    import search_spaces
+    from nas_split.cost import count_macs
+
+    torch.manual_seed(0)
+    model = search_spaces.create("test_mobilenetv1", num_classes=4, in_chans=3, input_size=16)
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 4, (32,))
+    base = count_macs(model, x)[0]
+    budget = 1.3 * base
+    g = Grower(model, x, "fast", max_macs=budget, only_negative=False, energy_aware=energy_aware)
+    rep = g.step([(x, y)])
+    after = count_macs(model, x)[0]
+    assert after <= budget
+    # the next best candidate would not have fitted: the budget, not the ratio, set the count
+    one_more = min(c.macs for c in channel_costs(model, x, {n: CouplingGraph(model, x).group(n)
+                                                              for n in g.neurons()}).values())
+    assert after + one_more > 0.97 * budget and rep.new_neurons > 0
 
 
 def test_grower_bad_input():

@@ -8,17 +8,18 @@ the width ratios — exact, not a hand table.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..cost import EnergyModel, measure_cost
-from ..surgery import ChannelGroup
+from ..cost import EnergyModel, count_macs, measure_cost
+from ..surgery import ChannelGroup, CouplingGraph
 from ..surgery.graph import is_depthwise
 
-__all__ = ["ChannelCost", "channel_costs"]
+__all__ = ["ChannelCost", "channel_costs", "macs_after_growth", "prefix_within_macs"]
 
 _BYTES = 4
 
@@ -66,3 +67,63 @@ def channel_costs(model: nn.Module, example_inputs: torch.Tensor, groups: Mappin
                 lc.output_bytes * (fo - 1)
         out[layer] = ChannelCost(macs, em.layer_energy_pj(macs, nbytes))
     return out
+
+
+def macs_after_growth(model: nn.Module, example_inputs: torch.Tensor, groups: Mapping[str, ChannelGroup],
+                      added: Mapping[str, int], counted: tuple[int, dict[str, int]] | None = None) -> float:
+    """MACs per sample once ``added[layer]`` output channels are added to each group's root — exact, cross terms
+    included (a consumer fed by two grown groups, a layer that reads and writes its own stream).
+
+    Each conv/linear layer's MACs scale with ``(out + Δout)/out x (in + Δin)/in`` (depthwise: ``(C + ΔC)/C``),
+    where ``Δin`` counts every position a new channel occupies (flatten).  ``counted`` is a cached
+    :func:`nas_split.cost.count_macs` result.
+    """
+    total, per = counted or count_macs(model, example_inputs)
+    d_out: dict[str, int] = defaultdict(int)
+    d_in: dict[str, int] = defaultdict(int)
+    modules = {}
+    for layer, n in added.items():
+        for s in groups[layer].slots:
+            if s.role == "norm" or s.name not in per or not n:
+                continue
+            modules[s.name] = s.module
+            if s.dim == "out":
+                d_out[s.name] += n
+            else:
+                d_in[s.name] += n * len(s.positions[0])
+    out = float(total)
+    for name, m in modules.items():
+        if is_depthwise(m):
+            c = m.weight.shape[0]
+            f = (c + max(d_out[name], d_in[name])) / c
+        else:
+            f = (m.weight.shape[0] + d_out[name]) / m.weight.shape[0] * \
+                (m.weight.shape[1] + d_in[name]) / m.weight.shape[1]
+        out += per[name] * (f - 1)
+    return out
+
+
+def prefix_within_macs(model: nn.Module, example_inputs: torch.Tensor, items: Sequence[tuple[str, int]],
+                       max_macs: float, graph: CouplingGraph | None = None) -> int:
+    """The longest prefix of ``items`` (``(layer, new neurons)``, best first) whose growth keeps the model's MACs
+    at or under ``max_macs``; found by bisection, since MACs only increase with every added neuron.
+    """
+    if not items:
+        return 0
+    graph = graph or CouplingGraph(model, example_inputs)
+    groups = {layer: graph.group(layer) for layer in {layer for layer, _ in items}}
+    counted = count_macs(model, example_inputs)
+
+    def fits(k: int) -> bool:
+        added: dict[str, int] = defaultdict(int)
+        for layer, n in items[:k]:
+            added[layer] += n
+        return macs_after_growth(model, example_inputs, groups, added, counted) <= max_macs
+
+    lo, hi = 0, len(items)  # invariant: fits(lo); the answer is in [lo, hi]
+    if fits(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

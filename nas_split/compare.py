@@ -1,0 +1,247 @@
+"""``nas-split compare``: every method x seed x MAC target under one recipe, resumable, then one report.
+
+A comparison is a list of :class:`PlannedRun` (one ``nas-split run`` each, written to
+``<out>/runs/<label>/<target>mmacs/seed<k>``).  :func:`validate_compare` refuses a configuration that cannot run
+before anything trains: an unknown method or option, a backbone that does not take the dataset, a MAC target a
+method cannot reach (growth: not above the seed; pruning: not below the full model).  :func:`run_compare` runs
+what is not finished yet (in this process, or ``jobs`` worker processes) and :mod:`nas_split.report` writes the
+table, ``results.csv``, the figures and the TensorBoard summary from the run directories.
+
+A run directory appears only when its run completed (each run is written beside it and renamed), so killing a
+comparison loses at most the runs in flight and a rerun skips the finished ones.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ._io import atomic_write_json
+from .config import ConfigError, MethodRunConfig, RunConfig
+
+__all__ = ["MethodEntry", "CompareConfig", "PlannedRun", "plan_runs", "validate_compare", "run_compare",
+           "finished_result"]
+
+
+class MethodEntry(BaseModel):
+    """One method of a comparison: a registered method under a label, with its options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    label: str | None = Field(None, description="name in tables and run directories (default: method)")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The label, or the method's name."""
+        return self.label or self.method
+
+
+class CompareConfig(RunConfig):
+    """What ``nas-split compare`` runs: methods x seeds x MAC targets on one dataset, backbone and recipe.
+
+    ``backbone_options`` build the full-width model (pruning starts there); ``seed_options`` are merged over them
+    for the thin seed of growth methods.  Every method trains ``seed_epochs + rounds x train.epochs`` epochs.
+    """
+
+    methods: list[str | MethodEntry] = Field(
+        default_factory=lambda: ["fast", "s3d", "prune-l1", "firefly", "scratch"],
+        description="registered names, or {method, label, options}")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    targets_mmacs: list[float] = Field(default_factory=list, description="MAC targets (empty: growth rounds only)")
+    seed_options: dict[str, Any] = Field(default_factory=lambda: {"width_mult": 0.25})
+    rounds: int = Field(3, ge=0)
+    seed_epochs: int | None = Field(None, ge=0, description="seed / full-model epochs (default train.epochs)")
+    tolerance: float = Field(0.05, gt=0, description="a final MAC count further than this from its target is flagged")
+    jobs: int = Field(1, ge=1, description="runs at once (worker processes)")
+    out: str = "runs/compare"
+
+    @field_validator("targets_mmacs")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(t <= 0 for t in v):
+            raise ValueError("MAC targets must be > 0")
+        return v
+
+    def entries(self) -> list[MethodEntry]:
+        """The methods as :class:`MethodEntry`, labels unique."""
+        out = [m if isinstance(m, MethodEntry) else MethodEntry(method=m) for m in self.methods]
+        names = [e.name for e in out]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"methods: label {dup[0]!r} is used twice; give each entry its own label")
+        if not out:
+            raise ConfigError("methods: the list is empty")
+        return out
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a comparison."""
+
+    label: str
+    seed: int
+    target_mmacs: float | None
+    config: MethodRunConfig
+
+    @property
+    def key(self) -> str:
+        """``label/target/seed`` (the run directory below ``<out>/runs``)."""
+        t = "rounds" if self.target_mmacs is None else f"{self.target_mmacs:g}mmacs"
+        return f"{self.label}/{t}/seed{self.seed}"
+
+
+def plan_runs(cfg: CompareConfig) -> list[PlannedRun]:
+    """Every method x target x seed, in that order, as a :class:`MethodRunConfig` each."""
+    common = cfg.model_dump(include={"dataset", "dataset_options", "data_dir", "backbone", "backbone_options",
+                                     "latency", "seed_options", "rounds", "seed_epochs"})
+    runs = []
+    for e in cfg.entries():
+        for target in cfg.targets_mmacs or [None]:
+            for seed in cfg.seeds:
+                train = cfg.train.model_copy(update={"seed": seed, "progress": False})
+                rc = MethodRunConfig(**common, train=train, method=e.method, method_options=e.options,
+                                     target_mmacs=target, out="")
+                run = PlannedRun(e.name, seed, target, rc)
+                runs.append(PlannedRun(e.name, seed, target,
+                                       rc.model_copy(update={"out": str(Path(cfg.out) / "runs" / run.key)})))
+    return runs
+
+
+def validate_compare(cfg: CompareConfig) -> list[PlannedRun]:
+    """Check the whole comparison before anything trains; returns the planned runs.
+
+    Raises:
+        ConfigError: unknown method or option, or a MAC target a method cannot reach (the message names both).
+        BackboneMismatchError, UnknownDatasetError, ...: as ``nas-split run`` would.
+    """
+    from .experiment import method_context, prepare
+
+    runs = plan_runs(cfg)
+    prepared = prepare(runs[0].config)
+    for run in runs:
+        if run.seed != runs[0].seed:
+            continue  # the checks do not depend on the seed
+        try:
+            method_context(run.config, prepared)
+        except ConfigError as e:
+            raise ConfigError(f"method {run.label!r}: {e}") from None
+        except (KeyError, ValueError) as e:
+            where = "" if run.target_mmacs is None else f" at target {run.target_mmacs:g} MMACs"
+            raise ConfigError(f"method {run.label!r}{where}: {str(e).splitlines()[0]}") from None
+    return runs
+
+
+def finished_result(run: PlannedRun) -> dict | None:
+    """The run's ``results.json`` if it completed with this very configuration, else ``None``.
+
+    Raises:
+        ConfigError: the directory holds a finished run of another configuration.
+    """
+    import json
+
+    p = Path(run.config.out) / "results.json"
+    if not p.is_file():
+        return None
+    res = json.loads(p.read_text())
+    if res.get("status") != "done":
+        return None
+    if res.get("config") != run.config.model_dump():
+        raise ConfigError(f"{run.config.out!r} holds a finished run of a different configuration; "
+                          "use another --out or pass --overwrite")
+    return res
+
+
+def _run_one(config: dict, threads: int) -> dict:
+    """Worker entry point (also used in-process): one run, its results."""
+    import torch
+
+    from .experiment import run_method
+
+    torch.set_num_threads(threads)
+    cfg = MethodRunConfig.model_validate(config)
+    return run_method(cfg, overwrite=True)
+
+
+def run_compare(cfg: CompareConfig, overwrite: bool = False,
+                on_done: Callable[[PlannedRun, dict, bool], None] = lambda run, res, skipped: None,
+                runs: list[PlannedRun] | None = None) -> list[tuple[PlannedRun, dict]]:
+    """Run every planned run that has not finished; returns ``(run, results)`` for all of them, in plan order.
+
+    ``on_done(run, results, skipped)`` is called as each run finishes (or is found finished).
+    """
+    runs = runs or validate_compare(cfg)
+    out = Path(cfg.out)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()) and not (out / "compare.json").is_file():
+        raise ConfigError(f"output directory {str(out)!r} exists and holds no comparison; choose another --out "
+                          "or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("runs/*/*/.*.partial-*"):  # runs killed mid-way (never published)
+        shutil.rmtree(stale, ignore_errors=True)
+    atomic_write_json(out / "compare.json", {"config": cfg.model_dump(), "runs": [r.key for r in runs]})
+    results: dict[str, dict] = {}
+    todo = []
+    for run in runs:
+        res = finished_result(run)
+        if res is None:
+            todo.append(run)
+        else:
+            results[run.key] = res
+            on_done(run, res, True)
+    threads = max(1, (os.cpu_count() or 1) // min(cfg.jobs, max(1, len(todo))))
+    if cfg.jobs == 1 or len(todo) <= 1:
+        for run in todo:
+            results[run.key] = _run_one(run.config.model_dump(), threads)
+            on_done(run, results[run.key], False)
+    else:
+        _run_parallel(todo, cfg.jobs, threads, results, on_done)
+    return [(r, results[r.key]) for r in runs]
+
+
+def _run_parallel(todo: list[PlannedRun], jobs: int, threads: int, results: dict[str, dict],
+                  on_done: Callable[[PlannedRun, dict, bool], None]) -> None:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        pending = {pool.submit(_run_one, r.config.model_dump(), threads): r for r in todo}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    run = pending.pop(fut)
+                    results[run.key] = fut.result()
+                    on_done(run, results[run.key], False)
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def describe(run: PlannedRun, res: dict, skipped: bool) -> str:
+    """One line about a finished run."""
+    f = res["final"]
+    t = "" if run.target_mmacs is None else f" @ {run.target_mmacs:g}"
+    what = "skipped (finished before)" if skipped else f"{res['wall_seconds']:.0f} s"
+    return (f"{run.label:>14s}{t} seed {run.seed}: top-1 {100 * f['test_acc']:.2f} %, {f['mmacs']:.3f} MMACs"
+            f" | {what}")
+
+
+def timestamp() -> str:
+    """Local time for progress lines."""
+    return time.strftime("%H:%M:%S")
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr."""
+    print(f"[{timestamp()}] {msg}", file=sys.stderr, flush=True)
