@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/nas-split train --dataset digits --backbone mobilenetv1_cifar_050 --out runs/demo --overwrite
+	$(VENV)/bin/nas-split compare --config benchmarks/configs/digits_demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

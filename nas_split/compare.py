@@ -52,8 +52,8 @@ class CompareConfig(RunConfig):
     for the thin seed of growth methods.  Every method trains ``seed_epochs + rounds x train.epochs`` epochs.
     """
 
-    methods: list[str | MethodEntry] = Field(
-        default_factory=lambda: ["fast", "s3d", "prune-l1", "firefly", "scratch"],
+    methods: list[MethodEntry] = Field(
+        default_factory=lambda: [MethodEntry(method=m) for m in ("fast", "s3d", "prune-l1", "firefly", "scratch")],
         description="registered names, or {method, label, options}")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     targets_mmacs: list[float] = Field(default_factory=list, description="MAC targets (empty: growth rounds only)")
@@ -64,6 +64,11 @@ class CompareConfig(RunConfig):
     jobs: int = Field(1, ge=1, description="runs at once (worker processes)")
     out: str = "runs/compare"
 
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        return [{"method": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
     @field_validator("targets_mmacs")
     @classmethod
     def _positive(cls, v: list[float]) -> list[float]:
@@ -73,7 +78,7 @@ class CompareConfig(RunConfig):
 
     def entries(self) -> list[MethodEntry]:
         """The methods as :class:`MethodEntry`, labels unique."""
-        out = [m if isinstance(m, MethodEntry) else MethodEntry(method=m) for m in self.methods]
+        out = list(self.methods)
         names = [e.name for e in out]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from .grower import Grower
+from .grower import METHODS, Grower
 from .stages import StageRunner, stage_seed
 
 __all__ = ["MethodContext", "Method", "GrowthMethod", "register_method", "create_method", "list_methods",
@@ -108,10 +108,20 @@ class GrowthMethod(Method):
         """Grow ``model`` in place (at most to ``max_macs`` MACs when given); returns a JSON-ready summary."""
         raise NotImplementedError
 
+    #: Most a round can multiply MACs by: every neuron split in two doubles both widths of a layer.
+    max_round_factor: float = 4.0
+
     def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
-        if ctx.target_mmacs is not None and ctx.target_mmacs * 1e6 <= seed_macs:
+        if ctx.target_mmacs is None:
+            return
+        if ctx.target_mmacs * 1e6 <= seed_macs:
             raise ValueError(f"{self.name}: MAC target {ctx.target_mmacs} MMACs is not above the seed's "
                              f"{seed_macs / 1e6:.3f} MMACs")
+        reach = seed_macs * self.max_round_factor ** ctx.rounds
+        if ctx.target_mmacs * 1e6 > reach:
+            raise ValueError(f"{self.name}: MAC target {ctx.target_mmacs} MMACs is out of reach of {ctx.rounds} "
+                             f"round(s) from the seed's {seed_macs / 1e6:.3f} MMACs (at most {reach / 1e6:.3f}); "
+                             "add rounds or widen the seed")
 
     def run(self, ctx: MethodContext) -> nn.Module:
         model = ctx.build_seed()
@@ -132,6 +142,8 @@ class GrowthMethod(Method):
 def _splitting(method: str, energy_aware: bool = False):
     def factory(grow_ratio: float = 0.3, eps: float = 1e-2, **options: Any) -> GrowthMethod:
         class Splitting(GrowthMethod):
+            max_round_factor = 16.0 if METHODS[method].schemes == "s3d" else 4.0  # S3D: up to 4 copies
+
             def grow(self, ctx, model, loader, optimizer, stage, max_macs):
                 g = Grower(model, ctx.example_inputs, method, grow_ratio=grow_ratio, eps=eps,
                            energy_aware=energy_aware, optimizer=optimizer, seed=stage_seed(ctx.recipe.seed, stage),

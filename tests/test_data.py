@@ -94,6 +94,20 @@ def test_fashion_mnist_from_idx_files(fmnist_dir):
     assert xyz[:, :2].abs().max() <= 1.0 and xyz[:, 2].min() > 0.1  # (x, y) in [-1, 1], intensity above threshold
 
 
+def test_fashion_mnist_train_size_is_a_fixed_balanced_subset(fmnist_dir):
+    full = read_idx(fmnist_dir / "train-labels-idx1-ubyte.gz")
+    a, b = (create_dataset("fashion-mnist", root=str(fmnist_dir), seed=s, val_fraction=0.25, train_size=40)
+            for s in (0, 1))
+    for s in (a, b):
+        ys = torch.cat([s.train.tensors[1], s.val.tensors[1]]).numpy()
+        assert len(ys) == 40 and np.bincount(ys, minlength=10).tolist() == [4] * 10
+    imgs = lambda s: {tuple(x.flatten().tolist()) for x in torch.cat([s.train.tensors[0], s.val.tensors[0]])}  # noqa: E731
+    assert imgs(a) == imgs(b)  # the same images for every seed; only the val hold-out differs
+    assert len(full) == 120 and len(a.test) == 40
+    with pytest.raises(ValueError, match="train_size must be in 10..120"):
+        create_dataset("fashion-mnist", root=str(fmnist_dir), train_size=500)
+
+
 def test_fashion_mnist_missing_dir_names_it(tmp_path):
     with pytest.raises(DataNotFoundError, match="dataset-fashion-mnist"):
         create_dataset("fashion-mnist", root=str(tmp_path / "nowhere"))

@@ -1,0 +1,110 @@
+"""``nas-split compare``: the report's numbers, TensorBoard read-back, resume after a kill, refusals."""
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.util import tensor_util
+
+from nas_split.cli import main
+from nas_split.runlog import Tags
+
+ARGS = ["--dataset", "digits", "--backbone", "mobilenetv1_cifar_025", "--set", "backbone_options.width_mult=0.25",
+        "--seed-width-mult", "0.125", "--targets", "3", "--epochs", "1", "--seed-epochs", "1", "--rounds", "1",
+        "--no-latency"]
+
+
+def _compare(out, methods="random,scratch", seeds="0,1", extra=()):
+    return ["compare", *ARGS, "--methods", methods, "--seeds", seeds, "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "c"
+    assert main(_compare(out, "random,prune-l1")) == 0
+    return out
+
+
+def test_report_numbers_equal_the_runs(finished):
+    runs = sorted(finished.glob("runs/*/*/seed*/results.json"))
+    assert len(runs) == 4  # 2 methods x 1 target x 2 seeds
+    res = {(p.parts[-4], int(p.parts[-2][4:])): json.loads(p.read_text()) for p in runs}
+    rows = list(csv.DictReader((finished / "results.csv").open()))
+    assert len(rows) == sum(len(r["stages"]) for r in res.values())
+    for (label, seed), r in res.items():
+        mine = [row for row in rows if row["label"] == label and int(row["seed"]) == seed]
+        assert [float(row["test_acc"]) for row in mine] == [s["test_acc"] for s in r["stages"]]
+    table = (finished / "table.md").read_text()
+    for label in ("random", "prune-l1"):
+        accs = [100 * r["final"]["test_acc"] for (lab, _), r in res.items() if lab == label]
+        line = next(ln for ln in table.splitlines() if ln.startswith(f"| {label} |"))
+        assert f"{statistics.fmean(accs):.2f} ± {statistics.stdev(accs):.2f}" in line
+        macs = statistics.fmean(r["final"]["mmacs"] for (lab, _), r in res.items() if lab == label)
+        assert f"| {macs:.3f} |" in line and abs(macs / 3 - 1) <= 0.05  # matched MACs, no dagger
+    # matched epochs: growth trains seed + rounds epochs, pruning full + fine-tune epochs
+    assert {r["stages"][-1]["epochs_total"] for r in res.values()} == {2}
+    for name in ("pareto.png", "widths.png"):
+        assert (finished / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_tags_hparams_figures_load(finished):
+    run = EventAccumulator(str(finished / "runs" / "random" / "3mmacs" / "seed0")).Reload()
+    tags = run.Tags()
+    assert {Tags.TOP1, Tags.MMACS, Tags.ENERGY, Tags.TRAIN_LOSS, Tags.VAL_TOP1} <= set(tags["scalars"])
+    hp = run.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["method"].string_value == "random" and start.hparams["seed"].number_value == 0
+    res = json.loads((finished / "runs" / "random" / "3mmacs" / "seed0" / "results.json").read_text())
+    top1 = [e.value for e in run.Scalars(Tags.TOP1)]
+    assert top1 == pytest.approx([s["test_acc"] for s in res["stages"]], rel=1e-6)
+    summ = EventAccumulator(str(finished / "summary")).Reload()
+    assert {"pareto/top1_vs_cost", "widths/per_layer"} <= set(summ.Tags()["images"])
+    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(
+        summ.Tensors("custom_scalars__config__")[0].tensor_proto).item())
+    regexes = {r for cat in layout.category for chart in cat.chart for r in chart.multiline.tag}
+    assert f"^{Tags.TOP1}$" in regexes and f"^{Tags.MMACS}$" in regexes
+
+
+def test_kill_halfway_then_rerun_skips_finished_and_gives_the_same_table(tmp_path, finished):
+    out = tmp_path / "c"
+    cmd = [sys.executable, "-m", "nas_split.cli", *_compare(out, "random,prune-l1")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while len(list(out.glob("runs/*/*/seed*/results.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(out.glob("runs/*/*/seed*/results.json")))
+    assert 2 <= done_before < 4
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("skipped (finished before)") == done_before
+    assert not list(out.glob("runs/*/*/.*partial*"))
+
+    def accuracy_part(p):  # wall times are measured, so they differ between the two comparisons
+        return [ln.split("|")[1:4] for ln in (p / "table.md").read_text().splitlines() if ln.startswith("| ")]
+
+    assert accuracy_part(out) == accuracy_part(finished)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "fast,prune-l3"], "unknown method 'prune-l3'"),
+    (["--targets", "0.5"], "at target 0.5 MMACs"),
+    (["--targets", "500"], "at target 500 MMACs"),
+    (["--backbone", "pointnet_lite"], "takes points inputs"),
+    (["--set", "methods=[{method: fast, colour: 1}]"], "does not exist"),
+])
+def test_bad_config_refused_before_training(tmp_path, capsys, extra, message):
+    out = tmp_path / "c"
+    assert main(_compare(out, extra=extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
