@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -54,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--engine", choices=["local", "nni"], default="local",
                     help="local processes, or NNI trials through its training service (web UI)")
     cp.add_argument("--port", type=int, default=8080, help="NNI web UI port (--engine nni)")
+    nn_ = sub.add_parser("nni", help="grow by splitting descent as an NNI experiment (sequential or ts engine)")
+    _common(nn_)
+    nn_.add_argument("--engine", choices=["sequential", "ts"], help="sequential (in-process) or ts (web UI)")
+    nn_.add_argument("--port", type=int, help="NNI manager / web UI port (ts)")
+    nn_.add_argument("--method", help="s2d | fast | s3d | s3d-exact")
+    nn_.add_argument("--rounds", type=int, help="growth rounds after the seed stage")
+    nn_.add_argument("--seed-epochs", type=int, help="epochs of the seed stage (default --epochs)")
+    nn_.add_argument("--budget-mmacs", type=float, help="stop once the model reaches this many MMACs")
+    nn_.add_argument("--view", metavar="EXPERIMENT_ID", help="serve a finished ts experiment's web UI again")
     sub.add_parser("list", help="list datasets, backbones and methods")
     return p
 
@@ -91,6 +101,9 @@ def _overrides(a: argparse.Namespace) -> list[str]:
     if a.verb == "run":
         flags.update({"method": a.method, "target_mmacs": a.target_mmacs, "rounds": a.rounds,
                       "seed_epochs": a.seed_epochs, "seed_options.width_mult": a.seed_width_mult})
+    if a.verb == "nni":
+        flags.update({"engine": a.engine, "port": a.port, "growth.method": a.method, "growth.rounds": a.rounds,
+                      "growth.seed_epochs": a.seed_epochs, "growth.budget_mmacs": a.budget_mmacs})
     if a.verb == "grow":
         flags.update({"growth.method": a.method, "growth.rounds": a.rounds, "growth.grow_ratio": a.grow_ratio,
                       "growth.eps": a.eps, "growth.seed_epochs": a.seed_epochs,
@@ -197,6 +210,42 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_nni(a: argparse.Namespace) -> int:
+    from .config import NniRunConfig, load_config
+    from .experiment import check_out_dir
+
+    cfg = load_config(NniRunConfig, a.config, _overrides(a))
+    if not a.view:
+        check_out_dir(cfg.out, a.overwrite)
+    import shutil
+
+    from .nni_strategy import build_experiment
+
+    if a.view:
+        exp, _ = build_experiment(cfg, exp_id=a.view, check=False)
+        print(f"web UI of {a.view}: http://localhost:{cfg.port}  (Ctrl-C to stop)")
+        exp.view(cfg.port)
+        return 0
+    if a.overwrite and Path(cfg.out).exists():
+        shutil.rmtree(cfg.out)
+    exp, strategy = build_experiment(cfg)
+    if cfg.engine == "ts":
+        print(f"web UI: http://localhost:{cfg.port}  (experiment {exp.id})", flush=True)
+    try:
+        exp.run(port=cfg.port)
+    finally:
+        exp.stop()
+    print(f"{'stage':>5} {'test top-1':>10} {'MMACs':>9} {'params':>9} {'energy uJ est':>13} {'new':>5}  widths")
+    for h in strategy.history:
+        print(f"{h['stage']:>5} {100 * h['default']:>9.2f}% {h['mmacs']:>9.3f} {h['params']:>9} "
+              f"{h['energy_uj_est']:>13.1f} {h['new_neurons']:>5}  {h['widths']}")
+    best = next(strategy.list_models(limit=1))
+    print(f"best stage {best.sample['stage']}: {best.sample['checkpoint']}  (nas_split.load_grown)")
+    print(f"experiment {exp.id} in {Path(cfg.out, 'nni-experiments')}; view it again: nas-split nni --config ... "
+          f"--out {cfg.out} --view {exp.id}")
+    return 0
+
+
 def _cmd_list(a: argparse.Namespace) -> int:
     import search_spaces
 
@@ -231,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    BackboneMismatchError, NotGrowableError, NotAnalyzableError, UnknownMethodError)
     try:
         return {"train": _cmd_train, "grow": _cmd_grow, "run": _cmd_run, "compare": _cmd_compare,
-                "list": _cmd_list}[args.verb](args)
+                "nni": _cmd_nni, "list": _cmd_list}[args.verb](args)
     except user_errors as e:
         return _fail(str(e))
     except ValueError as e:  # option values a builder refuses (widths of the wrong length, ...)

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .training import TrainConfig
 
-__all__ = ["ConfigError", "RunConfig", "GrowthConfig", "GrowRunConfig", "MethodRunConfig", "load_config",
-           "apply_overrides"]
+__all__ = ["ConfigError", "RunConfig", "GrowthConfig", "GrowRunConfig", "MethodRunConfig", "NniRunConfig",
+           "load_config", "apply_overrides", "validation_message"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -86,6 +86,14 @@ class MethodRunConfig(RunConfig):
     out: str = "runs/method"
 
 
+class NniRunConfig(GrowRunConfig):
+    """What ``nas-split nni`` runs: a :class:`GrowRunConfig` as an NNI experiment on one of its engines."""
+
+    engine: Literal["sequential", "ts"] = "sequential"
+    port: int = Field(8080, gt=1024, lt=65536, description="NNI manager / web UI port (ts engine)")
+    out: str = "runs/nni"
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` strings to a nested dict; values are parsed as YAML (``3``, ``0.1``, ``[8, 16]``, ``x``)."""
     for item in overrides:
@@ -106,7 +114,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _one_line(err: ValidationError) -> str:
+def validation_message(err: ValidationError) -> str:
+    """One line naming the first invalid key of a pydantic error."""
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(root)"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
@@ -134,7 +143,7 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(validation_message(e)) from None
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_torch_save
-from .config import ConfigError, GrowRunConfig
+from .config import ConfigError, GrowRunConfig, GrowthConfig
 from .cost import measure_cost
 from .experiment import Prepared, check_out_dir, prepare
 from .grower import Grower
@@ -24,7 +24,7 @@ from .stages import StageRunner, stage_seed
 from .surgery.export import build_grown, grown_payload
 from .training import make_optimizer
 
-__all__ = ["run_grow", "validate_growth", "latest_checkpoint"]
+__all__ = ["run_grow", "validate_growth", "latest_checkpoint", "make_grower"]
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
@@ -33,17 +33,19 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
-def _grower(cfg: GrowRunConfig, model, example_inputs, optimizer, seed: int) -> Grower:
-    g = cfg.growth
+def make_grower(g: GrowthConfig, model, example_inputs, optimizer, seed: int,
+                max_macs: float | None = None) -> Grower:
+    """The :class:`Grower` a growth configuration describes (selection cut at ``max_macs`` when given)."""
     return Grower(model, example_inputs, g.method, grow_ratio=g.grow_ratio, eps=g.eps, c=g.c,
                   max_copies=g.max_copies, only_negative=g.only_negative, energy_aware=g.energy_aware, cost=g.cost,
                   max_width=g.max_width, round_to=g.round_to, optimizer=optimizer, beta=g.beta,
-                  analysis_batches=g.analysis_batches, fast_passes=g.fast_passes, fast_lr=g.fast_lr, seed=seed)
+                  analysis_batches=g.analysis_batches, fast_passes=g.fast_passes, fast_lr=g.fast_lr, seed=seed,
+                  max_macs=max_macs)
 
 
 def validate_growth(cfg: GrowRunConfig, p: Prepared) -> None:
     """Before anything is written: the seed must be growable and below the MACs / energy budget."""
-    _grower(cfg, p.model, p.example_inputs, None, 0)  # NotGrowableError / ValueError name the problem
+    make_grower(cfg.growth, p.model, p.example_inputs, None, 0)  # NotGrowableError / ValueError name the problem
     g = cfg.growth
     if g.budget_mmacs is None and g.budget_energy_uj is None:
         return
@@ -101,7 +103,7 @@ def run_grow(cfg: GrowRunConfig, resume: bool = False, overwrite: bool = False,
                 if _reached(g, measure_cost(model.cpu(), p.example_inputs, latency=False)):
                     break
                 tr, _, _ = runner.loaders(stage)
-                grower = _grower(cfg, model, p.example_inputs, optimizer if g.carry_optimizer else None,
+                grower = make_grower(g, model, p.example_inputs, optimizer if g.carry_optimizer else None,
                                  stage_seed(cfg.train.seed, stage))
                 grower.spectra = previous
                 report = grower.step(tr)

@@ -112,10 +112,9 @@ class Grower:
         budget_scale: multiplies the LP's default budgets.
         groups, quotas: ``{layer: group}`` and ``{group: ratio}`` for per-group quotas / budgets.
         max_width, round_to: per-layer cap and width rounding, as in :func:`nas_split.split`.
-        max_macs: MACs per sample the model may reach after a step.  The budget then sets how many neurons are
-            split (the best candidates are taken, best first, until the next would exceed it; with
-            ``energy_aware`` and ``cost="macs"`` the remaining MACs are the LP's budget) and ``grow_ratio`` is not
-            used for the count.
+        max_macs: MACs per sample the model may reach after a step: the selection, best first, is cut where the
+            next split would exceed it.  With ``grow_ratio=None`` the budget alone sets how many neurons are split
+            (with ``energy_aware`` and ``cost="macs"`` the remaining MACs are the LP's budget).
         layers: restrict growth to these layers (default: every growable layer with a nonlinearity).
         optimizer: its state is carried through each split.
         loss_fn: loss used for the analysis (default cross-entropy).
@@ -126,7 +125,7 @@ class Grower:
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, method: str = "s2d", *,
-                 grow_ratio: float = 0.3, eps: float = 1e-2, c: float = 3.0, max_copies: int = 4,
+                 grow_ratio: float | None = 0.3, eps: float = 1e-2, c: float = 3.0, max_copies: int = 4,
                  only_negative: bool = True, energy_aware: bool = False, cost: str = "macs",
                  energy_model: EnergyModel | None = None, budget_scale: float = 1.0,
                  groups: Mapping[str, str] | None = None, quotas: Mapping[str, float] | None = None,
@@ -146,7 +145,9 @@ class Grower:
             raise ValueError(f"max_copies must be 3 or 4, got {max_copies}")
         if cost not in ("macs", "energy"):
             raise ValueError(f"cost must be 'macs' or 'energy', got {cost!r}")
-        if grow_ratio < 0:
+        if grow_ratio is None and max_macs is None:
+            raise ValueError("grow_ratio=None needs max_macs (the budget then sets the count)")
+        if grow_ratio is not None and grow_ratio < 0:
             raise ValueError(f"grow_ratio must be >= 0, got {grow_ratio}")
         self.model, self.example_inputs = model, example_inputs
         self.method, self.spec = method, METHODS[method]
@@ -199,7 +200,7 @@ class Grower:
         layers = sorted({s.layer for s in splits})
         widths = {n: graph.group(n).width for n in layers}
         groups = {n: self.groups.get(n, "all") for n in layers}
-        if not self.energy_aware and self.max_macs is not None:
+        if not self.energy_aware and self.grow_ratio is None:
             chosen = [Candidate(s) for s in splits if not self.only_negative or s.gain < 0]
         elif not self.energy_aware:
             cands = [Candidate(s, 0.0, groups[s.layer]) for s in splits]
@@ -211,9 +212,9 @@ class Grower:
             budgets: dict[str, float] = {}
             for n in layers:
                 g = groups[n]
-                budgets[g] = budgets.get(g, 0.0) + self.quotas.get(g, self.grow_ratio) * widths[n] * unit[n] \
+                budgets[g] = budgets.get(g, 0.0) + self.quotas.get(g, self.grow_ratio or 1.0) * widths[n] * unit[n] \
                     * self.budget_scale
-            if self.max_macs is not None and self.cost == "macs":  # the remaining MACs, shared as the quotas are
+            if self.grow_ratio is None and self.cost == "macs":  # the remaining MACs, shared as the quotas are
                 room_macs = max(0.0, self.max_macs - count_macs(self.model, self.example_inputs)[0])
                 total = sum(budgets.values()) or 1.0
                 budgets = {g: room_macs * b / total for g, b in budgets.items()}

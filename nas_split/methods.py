@@ -145,7 +145,8 @@ def _splitting(method: str, energy_aware: bool = False):
             max_round_factor = 16.0 if METHODS[method].schemes == "s3d" else 4.0  # S3D: up to 4 copies
 
             def grow(self, ctx, model, loader, optimizer, stage, max_macs):
-                g = Grower(model, ctx.example_inputs, method, grow_ratio=grow_ratio, eps=eps,
+                g = Grower(model, ctx.example_inputs, method, eps=eps,
+                           grow_ratio=grow_ratio if max_macs is None else None,
                            energy_aware=energy_aware, optimizer=optimizer, seed=stage_seed(ctx.recipe.seed, stage),
                            max_macs=max_macs, **options)
                 return g.step(loader).to_dict()

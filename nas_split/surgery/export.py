@@ -19,7 +19,7 @@ from .._io import atomic_torch_save
 from .graph import is_depthwise
 from .handlers import resize
 
-__all__ = ["save_grown", "load_grown", "grown_payload", "build_grown", "layer_sizes", "apply_sizes",
+__all__ = ["save_grown", "load_grown", "grown_payload", "build_grown", "build_spec", "layer_sizes", "apply_sizes",
            "timm_shape_string", "refresh_feature_info", "FORMAT"]
 
 FORMAT = "nas-split-grown/1"
@@ -70,7 +70,8 @@ def save_grown(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any] |
     atomic_torch_save(path, grown_payload(model, spec))
 
 
-def _build(spec: dict[str, Any]) -> nn.Module:
+def build_spec(spec: dict[str, Any]) -> nn.Module:
+    """The seed model a ``spec`` (see :func:`save_grown`) describes, freshly initialised."""
     if "space" in spec:
         import search_spaces
 
@@ -90,7 +91,7 @@ def load_grown(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 
 def build_grown(payload: dict[str, Any]) -> nn.Module:
     """Rebuild a model from :func:`grown_payload`'s description."""
-    model = _build(payload["spec"])
+    model = build_spec(payload["spec"])
     apply_sizes(model, payload["sizes"])
     model.load_state_dict(payload["state_dict"])
     for e, c in zip(_feature_entries(model), payload.get("feature_chs", []), strict=False):
