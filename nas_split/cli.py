@@ -219,9 +219,10 @@ def _cmd_nni(a: argparse.Namespace) -> int:
         check_out_dir(cfg.out, a.overwrite)
     import shutil
 
-    from .nni_strategy import build_experiment
+    from .nni_strategy import build_experiment, check_port
 
     if a.view:
+        check_port(cfg.port)
         exp, _ = build_experiment(cfg, exp_id=a.view, check=False)
         print(f"web UI of {a.view}: http://localhost:{cfg.port}  (Ctrl-C to stop)")
         exp.view(cfg.port)

@@ -27,7 +27,7 @@ from ._io import atomic_write_json
 from .config import ConfigError, MethodRunConfig, RunConfig
 
 __all__ = ["MethodEntry", "CompareConfig", "PlannedRun", "plan_runs", "validate_compare", "run_compare",
-           "finished_result"]
+           "finished_result", "worker_threads"]
 
 
 class MethodEntry(BaseModel):
@@ -165,6 +165,15 @@ def finished_result(run: PlannedRun) -> dict | None:
     return res
 
 
+def worker_threads(jobs: int, runs: int) -> int:
+    """Torch threads per run when ``jobs`` runs share the machine.
+
+    Results are bit-reproducible for a given thread count (float reductions depend on it), so both engines of
+    ``compare`` use this rule.
+    """
+    return max(1, (os.cpu_count() or 1) // min(jobs, max(1, runs)))
+
+
 def _run_one(config: dict, threads: int) -> dict:
     """Worker entry point (also used in-process): one run, its results."""
     import torch
@@ -203,7 +212,7 @@ def run_compare(cfg: CompareConfig, overwrite: bool = False,
         else:
             results[run.key] = res
             on_done(run, res, True)
-    threads = max(1, (os.cpu_count() or 1) // min(cfg.jobs, max(1, len(todo))))
+    threads = worker_threads(cfg.jobs, len(todo))
     if cfg.jobs == 1 or len(todo) <= 1:
         for run in todo:
             results[run.key] = _run_one(run.config.model_dump(), threads)

@@ -335,8 +335,8 @@ def build_experiment(cfg: NniRunConfig, exp_id: str | None = None, check: bool =
                                 cfg.data_dir, cfg.latency)
     if check:
         check_experiment(space, evaluator, strategy)
-    if cfg.engine == "ts" or exp_id is not None:
-        check_port(cfg.port)
+        if cfg.engine == "ts":
+            check_port(cfg.port)
     return _experiment(cfg, space, evaluator, strategy, exp_id), strategy
 
 
@@ -347,11 +347,11 @@ def run_nni(cfg: NniRunConfig) -> tuple[Any, SplittingDescent]:
     return exp, strategy
 
 
-def compare_trial(model: nn.Module, config: dict[str, Any]) -> dict:
+def compare_trial(model: nn.Module, config: dict[str, Any], threads: int = 1) -> dict:
     """The evaluator of ``compare --engine nni``: one ``nas-split run`` (``config`` = its MethodRunConfig)."""
     from .compare import _run_one
 
-    res = _run_one(config, 1)
+    res = _run_one(config, threads)
     f = res["final"]
     metric = {"default": f["test_acc"], "mmacs": f["mmacs"], "params": f["params"],
               "energy_uj_est": f["energy_uj_est"], "method": config["method"], "seed": config["train"]["seed"],
@@ -374,9 +374,9 @@ class _Dummy(ModelSpace):
 class _CompareStrategy(Strategy):
     """Submits every unfinished planned run as one trial; at most ``trial_concurrency`` run at once."""
 
-    def __init__(self, configs: list[tuple[str, dict]]):
+    def __init__(self, configs: list[tuple[str, dict]], threads: int):
         super().__init__()
-        self.configs = configs
+        self.configs, self.threads = configs, threads
         self.done: dict[str, dict] = {}
 
     def _initialize(self, model_space, engine):
@@ -392,7 +392,8 @@ class _CompareStrategy(Strategy):
         for key, config in self.configs:
             if not self.wait_for_resource():
                 break
-            m = SimplifiedModelSpace.from_model(_Dummy(key), FunctionalEvaluator(compare_trial, config=config)) \
+            m = SimplifiedModelSpace.from_model(_Dummy(key), FunctionalEvaluator(compare_trial, config=config,
+                                                                             threads=self.threads)) \
                 .freeze({})
             m.sample = {"run": key}
             self.engine.submit_models(m)
@@ -423,7 +424,7 @@ def run_compare_nni(cfg, runs, port: int = 8080, overwrite: bool = False, on_don
 
     from nni.nas.experiment import NasExperiment, NasExperimentConfig
 
-    from .compare import finished_result
+    from .compare import finished_result, worker_threads
 
     check_port(port)
     out = Path(cfg.out)
@@ -443,7 +444,8 @@ def run_compare_nni(cfg, runs, port: int = 8080, overwrite: bool = False, on_don
         config.trial_concurrency = cfg.jobs
         config.max_trial_number = len(todo)
         config.trial_code_directory = str(Path(__file__).resolve().parents[1])
-        strategy = _CompareStrategy([(r.key, r.config.model_dump()) for r in todo])
+        strategy = _CompareStrategy([(r.key, r.config.model_dump()) for r in todo],
+                                    worker_threads(cfg.jobs, len(todo)))
         exp = NasExperiment(_Dummy(), FunctionalEvaluator(compare_trial, config={}), strategy, config)
         try:
             exp.run(port=port)
