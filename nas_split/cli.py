@@ -40,17 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(rn)
     rn.add_argument("--method", help="a registered method (see `nas-split list`)")
     rn.add_argument("--target-mmacs", type=float, help="MAC target (pruning and scratch need one)")
-    rn.add_argument("--rounds", type=int, help="growth rounds (fine-tuning epochs = rounds x --epochs)")
-    rn.add_argument("--seed-epochs", type=int, help="epochs of the seed / full model (default --epochs)")
-    rn.add_argument("--seed-width-mult", type=float, help="width multiplier of the thin seed growth starts from")
+    _schedule(rn)
     cp = sub.add_parser("compare", help="run methods x seeds x MAC targets and write one report")
     _common(cp)
     cp.add_argument("--methods", help="comma-separated method names (overrides the config's list)")
     cp.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     cp.add_argument("--targets", help="comma-separated MAC targets in MMACs, e.g. 3,4,6")
-    cp.add_argument("--rounds", type=int, help="growth rounds (fine-tuning epochs = rounds x --epochs)")
-    cp.add_argument("--seed-epochs", type=int, help="epochs of the seed / full model (default --epochs)")
-    cp.add_argument("--seed-width-mult", type=float, help="width multiplier of the thin seed growth starts from")
+    _schedule(cp)
     cp.add_argument("--jobs", type=int, help="runs at once, in worker processes")
     cp.add_argument("--engine", choices=["local", "nni"], default="local",
                     help="local processes, or NNI trials through its training service (web UI)")
@@ -66,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     nn_.add_argument("--view", metavar="EXPERIMENT_ID", help="serve a finished ts experiment's web UI again")
     sub.add_parser("list", help="list datasets, backbones and methods")
     return p
+
+
+def _schedule(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--rounds", type=int, help="growth rounds (fine-tuning epochs = rounds x --epochs)")
+    t.add_argument("--seed-epochs", type=int, help="epochs of the seed / full model (default --epochs)")
+    t.add_argument("--seed-width-mult", type=float, help="width multiplier of the thin seed growth starts from")
 
 
 def _common(t: argparse.ArgumentParser) -> None:
