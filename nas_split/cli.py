@@ -244,8 +244,9 @@ def _cmd_nni(a: argparse.Namespace) -> int:
               f"{h['energy_uj_est']:>13.1f} {h['new_neurons']:>5}  {h['widths']}")
     best = next(strategy.list_models(limit=1))
     print(f"best stage {best.sample['stage']}: {best.sample['checkpoint']}  (nas_split.load_grown)")
-    print(f"experiment {exp.id} in {Path(cfg.out, 'nni-experiments')}; view it again: nas-split nni --config ... "
-          f"--out {cfg.out} --view {exp.id}")
+    print(f"experiment {exp.id} in {Path(cfg.out, 'nni-experiments')}")
+    if cfg.engine == "ts":
+        print(f"view its web UI again: the same nas-split nni options plus --view {exp.id}")
     return 0
 
 
