@@ -317,7 +317,6 @@ def _experiment(cfg: NniRunConfig, space: BackboneSpace, evaluator, strategy, ex
     config.max_trial_number = cfg.growth.rounds + 1
     if cfg.engine == "ts":
         config.trial_concurrency = 1
-        config.trial_code_directory = str(Path(__file__).resolve().parents[1])
     return NasExperiment(space, evaluator, strategy, config, id=exp_id)
 
 
@@ -443,7 +442,6 @@ def run_compare_nni(cfg, runs, port: int = 8080, overwrite: bool = False, on_don
         config.experiment_working_directory = str((out / "nni-experiments").resolve())
         config.trial_concurrency = cfg.jobs
         config.max_trial_number = len(todo)
-        config.trial_code_directory = str(Path(__file__).resolve().parents[1])
         strategy = _CompareStrategy([(r.key, r.config.model_dump()) for r in todo],
                                     worker_threads(cfg.jobs, len(todo)))
         exp = NasExperiment(_Dummy(), FunctionalEvaluator(compare_trial, config={}), strategy, config)

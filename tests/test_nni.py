@@ -80,8 +80,10 @@ def test_sequential_s3d_export_rebuilds_and_reproduces_accuracy(sequential):
     assert {t["stage"] for t in exp.export_top_models(top_k=3, formatter="dict")} == {0, 1}
 
 
-def test_ts_engine_web_ui_rest_and_same_stages_as_sequential(tmp_path, sequential):
+def test_ts_engine_web_ui_rest_and_same_stages_as_sequential(tmp_path, sequential, monkeypatch):
     from nas_split.nni_strategy import build_experiment
+
+    monkeypatch.chdir(tmp_path)  # trials find nas_split wherever the experiment is started
 
     port = _free_port()
     exp, strategy = build_experiment(_cfg(tmp_path / "run", "engine=ts", f"port={port}"))
@@ -137,7 +139,8 @@ def test_resume_after_stage_1_ends_with_the_same_widths(tmp_path, sequential):
     assert _stages(resumed) == _stages(sequential[2])
 
 
-def test_compare_on_nni_runs_trials_in_parallel_with_the_same_table(tmp_path, capsys):
+def test_compare_on_nni_runs_trials_in_parallel_with_the_same_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "c"
     argv = ["compare", "--dataset", "digits", "--backbone", "mobilenetv1_cifar_025", "--set",
             "backbone_options.width_mult=0.25", "--seed-width-mult", "0.125", "--targets", "3", "--epochs", "1",
