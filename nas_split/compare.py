@@ -27,7 +27,7 @@ from ._io import atomic_write_json
 from .config import ConfigError, MethodRunConfig, RunConfig
 
 __all__ = ["MethodEntry", "CompareConfig", "PlannedRun", "plan_runs", "validate_compare", "run_compare",
-           "finished_result", "worker_threads"]
+           "finished_result", "worker_threads", "describe", "log"]
 
 
 class MethodEntry(BaseModel):
