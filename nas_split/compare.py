@@ -27,7 +27,7 @@ from ._io import atomic_write_json
 from .config import ConfigError, MethodRunConfig, RunConfig
 
 __all__ = ["MethodEntry", "CompareConfig", "PlannedRun", "plan_runs", "validate_compare", "run_compare",
-           "finished_result", "worker_threads", "describe", "log"]
+           "finished_result", "worker_threads", "run_one", "describe", "log"]
 
 
 class MethodEntry(BaseModel):
@@ -174,7 +174,7 @@ def worker_threads(jobs: int, runs: int) -> int:
     return max(1, (os.cpu_count() or 1) // min(jobs, max(1, runs)))
 
 
-def _run_one(config: dict, threads: int) -> dict:
+def run_one(config: dict, threads: int) -> dict:
     """Worker entry point (also used in-process): one run, its results."""
     import torch
 
@@ -215,7 +215,7 @@ def run_compare(cfg: CompareConfig, overwrite: bool = False,
     threads = worker_threads(cfg.jobs, len(todo))
     if cfg.jobs == 1 or len(todo) <= 1:
         for run in todo:
-            results[run.key] = _run_one(run.config.model_dump(), threads)
+            results[run.key] = run_one(run.config.model_dump(), threads)
             on_done(run, results[run.key], False)
     else:
         _run_parallel(todo, cfg.jobs, threads, results, on_done)
@@ -228,7 +228,7 @@ def _run_parallel(todo: list[PlannedRun], jobs: int, threads: int, results: dict
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        pending = {pool.submit(_run_one, r.config.model_dump(), threads): r for r in todo}
+        pending = {pool.submit(run_one, r.config.model_dump(), threads): r for r in todo}
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)

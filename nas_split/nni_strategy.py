@@ -348,9 +348,9 @@ def run_nni(cfg: NniRunConfig) -> tuple[Any, SplittingDescent]:
 
 def compare_trial(model: nn.Module, config: dict[str, Any], threads: int = 1) -> dict:
     """The evaluator of ``compare --engine nni``: one ``nas-split run`` (``config`` = its MethodRunConfig)."""
-    from .compare import _run_one
+    from .compare import run_one
 
-    res = _run_one(config, threads)
+    res = run_one(config, threads)
     f = res["final"]
     metric = {"default": f["test_acc"], "mmacs": f["mmacs"], "params": f["params"],
               "energy_uj_est": f["energy_uj_est"], "method": config["method"], "seed": config["train"]["seed"],

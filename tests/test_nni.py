@@ -107,6 +107,13 @@ def test_ts_engine_web_ui_rest_and_same_stages_as_sequential(tmp_path, sequentia
         assert any((d / "tensorboard" / "results.json").is_file() for d in trial_dirs)
     finally:
         exp.stop()
+    # a finished experiment is served again by rebuilding it with its id (what `nas-split nni --view` does)
+    viewer, _ = build_experiment(_cfg(tmp_path / "run", "engine=ts", f"port={port}"), exp_id=exp.id, check=False)
+    viewer.view(port, non_blocking=True)
+    try:
+        assert len(rest("trial-jobs")) == 3
+    finally:
+        viewer.stop()
     # warm start from checkpoints in trial processes gives exactly the live model's stages
     assert _stages(strategy) == _stages(sequential[2])
     with pytest.raises(OSError):  # the manager is gone
