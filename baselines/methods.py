@@ -1,6 +1,7 @@
 """Registers the baselines with nas-split's method registry (imported lazily by ``nas_split.methods``)."""
 from __future__ import annotations
 
+from collections import Counter
 from functools import partial
 
 import torch
@@ -66,7 +67,7 @@ class _GradMax(GrowthMethod):
             widths = {n: splittable[n].layer.weight.shape[0] for n in counts}
             order = sorted(((j + 1) / w, n) for n, w in widths.items() for j in range(w))
             k = prefix_within_macs(model, ctx.example_inputs, [(n, 1) for _, n in order], max_macs, graph)
-            counts = {n: c for n in counts if (c := sum(1 for _, m in order[:k] if m == n))}
+            counts = dict(Counter(n for _, n in order[:k]))
         rep = gradmax_grow(model, ctx.example_inputs, counts, loader, optimizer=optimizer, batches=self.batches,
                            scale=self.scale)
         return {"new_neurons": rep.new_neurons}

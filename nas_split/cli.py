@@ -28,12 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("train", help="train a backbone on a dataset and write a run directory"))
     gr = sub.add_parser("grow", help="grow a thin seed by splitting steepest descent, round by round")
     _common(gr)
-    gr.add_argument("--method", help="s2d | fast | s3d | s3d-exact")
-    gr.add_argument("--rounds", type=int, help="growth rounds after the seed stage")
+    _growth_flags(gr)
     gr.add_argument("--grow-ratio", type=float, help="new neurons per round / current neurons")
     gr.add_argument("--eps", type=float, help="split step")
-    gr.add_argument("--seed-epochs", type=int, help="epochs of the seed stage (default --epochs)")
-    gr.add_argument("--budget-mmacs", type=float, help="stop once the model reaches this many MMACs")
     gr.add_argument("--energy-aware", action="store_true", help="select splits with the energy-aware LP")
     gr.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last completed stage")
     rn = sub.add_parser("run", help="run one method (growth or baseline) by name and write its records")
@@ -55,13 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(nn_)
     nn_.add_argument("--engine", choices=["sequential", "ts"], help="sequential (in-process) or ts (web UI)")
     nn_.add_argument("--port", type=int, help="NNI manager / web UI port (ts)")
-    nn_.add_argument("--method", help="s2d | fast | s3d | s3d-exact")
-    nn_.add_argument("--rounds", type=int, help="growth rounds after the seed stage")
-    nn_.add_argument("--seed-epochs", type=int, help="epochs of the seed stage (default --epochs)")
-    nn_.add_argument("--budget-mmacs", type=float, help="stop once the model reaches this many MMACs")
+    _growth_flags(nn_)
     nn_.add_argument("--view", metavar="EXPERIMENT_ID", help="serve a finished ts experiment's web UI again")
     sub.add_parser("list", help="list datasets, backbones and methods")
     return p
+
+
+def _growth_flags(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--method", help="s2d | fast | s3d | s3d-exact")
+    t.add_argument("--rounds", type=int, help="growth rounds after the seed stage")
+    t.add_argument("--seed-epochs", type=int, help="epochs of the seed stage (default --epochs)")
+    t.add_argument("--budget-mmacs", type=float, help="stop once the model reaches this many MMACs")
 
 
 def _schedule(t: argparse.ArgumentParser) -> None:
@@ -103,13 +104,14 @@ def _overrides(a: argparse.Namespace) -> list[str]:
     if a.verb == "run":
         flags.update({"method": a.method, "target_mmacs": a.target_mmacs, "rounds": a.rounds,
                       "seed_epochs": a.seed_epochs, "seed_options.width_mult": a.seed_width_mult})
+    if a.verb in ("grow", "nni"):
+        flags.update({"growth.method": a.method, "growth.rounds": a.rounds, "growth.seed_epochs": a.seed_epochs,
+                      "growth.budget_mmacs": a.budget_mmacs})
     if a.verb == "nni":
-        flags.update({"engine": a.engine, "port": a.port, "growth.method": a.method, "growth.rounds": a.rounds,
-                      "growth.seed_epochs": a.seed_epochs, "growth.budget_mmacs": a.budget_mmacs})
+        flags.update({"engine": a.engine, "port": a.port})
     if a.verb == "grow":
-        flags.update({"growth.method": a.method, "growth.rounds": a.rounds, "growth.grow_ratio": a.grow_ratio,
-                      "growth.eps": a.eps, "growth.seed_epochs": a.seed_epochs,
-                      "growth.budget_mmacs": a.budget_mmacs, "growth.energy_aware": a.energy_aware or None})
+        flags.update({"growth.grow_ratio": a.grow_ratio, "growth.eps": a.eps,
+                      "growth.energy_aware": a.energy_aware or None})
     out = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if a.no_progress:
         out.append("train.progress=false")

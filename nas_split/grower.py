@@ -209,11 +209,11 @@ class Grower:
             per = channel_costs(self.model, self.example_inputs, {n: graph.group(n) for n in layers},
                                 self.energy_model)
             unit = {n: (per[n].macs if self.cost == "macs" else per[n].energy_pj) for n in layers}
+            ratio = 1.0 if self.grow_ratio is None else self.grow_ratio  # no ratio: quotas only share the budget
             budgets: dict[str, float] = {}
             for n in layers:
                 g = groups[n]
-                budgets[g] = budgets.get(g, 0.0) + self.quotas.get(g, self.grow_ratio or 1.0) * widths[n] * unit[n] \
-                    * self.budget_scale
+                budgets[g] = budgets.get(g, 0.0) + self.quotas.get(g, ratio) * widths[n] * unit[n] * self.budget_scale
             if self.grow_ratio is None and self.cost == "macs":  # the remaining MACs, shared as the quotas are
                 room_macs = max(0.0, self.max_macs - count_macs(self.model, self.example_inputs)[0])
                 total = sum(budgets.values()) or 1.0

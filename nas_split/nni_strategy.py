@@ -91,11 +91,16 @@ def _environment(run: dict[str, Any], stages_before: int):
 def grow_stage(net: nn.Module, run: dict[str, Any], growth: dict[str, Any], stage: int,
                max_macs: float | None = None) -> dict:
     """One analyze -> select -> split of ``net`` in place, on the training data of stage ``stage``."""
+    cfg, x, runner, _ = _environment(run, stage)
+    return _grow(net, cfg.train.seed, x, runner, growth, stage, max_macs)
+
+
+def _grow(net: nn.Module, seed: int, x: torch.Tensor, runner: StageRunner, growth: dict[str, Any], stage: int,
+          max_macs: float | None) -> dict:
     from .grow_run import make_grower
 
-    cfg, x, runner, _ = _environment(run, stage)
     tr, _, _ = runner.loaders(stage)
-    g = make_grower(GrowthConfig.model_validate(growth), net, x, None, stage_seed(cfg.train.seed, stage), max_macs)
+    g = make_grower(GrowthConfig.model_validate(growth), net, x, None, stage_seed(seed, stage), max_macs)
     return g.step(tr).to_dict()
 
 
@@ -108,13 +113,13 @@ def train_stage(model: nn.Module, run: dict[str, Any], stage: int = 0, checkpoin
     "new_neurons", "checkpoint"}``; ``widths`` is the dash-joined output width of every conv/linear layer.
     """
     net = model.net if isinstance(model, BackboneSpace) else model
-    cfg, _, runner, seed_epochs = _environment(run, stage)
+    cfg, x, runner, seed_epochs = _environment(run, stage)
     if init_checkpoint:
         net.load_state_dict(torch.load(init_checkpoint, weights_only=True)["state_dict"])
     elif stage == 0:  # the seed's weights depend on the run's seed only, on either engine (as in `nas-split grow`)
         torch.manual_seed(cfg.train.seed)
         net.load_state_dict(build_spec(net.nas_split_spec).state_dict())
-    info = grow_stage(net, run, growth, stage, max_macs) if growth else None
+    info = _grow(net, cfg.train.seed, x, runner, growth, stage, max_macs) if growth else None
     extra = {"growth": info, "analysis_seconds": info["analysis_seconds"]} if info else {}
     writer = None
     if os.environ.get("NNI_OUTPUT_DIR"):  # the web UI's TensorBoard button reads <trial>/tensorboard
