@@ -22,8 +22,9 @@ from timm.models.efficientnet import EfficientNet
 from torch import nn
 
 from ._registry import register
+from .features import features
 
-__all__ = ["MBV1_STAGES", "MBV2_STAGES", "base_widths", "small_input_stride", "gen_mobilenet"]
+__all__ = ["MBV1_STAGES", "MBV2_STAGES", "TIMM_MODELS", "base_widths", "small_input_stride", "gen_mobilenet"]
 
 # (block type, output channels, repeats, stride of the first block, expansion ratio) -- timm's arch_def
 MBV1_STAGES = (("dsa", 64, 1, 1, 1), ("dsa", 128, 2, 2, 1), ("dsa", 256, 2, 2, 1), ("dsa", 512, 6, 2, 1),
@@ -80,10 +81,14 @@ def gen_mobilenet(variant: str, stages: tuple, head: int | None, *, width_mult: 
         widths: per-layer output channels ``[stem, block_0, ..., block_n, (head)]``.
         depths: blocks per stage (default: timm's).
         total_stride: product of all strides (32 = timm's ImageNet layout).
-        **kwargs: passed to timm's ``EfficientNet`` (``num_classes``, ``in_chans``, ``act_layer``, ``drop_rate``...).
+        **kwargs: passed to timm's ``EfficientNet`` (``num_classes``, ``in_chans``, ``act_layer``, ``drop_rate``...);
+            ``features_only=True`` (with ``out_indices``, ``feature_cls``) returns the feature extractor
+            :func:`search_spaces.features` builds, one level per remaining stride.
     """
     if pretrained:
         raise ValueError("nas-split never loads pretrained weights (growth starts from a seed); use pretrained=False")
+    features_only = kwargs.pop("features_only", False)
+    feature_opts = {k: kwargs.pop(k) for k in ("out_indices", "feature_cls") if k in kwargs}
     depths = list(depths or [s[2] for s in stages])
     if len(depths) != len(stages) or min(depths) < 1:
         raise ValueError(f"depths must list {len(stages)} positive block counts, got {depths}")
@@ -117,7 +122,7 @@ def gen_mobilenet(variant: str, stages: tuple, head: int | None, *, width_mult: 
         model.conv_stem.stride = (1, 1)
         for f in model.feature_info:
             f["reduction"] //= 2
-    return model
+    return features(model, **feature_opts) if features_only else model
 
 
 def _cfg(**kwargs) -> dict:
@@ -153,62 +158,8 @@ def _v2(variant: str, img_size: int | None, default_mult: float, small: bool, **
     return gen_mobilenet(variant, MBV2_STAGES, _MBV2_HEAD, total_stride=stride, **kwargs)
 
 
-@register_model
-def mobilenetv1(pretrained: bool = False, img_size: int | None = None, **kwargs) -> EfficientNet:
-    """MobileNetV1, timm layout (total stride 32), configurable ``width_mult`` / per-layer ``widths``."""
-    return _v1("mobilenetv1", img_size, 1.0, False, pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mobilenetv2(pretrained: bool = False, img_size: int | None = None, **kwargs) -> EfficientNet:
-    """MobileNetV2, timm layout (total stride 32), configurable ``width_mult`` / per-layer ``widths``."""
-    return _v2("mobilenetv2", img_size, 1.0, False, pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mobilenetv1_cifar_025(pretrained: bool = False, img_size: int | None = 32, **kwargs) -> EfficientNet:
-    """MobileNetV1 x0.25 for 8-32 px inputs (stride-1 stem, total stride <= 8)."""
-    return _v1("mobilenetv1_cifar_025", img_size, 0.25, True, pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mobilenetv1_cifar_050(pretrained: bool = False, img_size: int | None = 32, **kwargs) -> EfficientNet:
-    """MobileNetV1 x0.5 for 8-32 px inputs (stride-1 stem, total stride <= 8)."""
-    return _v1("mobilenetv1_cifar_050", img_size, 0.5, True, pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mobilenetv1_cifar_100(pretrained: bool = False, img_size: int | None = 32, **kwargs) -> EfficientNet:
-    """MobileNetV1 x1.0 for 8-32 px inputs (stride-1 stem, total stride <= 8)."""
-    return _v1("mobilenetv1_cifar_100", img_size, 1.0, True, pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mobilenetv2_cifar_050(pretrained: bool = False, img_size: int | None = 32, **kwargs) -> EfficientNet:
-    """MobileNetV2 x0.5 for 8-32 px inputs (stride-1 stem, total stride <= 8)."""
-    return _v2("mobilenetv2_cifar_050", img_size, 0.5, True, pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mobilenetv2_cifar_100(pretrained: bool = False, img_size: int | None = 32, **kwargs) -> EfficientNet:
-    """MobileNetV2 x1.0 for 8-32 px inputs (stride-1 stem, total stride <= 8)."""
-    return _v2("mobilenetv2_cifar_100", img_size, 1.0, True, pretrained=pretrained, **kwargs)
-
-
-@register_model
-def test_mobilenetv1(pretrained: bool = False, img_size: int | None = 16, **kwargs) -> EfficientNet:
-    """Tiny MobileNetV1 for tests: one block per stage, 8-16 channels."""
-    kwargs.setdefault("depths", [1, 1, 1, 1, 1])
-    kwargs.setdefault("widths", [8, 8, 8, 16, 16, 16])
-    return _v1("test_mobilenetv1", img_size, 1.0, True, pretrained=pretrained, **kwargs)
-
-
-@register_model
-def test_mobilenetv2(pretrained: bool = False, img_size: int | None = 16, **kwargs) -> EfficientNet:
-    """Tiny MobileNetV2 for tests: 8 blocks (one residual pair), 8-16 channels, 32-channel head."""
-    kwargs.setdefault("depths", _TEST_V2_DEPTHS)
-    kwargs.setdefault("widths", [8, 8, 8, 8, 8, 16, 16, 16, 16, 32])
-    return _v2("test_mobilenetv2", img_size, 1.0, True, pretrained=pretrained, **kwargs)
+#: Names this module registers with timm (``timm.create_model(name)`` builds them); filled by :func:`_timm_model`.
+TIMM_MODELS: list[str] = []
 
 
 def _space(entry):
@@ -221,6 +172,67 @@ def _space(entry):
     return fn
 
 
-for _entry in (mobilenetv1, mobilenetv2, mobilenetv1_cifar_025, mobilenetv1_cifar_050, mobilenetv1_cifar_100,
-               mobilenetv2_cifar_050, mobilenetv2_cifar_100, test_mobilenetv1, test_mobilenetv2):
-    register(_entry.__name__, input_kind="image")(_space(_entry))
+def _timm_model(fn):
+    """Register ``fn`` with timm (``timm.models.register_model``) and as a search space; record it in
+    :data:`TIMM_MODELS`."""
+    TIMM_MODELS.append(fn.__name__)
+    register(fn.__name__, input_kind="image")(_space(fn))
+    return register_model(fn)
+
+
+@_timm_model
+def mobilenetv1(pretrained: bool = False, img_size: int | None = None, **kwargs) -> EfficientNet:
+    """MobileNetV1, timm layout (total stride 32), configurable ``width_mult`` / per-layer ``widths``."""
+    return _v1("mobilenetv1", img_size, 1.0, False, pretrained=pretrained, **kwargs)
+
+
+@_timm_model
+def mobilenetv2(pretrained: bool = False, img_size: int | None = None, **kwargs) -> EfficientNet:
+    """MobileNetV2, timm layout (total stride 32), configurable ``width_mult`` / per-layer ``widths``."""
+    return _v2("mobilenetv2", img_size, 1.0, False, pretrained=pretrained, **kwargs)
+
+
+@_timm_model
+def mobilenetv1_cifar_025(pretrained: bool = False, img_size: int | None = 32, **kwargs) -> EfficientNet:
+    """MobileNetV1 x0.25 for 8-32 px inputs (stride-1 stem, total stride <= 8)."""
+    return _v1("mobilenetv1_cifar_025", img_size, 0.25, True, pretrained=pretrained, **kwargs)
+
+
+@_timm_model
+def mobilenetv1_cifar_050(pretrained: bool = False, img_size: int | None = 32, **kwargs) -> EfficientNet:
+    """MobileNetV1 x0.5 for 8-32 px inputs (stride-1 stem, total stride <= 8)."""
+    return _v1("mobilenetv1_cifar_050", img_size, 0.5, True, pretrained=pretrained, **kwargs)
+
+
+@_timm_model
+def mobilenetv1_cifar_100(pretrained: bool = False, img_size: int | None = 32, **kwargs) -> EfficientNet:
+    """MobileNetV1 x1.0 for 8-32 px inputs (stride-1 stem, total stride <= 8)."""
+    return _v1("mobilenetv1_cifar_100", img_size, 1.0, True, pretrained=pretrained, **kwargs)
+
+
+@_timm_model
+def mobilenetv2_cifar_050(pretrained: bool = False, img_size: int | None = 32, **kwargs) -> EfficientNet:
+    """MobileNetV2 x0.5 for 8-32 px inputs (stride-1 stem, total stride <= 8)."""
+    return _v2("mobilenetv2_cifar_050", img_size, 0.5, True, pretrained=pretrained, **kwargs)
+
+
+@_timm_model
+def mobilenetv2_cifar_100(pretrained: bool = False, img_size: int | None = 32, **kwargs) -> EfficientNet:
+    """MobileNetV2 x1.0 for 8-32 px inputs (stride-1 stem, total stride <= 8)."""
+    return _v2("mobilenetv2_cifar_100", img_size, 1.0, True, pretrained=pretrained, **kwargs)
+
+
+@_timm_model
+def test_mobilenetv1(pretrained: bool = False, img_size: int | None = 16, **kwargs) -> EfficientNet:
+    """Tiny MobileNetV1 for tests: one block per stage, 8-16 channels."""
+    kwargs.setdefault("depths", [1, 1, 1, 1, 1])
+    kwargs.setdefault("widths", [8, 8, 8, 16, 16, 16])
+    return _v1("test_mobilenetv1", img_size, 1.0, True, pretrained=pretrained, **kwargs)
+
+
+@_timm_model
+def test_mobilenetv2(pretrained: bool = False, img_size: int | None = 16, **kwargs) -> EfficientNet:
+    """Tiny MobileNetV2 for tests: 8 blocks (one residual pair), 8-16 channels, 32-channel head."""
+    kwargs.setdefault("depths", _TEST_V2_DEPTHS)
+    kwargs.setdefault("widths", [8, 8, 8, 8, 8, 16, 16, 16, 16, 32])
+    return _v2("test_mobilenetv2", img_size, 1.0, True, pretrained=pretrained, **kwargs)
