@@ -7,6 +7,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from nas_split.errors import ConfigError
 from nas_split.methods import GrowthMethod, Method, MethodContext, register_method
 from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.stages import stage_seed
@@ -78,14 +79,14 @@ class PruneMethod(Method):
 
     def __init__(self, criterion: str, round_to: int | None = None, slim_penalty: float = 1e-4):
         if criterion not in CRITERIA:
-            raise ValueError(f"unknown pruning criterion {criterion!r}; known: {', '.join(CRITERIA)}")
+            raise ConfigError(f"unknown pruning criterion {criterion!r}; known: {', '.join(CRITERIA)}")
         self.criterion, self.round_to, self.slim_penalty = criterion, round_to, slim_penalty
 
     def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
         if ctx.target_mmacs is None:
-            raise ValueError(f"{self.name} needs a MAC target (target_mmacs)")
+            raise ConfigError(f"{self.name} needs a MAC target (target_mmacs)")
         if ctx.target_mmacs * 1e6 >= full_macs:
-            raise ValueError(f"{self.name}: MAC target {ctx.target_mmacs} MMACs is not below the full model's "
+            raise ConfigError(f"{self.name}: MAC target {ctx.target_mmacs} MMACs is not below the full model's "
                              f"{full_macs / 1e6:.3f} MMACs")
 
     def run(self, ctx: MethodContext) -> nn.Module:
@@ -104,12 +105,21 @@ class PruneMethod(Method):
 class ScratchMethod(Method):
     """The uniform width multiplier whose MACs match the target, trained for the same total epochs."""
 
+    def __init__(self):
+        self._mult: float | None = None  # found by check()
+
     def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
         if ctx.target_mmacs is None:
-            raise ValueError("scratch needs a MAC target (target_mmacs)")
+            raise ConfigError("scratch needs a MAC target (target_mmacs)")
+        try:  # a target no width multiplier reaches is refused here, before anything is written
+            self._mult = match_width(ctx.build_width, ctx.example_inputs, ctx.target_mmacs * 1e6)[0]
+        except ValueError as e:
+            raise ConfigError(f"scratch: {e}") from None
 
     def run(self, ctx: MethodContext) -> nn.Module:
-        mult, _ = match_width(ctx.build_width, ctx.example_inputs, ctx.target_mmacs * 1e6)
+        if self._mult is None:
+            self.check(ctx, 0.0, 0.0)
+        mult = self._mult
         model = ctx.build_width(mult)
         ctx.stage(model, "scratch", ctx.seed_epochs + ctx.epochs * ctx.rounds, width_mult=mult)
         return model

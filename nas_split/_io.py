@@ -1,15 +1,20 @@
-"""Atomic file writes: write to a temporary file in the same directory, fsync, then rename over the target."""
+"""Atomic file writes (a temporary file in the same directory, fsync, then rename over the target) and the
+output lock that keeps two runs from writing one output."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "output_lock", "remove_path"]
 
 
 def _atomic(path: str | os.PathLike, write) -> Path:
@@ -44,3 +49,90 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically ``torch.save`` ``obj``."""
     return _atomic(path, lambda f: torch.save(obj, f))
+
+
+_HELD: set[Path] = set()  # output locks this process holds (taking one again is a no-op)
+
+
+def _lock_owner(lock: Path) -> tuple[int, str] | None:
+    try:
+        pid, host = lock.read_text().split()[:2]
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[Path]:
+    """Hold the lock of the output path ``out`` for a run: ``.NAME.lock`` beside it, holding ``pid host``.
+
+    A second process asking for the same output gets :class:`~nas_split.errors.RunLockedError` naming the owner.
+    A lock whose owner on this host no longer runs is stale: it is taken over, and the hidden leftovers of that
+    owner (``.NAME.partial-PID`` / ``.NAME.old-PID`` beside ``out``) are removed.  A lock held by another host is
+    never taken over.  Re-entrant within one process.
+
+    Raises:
+        RunLockedError: another live process holds the lock.
+        ConfigError: the directory that would hold ``out`` cannot be created or written.
+    """
+    from .errors import ConfigError, RunLockedError
+
+    out = Path(out).absolute()
+    if out in _HELD:
+        yield out.with_name(f".{out.name}.lock")
+        return
+    lock = out.with_name(f".{out.name}.lock")
+    me = (os.getpid(), socket.gethostname())
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _lock_owner(lock)
+                if owner is not None and (owner[1] != me[1] or _alive(owner[0])):
+                    raise RunLockedError(f"output {str(out)!r} is in use by process {owner[0]} on {owner[1]} "
+                                         f"(lock file {str(lock)!r}); wait for it or choose another --out") from None
+                stale = lock.with_name(f"{lock.name}.stale-{me[0]}")
+                try:
+                    os.replace(lock, stale)  # one taker wins; the others retry and find the new owner
+                    stale.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{me[0]} {me[1]}\n")
+            break
+        else:
+            raise RunLockedError(f"output {str(out)!r}: could not take its lock {str(lock)!r}")
+    except OSError as e:
+        raise ConfigError(f"cannot write output {str(out)!r}: {e.strerror or e}") from None
+    _HELD.add(out)
+    try:
+        for left in out.parent.glob(f".{out.name}.partial-*"):
+            shutil.rmtree(left, ignore_errors=True)
+        for left in out.parent.glob(f".{out.name}.old-*"):
+            remove_path(left)
+        yield lock
+    finally:
+        _HELD.discard(out)
+        lock.unlink(missing_ok=True)
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove a file, link or directory tree if it exists."""
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)

@@ -137,21 +137,18 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_grow(a: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from .config import ConfigError, GrowRunConfig, load_config
     from .experiment import check_out_dir, prepare
-    from .grow_run import run_grow, validate_growth
+    from .grow_run import RESUME_KEYS, latest_checkpoint, resume_config, run_grow, validate_growth
 
     if a.resume:
-        res = Path(a.resume) / "results.json"
-        if not res.is_file():
-            raise ConfigError(f"--resume {a.resume!r}: no results.json there")
-        base = json.loads(res.read_text())["config"]
-        own = [o for o in _overrides(a) if o not in ("train.progress=false", "latency=false")]
-        if own or a.config:
-            raise ConfigError("--resume continues with the run's own configuration; give no other options")
+        if not Path(a.resume, "results.json").is_file() and latest_checkpoint(a.resume) is None:
+            raise ConfigError(f"--resume {a.resume!r}: no results.json there, nor checkpoints")
+        changed = [o for o in _overrides(a) if o.partition("=")[0].strip() not in RESUME_KEYS]
+        if changed or a.config:
+            raise ConfigError(f"--resume continues with the run's own configuration; of the options only "
+                              f"{', '.join(RESUME_KEYS)} may change (got {(changed or ['--config'])[0]!r})")
+        base = {**resume_config(a.resume), "out": str(Path(a.resume))}  # the directory given, wherever we are
         cfg = load_config(GrowRunConfig, None, _overrides(a), base=base)
     else:
         cfg = load_config(GrowRunConfig, a.config, _overrides(a))
@@ -186,15 +183,23 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 def _cmd_compare(a: argparse.Namespace) -> int:
-    from .compare import CompareConfig, describe, log, validate_compare
+    from ._io import output_lock
+    from .compare import CompareConfig, validate_compare
     from .config import load_config
     from .experiment import check_out_dir
-    from .report import write_report
 
     cfg = load_config(CompareConfig, a.config, _overrides(a))
     if a.overwrite:
         check_out_dir(cfg.out, True)
     runs = validate_compare(cfg)
+    with output_lock(cfg.out):
+        return _compare(a, cfg, runs)
+
+
+def _compare(a: argparse.Namespace, cfg, runs) -> int:
+    from .compare import describe, log
+    from .report import write_report
+
     log(f"{len(runs)} runs ({len(cfg.entries())} methods x {len(cfg.targets_mmacs) or 1} targets x "
         f"{len(cfg.seeds)} seeds) -> {cfg.out}")
     if a.engine == "nni":
@@ -215,14 +220,15 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 
 
 def _cmd_nni(a: argparse.Namespace) -> int:
+    import shutil
+
+    from ._io import output_lock
     from .config import NniRunConfig, load_config
     from .experiment import check_out_dir
 
     cfg = load_config(NniRunConfig, a.config, _overrides(a))
     if not a.view:
         check_out_dir(cfg.out, a.overwrite)
-    import shutil
-
     from .nni_strategy import build_experiment, check_port
 
     if a.view:
@@ -231,8 +237,15 @@ def _cmd_nni(a: argparse.Namespace) -> int:
         print(f"web UI of {a.view}: http://localhost:{cfg.port}  (Ctrl-C to stop)")
         exp.view(cfg.port)
         return 0
-    if a.overwrite and Path(cfg.out).exists():
-        shutil.rmtree(cfg.out)
+    with output_lock(cfg.out):
+        if a.overwrite and Path(cfg.out).exists():
+            shutil.rmtree(cfg.out)
+        return _nni(cfg)
+
+
+def _nni(cfg) -> int:
+    from .nni_strategy import build_experiment
+
     exp, strategy = build_experiment(cfg)
     if cfg.engine == "ts":
         print(f"web UI: http://localhost:{cfg.port}  (experiment {exp.id})", flush=True)
@@ -275,26 +288,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import search_spaces
 
-    from .config import ConfigError
-    from .data import DataNotFoundError, UnknownDatasetError
-    from .experiment import BackboneMismatchError
-    from .methods import UnknownMethodError
-    from .splitting.neurons import NotAnalyzableError
-    from .surgery import NotGrowableError
+    from .errors import NasSplitError
 
-    user_errors = (ConfigError, DataNotFoundError, UnknownDatasetError, search_spaces.UnknownSpaceError,
-                   BackboneMismatchError, NotGrowableError, NotAnalyzableError, UnknownMethodError)
     try:
         return {"train": _cmd_train, "grow": _cmd_grow, "run": _cmd_run, "compare": _cmd_compare,
                 "nni": _cmd_nni, "list": _cmd_list}[args.verb](args)
-    except user_errors as e:
-        return _fail(str(e))
-    except ValueError as e:  # option values a builder refuses (widths of the wrong length, ...)
-        return _fail(str(e).splitlines()[0])
-    except FloatingPointError as e:  # NaN loss; the last completed stage's checkpoint is intact
-        return _fail(f"{e} (the run directory keeps the last completed stage; fix the recipe and --resume)")
+    except (NasSplitError, search_spaces.UnknownSpaceError) as e:  # anything else is a bug: traceback, exit 1
+        return _fail((str(e).strip().splitlines() or [type(e).__name__])[0])
     except KeyboardInterrupt:
         return _fail("interrupted")
+
 
 
 if __name__ == "__main__":

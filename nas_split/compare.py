@@ -23,8 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ._io import atomic_write_json
+from ._io import atomic_write_json, output_lock
 from .config import ConfigError, MethodRunConfig, RunConfig
+from .errors import DivergedError, NasSplitError
 
 __all__ = ["MethodEntry", "CompareConfig", "PlannedRun", "plan_runs", "validate_compare", "run_compare",
            "finished_result", "worker_threads", "run_one", "describe", "log"]
@@ -72,8 +73,17 @@ class CompareConfig(RunConfig):
     @field_validator("targets_mmacs")
     @classmethod
     def _positive(cls, v: list[float]) -> list[float]:
-        if any(t <= 0 for t in v):
-            raise ValueError("MAC targets must be > 0")
+        if any(not 0 < t < float("inf") for t in v):
+            raise ValueError("MAC targets must be finite and > 0")
+        if len(set(v)) != len(v):
+            raise ValueError("a MAC target is listed twice")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seed {next(s for s in v if v.count(s) > 1)} is listed twice; each seed is one run")
         return v
 
     def entries(self) -> list[MethodEntry]:
@@ -137,9 +147,7 @@ def validate_compare(cfg: CompareConfig) -> list[PlannedRun]:
             continue  # the checks do not depend on the seed
         try:
             method_context(run.config, prepared)
-        except ConfigError as e:
-            raise ConfigError(f"method {run.label!r}: {e}") from None
-        except (KeyError, ValueError) as e:
+        except NasSplitError as e:
             where = "" if run.target_mmacs is None else f" at target {run.target_mmacs:g} MMACs"
             raise ConfigError(f"method {run.label!r}{where}: {str(e).splitlines()[0]}") from None
     return runs
@@ -156,8 +164,11 @@ def finished_result(run: PlannedRun) -> dict | None:
     p = Path(run.config.out) / "results.json"
     if not p.is_file():
         return None
-    res = json.loads(p.read_text())
-    if res.get("status") != "done":
+    try:
+        res = json.loads(p.read_text())
+    except ValueError:  # damaged: the run is redone
+        return None
+    if not isinstance(res, dict) or res.get("status") != "done":
         return None
     if res.get("config") != run.config.model_dump():
         raise ConfigError(f"{run.config.out!r} holds a finished run of a different configuration; "
@@ -190,9 +201,16 @@ def run_compare(cfg: CompareConfig, overwrite: bool = False,
                 runs: list[PlannedRun] | None = None) -> list[tuple[PlannedRun, dict]]:
     """Run every planned run that has not finished; returns ``(run, results)`` for all of them, in plan order.
 
-    ``on_done(run, results, skipped)`` is called as each run finishes (or is found finished).
+    ``on_done(run, results, skipped)`` is called as each run finishes (or is found finished).  The output is
+    locked while it runs (a second comparison into it is refused).
     """
     runs = runs or validate_compare(cfg)
+    with output_lock(cfg.out):
+        return _run_compare(cfg, overwrite, on_done, runs)
+
+
+def _run_compare(cfg: CompareConfig, overwrite: bool, on_done: Callable[[PlannedRun, dict, bool], None],
+                 runs: list[PlannedRun]) -> list[tuple[PlannedRun, dict]]:
     out = Path(cfg.out)
     if overwrite and out.exists():
         shutil.rmtree(out)
@@ -213,12 +231,17 @@ def run_compare(cfg: CompareConfig, overwrite: bool = False,
             results[run.key] = res
             on_done(run, res, True)
     threads = worker_threads(cfg.jobs, len(todo))
-    if cfg.jobs == 1 or len(todo) <= 1:
-        for run in todo:
-            results[run.key] = run_one(run.config.model_dump(), threads)
-            on_done(run, results[run.key], False)
-    else:
-        _run_parallel(todo, cfg.jobs, threads, results, on_done)
+    try:
+        if cfg.jobs == 1 or len(todo) <= 1:
+            for run in todo:
+                results[run.key] = run_one(run.config.model_dump(), threads)
+                on_done(run, results[run.key], False)
+        else:
+            _run_parallel(todo, cfg.jobs, threads, results, on_done)
+    except DivergedError as e:
+        cause = str(e).split("; nothing was written")[0]
+        raise DivergedError(f"{cause}; the finished runs are kept, but a changed recipe is another comparison: "
+                            "rerun into another --out (or with --overwrite) with a lower learning rate") from e
     return [(r, results[r.key]) for r in runs]
 
 

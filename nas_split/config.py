@@ -10,16 +10,13 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import ConfigError
 from .training import TrainConfig
 
 __all__ = ["ConfigError", "RunConfig", "GrowthConfig", "GrowRunConfig", "MethodRunConfig", "NniRunConfig",
            "load_config", "apply_overrides", "validation_message"]
 
 M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is one line naming the key and the problem."""
 
 
 class RunConfig(BaseModel):
@@ -52,8 +49,10 @@ class GrowthConfig(BaseModel):
     only_negative: bool = True
     energy_aware: bool = False
     cost: Literal["macs", "energy"] = "macs"
-    budget_mmacs: float | None = Field(None, gt=0, description="stop once the model reaches this many MMACs")
-    budget_energy_uj: float | None = Field(None, gt=0, description="stop once the energy estimate reaches this")
+    budget_mmacs: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                       description="stop once the model reaches this many MMACs")
+    budget_energy_uj: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                           description="stop once the energy estimate reaches this")
     max_width: int | None = Field(None, ge=1)
     round_to: int | None = Field(None, ge=1)
     carry_optimizer: bool = True
@@ -82,7 +81,7 @@ class MethodRunConfig(RunConfig):
     seed_options: dict[str, Any] = Field(default_factory=lambda: {"width_mult": 0.25})
     rounds: int = Field(3, ge=0)
     seed_epochs: int | None = Field(None, ge=0, description="seed / full-model epochs (default train.epochs)")
-    target_mmacs: float | None = Field(None, gt=0)
+    target_mmacs: float | None = Field(None, gt=0, allow_inf_nan=False)
     out: str = "runs/method"
 
 

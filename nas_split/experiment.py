@@ -16,16 +16,19 @@ from torch import nn
 
 import search_spaces
 
+from ._io import output_lock, remove_path
 from .config import ConfigError, MethodRunConfig, RunConfig
 from .data import DataSplits, create_dataset
+from .errors import DivergedError, NasSplitError
 from .runlog import RunWriter
 from .stages import StageRunner
+from .training import check_devices
 
 __all__ = ["Prepared", "BackboneMismatchError", "prepare", "check_out_dir", "run_train", "method_context",
            "run_method"]
 
 
-class BackboneMismatchError(ValueError):
+class BackboneMismatchError(NasSplitError, ValueError):
     """The backbone cannot take the dataset's samples."""
 
 
@@ -39,7 +42,9 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    """Load the dataset, build the backbone for it and check that they fit (raises before anything is written)."""
+    """Check the device settings, load the dataset, build the backbone for it and check that they fit (raises a
+    :class:`~nas_split.errors.NasSplitError` before anything is written)."""
+    check_devices(cfg.train)
     data = create_dataset(cfg.dataset, seed=cfg.train.seed, root=cfg.data_dir, **_opts(cfg.dataset_options, "dataset"))
     space = search_spaces.info(cfg.backbone)
     info = data.info
@@ -55,8 +60,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     try:
         model = search_spaces.create(cfg.backbone, num_classes=info.num_classes, in_chans=info.in_chans,
                                      input_size=info.input_size, **opts)
-    except TypeError as e:
-        raise ConfigError(f"backbone_options for {cfg.backbone!r}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"backbone_options for {cfg.backbone!r}: {str(e).splitlines()[0]}") from None
     x = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
     try:
         with torch.no_grad():
@@ -84,25 +89,35 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
+    if out.exists() or out.is_symlink():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
     else:
         tmp.rename(out)
 
 
 def _publish_run(cfg: RunConfig, overwrite: bool, meta: dict, body) -> dict:
-    """Write a run into a temporary sibling of ``cfg.out`` with ``body(writer)`` and rename it when done."""
-    out = check_out_dir(cfg.out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    writer = RunWriter(tmp, meta)
-    hparams = body(writer)
-    results = writer.finish(hparams)
-    _publish(tmp, out)
+    """Write a run into a temporary sibling of ``cfg.out`` with ``body(writer)`` and rename it when done.
+
+    The output is locked for the whole run (:func:`nas_split._io.output_lock`); a run that fails leaves nothing
+    behind (its temporary directory is removed), so ``cfg.out`` holds a complete run or what it held before.
+    """
+    with output_lock(cfg.out):
+        out = check_out_dir(cfg.out, overwrite)
+        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+        try:
+            writer = RunWriter(tmp, meta)
+            hparams = body(writer)
+            results = writer.finish(hparams)
+            _publish(tmp, out)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, FloatingPointError):
+                raise DivergedError(f"{e}; nothing was written: lower the learning rate (--lr) and run again") \
+                    from e
+            raise
     return results
 
 
@@ -132,8 +147,10 @@ def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
     try:
         method = create_method(cfg.method, **cfg.method_options)
         seed = build(**cfg.seed_options)
-    except TypeError as e:
-        raise ConfigError(f"options of {cfg.method!r} or seed_options: {e}") from None
+    except (TypeError, ValueError) as e:  # option names and values the method or the builder refuses
+        if isinstance(e, NasSplitError):
+            raise
+        raise ConfigError(f"options of {cfg.method!r} or seed_options: {str(e).splitlines()[0]}") from None
     ctx = MethodContext(data=p.data, recipe=cfg.train, example_inputs=p.example_inputs, record=record,
                         latency=cfg.latency, build_seed=lambda: build(**cfg.seed_options), build_full=build,
                         build_width=build_width,

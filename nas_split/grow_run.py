@@ -9,13 +9,16 @@ uninterrupted one.
 from __future__ import annotations
 
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ._io import atomic_torch_save
+from ._io import atomic_torch_save, output_lock
 from .config import ConfigError, GrowRunConfig, GrowthConfig
 from .cost import measure_cost
+from .errors import DivergedError, UntrustedFileError
 from .experiment import Prepared, check_out_dir, prepare
 from .grower import Grower
 from .runlog import RunWriter
@@ -24,13 +27,91 @@ from .stages import StageRunner, stage_seed
 from .surgery.export import build_grown, grown_payload
 from .training import make_optimizer
 
-__all__ = ["run_grow", "validate_growth", "latest_checkpoint", "make_grower"]
+__all__ = ["run_grow", "validate_growth", "latest_checkpoint", "resume_point", "resume_config", "make_grower",
+           "RESUME_KEYS"]
+
+#: Keys a resumed run may change (``--set`` / flags with ``--resume``): the recipe of the stages still to come.
+RESUME_KEYS = ("train.lr", "train.momentum", "train.nesterov", "train.weight_decay",
+               "train.schedule", "train.milestones", "train.gamma", "train.warmup_epochs", "train.label_smoothing",
+               "train.progress", "latency")
+_CHECKPOINT_KEYS = {"stage", "model", "optimizer", "spectra", "results"}
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
-    """The last completed stage of a run directory and its checkpoint, if any."""
-    found = [(int(p.stem[5:]), p) for p in Path(run_dir, "checkpoints").glob("stage*.pt") if p.stem[5:].isdigit()]
-    return max(found) if found else None
+    """The last stage of a run directory that has a checkpoint file (not checked), if any."""
+    found = _checkpoints(run_dir)
+    return found[0] if found else None
+
+
+def _checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(stage, path)`` of every ``checkpoints/stage{k}.pt``, newest first."""
+    return sorted(((int(p.stem[5:]), p) for p in Path(run_dir, "checkpoints").glob("stage*.pt")
+                   if p.stem[5:].isdigit()), reverse=True)
+
+
+@dataclass
+class ResumePoint:
+    """A verified checkpoint to resume from: its stage, content and rebuilt model, and the newer ones skipped."""
+
+    stage: int
+    checkpoint: dict
+    model: torch.nn.Module
+    skipped: list[str]
+
+
+def _verify(stage: int, path: Path) -> tuple[dict, torch.nn.Module]:
+    """Load and check one checkpoint; raises ``ValueError`` with the reason it cannot be resumed from."""
+    try:
+        ckpt = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"unreadable ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not set(ckpt) >= _CHECKPOINT_KEYS:
+        missing = sorted(_CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else ["everything"]
+        raise ValueError(f"not a grow checkpoint (missing {', '.join(missing)})")
+    res = ckpt["results"]
+    if ckpt["stage"] != stage or not isinstance(res, dict) or not isinstance(res.get("stages"), list) \
+            or len(res["stages"]) != stage + 1 or not isinstance(res.get("config"), dict):
+        raise ValueError("its records do not match its stage")
+    try:
+        model = build_grown(ckpt["model"])
+    except UntrustedFileError:
+        raise
+    except Exception as e:
+        raise ValueError(f"its model cannot be rebuilt ({type(e).__name__}: {str(e)[:120]})") from None
+    return ckpt, model
+
+
+def resume_point(run_dir: str | Path) -> ResumePoint:
+    """The newest checkpoint of ``run_dir`` that loads and checks out; newer broken ones are listed as skipped.
+
+    Raises:
+        ConfigError: no checkpoint can be resumed from (the message lists why each was refused).
+        UntrustedFileError: a checkpoint's model names a factory (nothing named in a file is run).
+    """
+    skipped = []
+    for stage, path in _checkpoints(run_dir):
+        try:
+            ckpt, model = _verify(stage, path)
+        except ValueError as e:
+            skipped.append(f"{path.name}: {e}")
+            continue
+        return ResumePoint(stage, ckpt, model, skipped)
+    why = f" ({'; '.join(skipped)})" if skipped else ": no checkpoints/stage*.pt"
+    raise ConfigError(f"nothing to resume in {str(run_dir)!r}{why}")
+
+
+def resume_config(run_dir: str | Path) -> dict:
+    """The configuration a run directory was started with: from ``results.json``, or, when that is missing or
+    damaged, from the newest checkpoint that holds it."""
+    import json
+
+    try:
+        res = json.loads(Path(run_dir, "results.json").read_text())
+        if isinstance(res, dict) and isinstance(res.get("config"), dict):
+            return res["config"]
+    except (OSError, ValueError):
+        pass
+    return resume_point(run_dir).checkpoint["results"]["config"]
 
 
 def make_grower(g: GrowthConfig, model, example_inputs, optimizer, seed: int,
@@ -66,12 +147,20 @@ def _save(run_dir: Path, stage: int, model, optimizer, spectra: dict[str, Spectr
 
 def run_grow(cfg: GrowRunConfig, resume: bool = False, overwrite: bool = False,
              prepared: Prepared | None = None) -> dict:
-    """Run (or resume) a growth experiment into ``cfg.out``; returns the content of ``results.json``."""
+    """Run (or resume) a growth experiment into ``cfg.out``; returns the content of ``results.json``.
+
+    The output is locked for the whole run.  On resume, the newest checkpoint that loads and checks out is used
+    (newer damaged ones are reported on stderr and rewritten as the run goes on); the recipe may differ from the
+    stored one in :data:`RESUME_KEYS` (e.g. a lower learning rate after a diverged stage).
+    """
+    with output_lock(cfg.out):
+        return _run_grow(cfg, resume, overwrite, prepared)
+
+
+def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepared | None) -> dict:
     g = cfg.growth
     run_dir = Path(cfg.out)
-    start = latest_checkpoint(run_dir) if resume else None
-    if resume and start is None:
-        raise ConfigError(f"nothing to resume in {str(run_dir)!r}: no checkpoints/stage*.pt")
+    start = resume_point(run_dir) if resume else None
     if not resume:
         check_out_dir(run_dir, overwrite)
     p = prepared or prepare(cfg)
@@ -82,13 +171,18 @@ def run_grow(cfg: GrowRunConfig, resume: bool = False, overwrite: bool = False,
     info = p.data.info
     model, optimizer, previous, results, first = p.model, None, {}, None, 0
     if start is not None:
-        ckpt = torch.load(start[1], weights_only=True)
-        model = build_grown(ckpt["model"])
+        for why in start.skipped:
+            print(f"nas-split: warning: {why}; resuming after stage {start.stage}", file=sys.stderr)
+        ckpt, model = start.checkpoint, start.model
         if ckpt["optimizer"] is not None:
             optimizer = make_optimizer(model, cfg.train)
+            recipe = [{k: v for k, v in grp.items() if k != "params"} for grp in optimizer.param_groups]
             optimizer.load_state_dict(ckpt["optimizer"])
+            for grp, hyper in zip(optimizer.param_groups, recipe, strict=True):  # a changed recipe applies from here
+                grp.update(hyper)
         previous = {k: Spectrum(**v) for k, v in ckpt["spectra"].items()}
-        results, first = ckpt["results"], start[0] + 1
+        results, first = ckpt["results"], start.stage + 1
+        results["config"] = cfg.model_dump()
     writer = RunWriter(run_dir, {"command": "grow", "config": cfg.model_dump(),
                                  "dataset": {"name": info.name, "kind": info.kind,
                                              "input_shape": list(info.input_shape), "num_classes": info.num_classes},
@@ -118,6 +212,13 @@ def run_grow(cfg: GrowRunConfig, resume: bool = False, overwrite: bool = False,
         return writer.finish({"method": g.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
                               "rounds": g.rounds, "grow_ratio": g.grow_ratio, "eps": g.eps, "seed": cfg.train.seed,
                               "energy_aware": g.energy_aware})
+    except FloatingPointError as e:  # a diverged stage: say what was kept and how to go on
+        writer.fail(f"{type(e).__name__}: {e}")
+        if latest_checkpoint(run_dir) is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise DivergedError(f"{e}; nothing was kept: lower the learning rate (--lr) and run again") from e
+        raise DivergedError(f"{e}; {str(run_dir)!r} keeps the stages completed before it: continue with a lower "
+                            f"learning rate, nas-split grow --resume {run_dir} --lr LR") from e
     except BaseException as e:
         writer.fail(f"{type(e).__name__}: {e}")
         raise

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from .errors import ConfigError, NasSplitError
 from .grower import METHODS, Grower
 from .stages import StageRunner, stage_seed
 
@@ -26,11 +27,8 @@ __all__ = ["MethodContext", "Method", "GrowthMethod", "register_method", "create
            "load_baselines", "UnknownMethodError"]
 
 
-class UnknownMethodError(KeyError):
+class UnknownMethodError(NasSplitError, KeyError):
     """A method name that is not registered."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 @dataclass(kw_only=True)
@@ -115,11 +113,11 @@ class GrowthMethod(Method):
         if ctx.target_mmacs is None:
             return
         if ctx.target_mmacs * 1e6 <= seed_macs:
-            raise ValueError(f"{self.name}: MAC target {ctx.target_mmacs} MMACs is not above the seed's "
+            raise ConfigError(f"{self.name}: MAC target {ctx.target_mmacs} MMACs is not above the seed's "
                              f"{seed_macs / 1e6:.3f} MMACs")
         reach = seed_macs * self.max_round_factor ** ctx.rounds
         if ctx.target_mmacs * 1e6 > reach:
-            raise ValueError(f"{self.name}: MAC target {ctx.target_mmacs} MMACs is out of reach of {ctx.rounds} "
+            raise ConfigError(f"{self.name}: MAC target {ctx.target_mmacs} MMACs is out of reach of {ctx.rounds} "
                              f"round(s) from the seed's {seed_macs / 1e6:.3f} MMACs (at most {reach / 1e6:.3f}); "
                              "add rounds or widen the seed")
 

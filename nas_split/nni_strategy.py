@@ -65,7 +65,7 @@ class BackboneSpace(ModelSpace):
 
     def __init__(self, spec: dict[str, Any], sizes: dict[str, list[int]] | None = None):
         super().__init__()
-        self.net = build_spec(spec)
+        self.net = build_spec(spec, import_factory=True)  # the caller's own spec, not a file's
         if sizes:
             apply_sizes(self.net, sizes)
         self.net.nas_split_spec = spec
@@ -118,7 +118,7 @@ def train_stage(model: nn.Module, run: dict[str, Any], stage: int = 0, checkpoin
         net.load_state_dict(torch.load(init_checkpoint, weights_only=True)["state_dict"])
     elif stage == 0:  # the seed's weights depend on the run's seed only, on either engine (as in `nas-split grow`)
         torch.manual_seed(cfg.train.seed)
-        net.load_state_dict(build_spec(net.nas_split_spec).state_dict())
+        net.load_state_dict(build_spec(net.nas_split_spec, import_factory=True).state_dict())
     info = _grow(net, cfg.train.seed, x, runner, growth, stage, max_macs) if growth else None
     extra = {"growth": info, "analysis_seconds": info["analysis_seconds"]} if info else {}
     writer = None

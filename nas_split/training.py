@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader
 
-__all__ = ["TrainConfig", "Trainer", "FitResult", "EvalResult", "make_optimizer", "lr_factor"]
+from .errors import ConfigError, DivergedError
+
+__all__ = ["TrainConfig", "Trainer", "FitResult", "EvalResult", "make_optimizer", "lr_factor", "check_devices"]
 
 
 class TrainConfig(BaseModel):
@@ -46,6 +48,21 @@ class TrainConfig(BaseModel):
     num_nodes: int = Field(1, ge=1)
     precision: str = "32-true"
     progress: bool = True
+
+
+def check_devices(cfg: TrainConfig) -> None:
+    """Refuse ``accelerator`` / ``devices`` / ``strategy`` / ``num_nodes`` / ``precision`` values that Lightning
+    Fabric cannot use on this machine (a GPU asked for where there is none, a misspelt name), before anything is
+    written; raises :class:`~nas_split.errors.ConfigError` naming the settings and Fabric's reason."""
+    from lightning_fabric import Fabric
+
+    try:
+        Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
+               precision=cfg.precision)
+    except (ValueError, RuntimeError, TypeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"train.accelerator={cfg.accelerator!r}, devices={cfg.devices!r}, strategy={cfg.strategy!r}, "
+                          f"precision={cfg.precision!r} cannot be used here: {reason}") from None
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -159,7 +176,7 @@ class Trainer:
                 self.fabric.backward(total)
                 fopt.step()
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch}, step {step}")
+                    raise DivergedError(f"{desc}: loss became {loss.item()} at epoch {epoch}, step {step}")
                 loss_sum += loss.detach() * len(y)
                 correct += (out.detach().argmax(1) == y).sum()
                 n += len(y)

@@ -46,6 +46,8 @@ def _factory(default_widths: tuple[int, ...]):
             raise ValueError("mlp needs input_size (the image side) to size its first layer")
         if act not in _ACTS:
             raise ValueError(f"act must be one of {sorted(_ACTS)}, got {act!r}")
+        if not width_mult > 0:
+            raise ValueError(f"width_mult must be > 0, got {width_mult}")
         widths = widths or [max(1, round(w * width_mult)) for w in default_widths]
         return MLP(num_classes, in_chans * input_size * input_size, tuple(widths), _ACTS[act], norm)
 

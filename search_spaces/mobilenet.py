@@ -89,6 +89,8 @@ def gen_mobilenet(variant: str, stages: tuple, head: int | None, *, width_mult: 
         raise ValueError("nas-split never loads pretrained weights (growth starts from a seed); use pretrained=False")
     features_only = kwargs.pop("features_only", False)
     feature_opts = {k: kwargs.pop(k) for k in ("out_indices", "feature_cls") if k in kwargs}
+    if not width_mult > 0:
+        raise ValueError(f"{variant}: width_mult must be > 0, got {width_mult}")
     depths = list(depths or [s[2] for s in stages])
     if len(depths) != len(stages) or min(depths) < 1:
         raise ValueError(f"depths must list {len(stages)} positive block counts, got {depths}")

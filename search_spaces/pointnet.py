@@ -100,6 +100,8 @@ class PointNet(nn.Module):
 
 
 def _scaled(widths: tuple[int, ...], mult: float) -> list[int]:
+    if not mult > 0:
+        raise ValueError(f"width_mult must be > 0, got {mult}")
     return [max(1, int(round(w * mult))) for w in widths]
 
 

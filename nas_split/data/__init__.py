@@ -7,6 +7,7 @@ Bundled or generated (no download): ``digits``, ``digits-points``, ``shapes3d``.
 """
 from . import images, points  # noqa: F401 - registration side effects
 from ._registry import (
+                        DataFormatError,
                         DataNotFoundError,
                         DatasetInfo,
                         DataSplits,
@@ -17,5 +18,5 @@ from ._registry import (
                         register_dataset,
 )
 
-__all__ = ["DataNotFoundError", "DatasetInfo", "DataSplits", "UnknownDatasetError", "create_dataset",
+__all__ = ["DataFormatError", "DataNotFoundError", "DatasetInfo", "DataSplits", "UnknownDatasetError", "create_dataset",
            "dataset_info", "list_datasets", "register_dataset"]

@@ -2,25 +2,30 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from pydantic import ValidationError, validate_call
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["DatasetInfo", "DataSplits", "DataNotFoundError", "UnknownDatasetError", "register_dataset",
-           "create_dataset", "list_datasets", "dataset_info"]
+from ..errors import ConfigError, NasSplitError
+
+__all__ = ["DatasetInfo", "DataSplits", "DataNotFoundError", "DataFormatError", "UnknownDatasetError",
+           "register_dataset", "create_dataset", "list_datasets", "dataset_info"]
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(NasSplitError, FileNotFoundError):
     """The files of a dataset are not where the loader looked; the message says where and how to get them."""
 
 
-class UnknownDatasetError(KeyError):
-    """A dataset name that is not registered."""
+class DataFormatError(NasSplitError, ValueError):
+    """A dataset file that exists but cannot be read (not the expected format, truncated, inconsistent)."""
 
-    def __str__(self) -> str:
-        return str(self.args[0])
+
+class UnknownDatasetError(NasSplitError, KeyError):
+    """A dataset name that is not registered."""
 
 
 @dataclass(frozen=True)
@@ -77,16 +82,20 @@ class DataSplits:
 class _Entry:
     fn: Callable[..., DataSplits]
     description: str
+    reads_files: bool
 
 
 _DATASETS: dict[str, _Entry] = {}
 
 
-def register_dataset(name: str, description: str) -> Callable:
-    """Decorator registering ``fn(seed=0, root=None, **options) -> DataSplits`` under ``name``."""
+def register_dataset(name: str, description: str, reads_files: bool = True) -> Callable:
+    """Decorator registering ``fn(seed=0, root=None, **options) -> DataSplits`` under ``name``.
+
+    ``reads_files=False`` marks a dataset that is bundled or generated, for which a ``root`` is refused.
+    """
 
     def deco(fn: Callable[..., DataSplits]) -> Callable[..., DataSplits]:
-        _DATASETS[name] = _Entry(fn, description)
+        _DATASETS[name] = _Entry(fn, description, reads_files)
         return fn
 
     return deco
@@ -117,6 +126,31 @@ def create_dataset(name: str, seed: int = 0, root: str | None = None, **options)
         name: a registered name (see :func:`list_datasets`).
         seed: fixes the train/val split, sampling of points and synthetic data.
         root: directory of the dataset's files (datasets that read files; default per dataset).
-        **options: dataset-specific options (``num_points``, ``download``, ``val_fraction``...).
+        **options: dataset-specific options (``num_points``, ``download``, ``val_fraction``...), validated against
+            the loader's signature and type hints; fractions must lie in (0, 1).
+
+    Raises:
+        ConfigError: an option the loader does not take, of the wrong type or out of range, or a ``root`` for a
+            dataset that reads no files.
     """
-    return _entry(name).fn(seed=seed, root=root, **options)
+    entry = _entry(name)
+    if root is not None and not entry.reads_files:
+        raise ConfigError(f"dataset {name!r} reads no files (it is bundled or generated); data_dir / --data-dir "
+                          "does not apply to it")
+    for key in ("val_fraction", "test_fraction"):
+        v = options.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool) and not 0 < v < 1:
+            raise ConfigError(f"dataset_options.{key}={v!r}: must lie strictly between 0 and 1")
+    try:
+        return validate_call(entry.fn)(seed=seed, root=root, **options)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "unexpected_keyword_argument":
+            raise ConfigError(f"dataset_options.{key}: dataset {name!r} takes no such option "
+                              f"(it takes {', '.join(_options(entry.fn))})") from None
+        raise ConfigError(f"dataset_options.{key}={err.get('input')!r}: {err['msg']}") from None
+
+
+def _options(fn: Callable) -> list[str]:
+    return [p for p in inspect.signature(fn).parameters if p not in ("seed", "root")]

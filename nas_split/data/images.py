@@ -4,11 +4,13 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from ._registry import DataNotFoundError, DatasetInfo, DataSplits, register_dataset
+from ..errors import ConfigError
+from ._registry import DataFormatError, DataNotFoundError, DatasetInfo, DataSplits, register_dataset
 from ._split import Augmented, split_indices, tensor_dataset
 
 __all__ = ["read_idx", "read_cifar", "find_fashion_mnist", "FASHION_MNIST_DIRS", "balanced_subset"]
@@ -27,15 +29,22 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     The header is two zero bytes, a type code, the number of dimensions ``d``, then ``d`` big-endian int32 sizes.
     """
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a truncated .gz ends in EOFError
+        raise DataFormatError(f"{path}: cannot be read as {'gzip' if opener is gzip.open else 'a file'} "
+                              f"({type(e).__name__}: {e or 'truncated'})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic {data[:4].hex()})")
+        raise DataFormatError(f"{path}: not an IDX file (bad magic {data[:4].hex()})")
     ndim = data[3]
+    itemsize = np.dtype(_IDX_DTYPES[data[2]]).itemsize
+    if len(data) < 4 + 4 * ndim or (len(data) - 4 - 4 * ndim) % itemsize:
+        raise DataFormatError(f"{path}: truncated IDX file ({len(data)} bytes)")
     dims = np.frombuffer(data, ">i4", count=ndim, offset=4).astype(int)
     arr = np.frombuffer(data, _IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {tuple(dims)} but the file holds {arr.size} values")
+        raise DataFormatError(f"{path}: header says {tuple(dims)} but the file holds {arr.size} values")
     return arr.reshape(tuple(dims))
 
 
@@ -69,7 +78,8 @@ def _images(name, x_train, y_train, x_test, y_test, mean, std, seed, val_fractio
                       tensor_dataset(x_test, y_test, mean, std))
 
 
-@register_dataset("digits", "scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes; no download)")
+@register_dataset("digits", "scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes; no download)",
+                  reads_files=False)
 def digits(seed: int = 0, root: str | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2) -> DataSplits:
     """Digits, stratified into train / val / test by ``seed`` (default 70 / 10 / 20 %)."""
     from sklearn.datasets import load_digits
@@ -86,7 +96,11 @@ def _fashion_arrays(root: str | None) -> tuple[np.ndarray, ...]:
     d = find_fashion_mnist(root)
     out = []
     for split in ("train", "test"):
-        img, lab = (read_idx(d / n) for n in _FMNIST_FILES[split])
+        names = _FMNIST_FILES[split]
+        img, lab = (read_idx(d / n) for n in names)
+        if img.ndim != 3 or lab.ndim != 1 or len(img) != len(lab):
+            raise DataFormatError(f"{d}: {names[0]} holds {img.shape[0] if img.ndim else 0} images of shape "
+                                  f"{img.shape[1:]} but {names[1]} holds {len(lab)} labels")
         out += [(img.astype(np.float32) / 255.0)[:, None], lab.astype(np.int64)]
     return tuple(out)
 
@@ -102,7 +116,7 @@ def fashion_mnist(seed: int = 0, root: str | None = None, val_fraction: float = 
     x_tr, y_tr, x_te, y_te = _fashion_arrays(root)
     if train_size is not None:
         if not 10 <= train_size <= len(y_tr):
-            raise ValueError(f"train_size must be in 10..{len(y_tr)}, got {train_size}")
+            raise ConfigError(f"dataset_options.train_size must be in 10..{len(y_tr)}, got {train_size}")
         keep = balanced_subset(y_tr, train_size)
         x_tr, y_tr = x_tr[keep], y_tr[keep]
     return _images("fashion-mnist", x_tr, y_tr, x_te, y_te, (0.2860,), (0.3530,), seed, val_fraction)

@@ -144,7 +144,8 @@ def _clouds(seed: int, n: int, num_points: int, noise: float) -> tuple[np.ndarra
 _POINTS_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
-@register_dataset("shapes3d", f"procedural point clouds of {len(SHAPES)} shapes (sphere, cube, torus, ...)")
+@register_dataset("shapes3d", f"procedural point clouds of {len(SHAPES)} shapes (sphere, cube, torus, ...)",
+                  reads_files=False)
 def shapes3d(seed: int = 0, root: str | None = None, num_points: int = 256, train_size: int = 1200,
              val_size: int = 240, test_size: int = 480, noise: float = 0.02) -> DataSplits:
     """Synthetic clouds; each split is generated from its own stream of ``seed`` (identical for equal seeds)."""
@@ -229,7 +230,8 @@ def _point_view(name: str, splits: DataSplits, num_points: int, threshold: float
     return DataSplits(info, view(splits.train), view(splits.val), view(splits.test))
 
 
-@register_dataset("digits-points", "digits as point clouds: pixels above a threshold -> (x, y, intensity)")
+@register_dataset("digits-points", "digits as point clouds: pixels above a threshold -> (x, y, intensity)",
+                  reads_files=False)
 def digits_points(seed: int = 0, root: str | None = None, num_points: int = 32, threshold: float = 0.25) -> DataSplits:
     """Point view of ``digits``."""
     from .images import digits

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DivergedError
 from .activations import second_derivative
 from .neurons import Neuron, NotAnalyzableError
 
@@ -137,7 +138,7 @@ def _passes(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss
             cap.data = {}
             loss = loss_fn(model(x), y)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} during splitting analysis")
+                raise DivergedError(f"loss is {loss.item()} during splitting analysis")
             torch.autograd.grad(loss, params, allow_unused=True)
             missing = [n for n in neurons if "g" not in cap.data.get(n, {})]
             if missing:

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import NasSplitError
 from .activations import LINEAR, activation_kind
 
 __all__ = ["Neuron", "find_neurons", "NotAnalyzableError"]
 
 
-class NotAnalyzableError(ValueError):
+class NotAnalyzableError(NasSplitError, ValueError):
     """A layer whose neurons have no splitting matrix nas-split can compute; the message says why."""
 
 

@@ -2,20 +2,27 @@
 
 ``save_grown`` writes one file holding plain data only (loadable with ``torch.load(weights_only=True)``): how
 to build the seed architecture (a ``search_spaces`` name and its arguments, recorded by ``search_spaces.create``,
-or an importable factory), the width of every conv / linear / norm layer, the ``state_dict``, and for timm
-models the timm shape string.  ``load_grown`` builds the seed, resizes its layers and loads the weights.
+or the name of a factory function), the width of every conv / linear / norm layer, the ``state_dict``, and for
+timm models the timm shape string.  ``load_grown`` builds the seed, resizes its layers and loads the weights.
+
+Loading never imports or calls code that the file names: a ``space`` spec is looked up in the
+``search_spaces`` registry (names registered by code the caller imported), and a ``factory`` spec is built only
+from the ``factories`` mapping the caller passes (``{"pkg.mod:fn": fn}``); anything else raises
+:class:`~nas_split.errors.UntrustedFileError`.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._io import atomic_torch_save
+from ..errors import NasSplitError, UntrustedFileError
 from .graph import is_depthwise
 from .handlers import resize
 
@@ -65,33 +72,72 @@ def save_grown(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any] |
     Args:
         spec: how to build the seed: ``{"space": name, "num_classes", "in_chans", "input_size", "kwargs"}``
             (recorded by ``search_spaces.create`` as ``model.nas_split_spec``) or ``{"factory":
-            "package.module:function", "kwargs": {...}}``.  JSON-serialisable values only.
+            "package.module:function", "kwargs": {...}}`` (reloaded only with ``load_grown(path,
+            factories={"package.module:function": function})``).  JSON-serialisable values only.
     """
     atomic_torch_save(path, grown_payload(model, spec))
 
 
-def build_spec(spec: dict[str, Any]) -> nn.Module:
-    """The seed model a ``spec`` (see :func:`save_grown`) describes, freshly initialised."""
+Factories = Mapping[str, Callable[..., nn.Module]]
+
+
+def build_spec(spec: dict[str, Any], factories: Factories | None = None, import_factory: bool = False) -> nn.Module:
+    """The seed model a ``spec`` (see :func:`save_grown`) describes, freshly initialised.
+
+    Args:
+        factories: ``{"pkg.mod:fn": callable}``: the factory specs the caller allows, by name.
+        import_factory: import and call a ``factory`` spec's function by its name; only for a spec that comes
+            from the caller's own code (e.g. :class:`nas_split.nni_strategy.BackboneSpace`), never from a file.
+
+    Raises:
+        UntrustedFileError: a factory spec that is neither in ``factories`` nor allowed by ``import_factory``.
+        NasSplitError: a spec of neither form.
+    """
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("kwargs", {}), Mapping):
+        raise NasSplitError(f"spec must be a mapping with a 'kwargs' mapping, got {spec!r}")
+    kwargs = dict(spec.get("kwargs", {}))
     if "space" in spec:
         import search_spaces
 
         return search_spaces.create(spec["space"], spec["num_classes"], spec["in_chans"], spec.get("input_size"),
-                                    **spec.get("kwargs", {}))
-    mod, _, fn = spec["factory"].partition(":")
-    return getattr(importlib.import_module(mod), fn)(**spec.get("kwargs", {}))
+                                    **kwargs)
+    name = spec.get("factory")
+    if not isinstance(name, str):
+        raise NasSplitError("spec names neither a search space ('space') nor a factory ('factory')")
+    if factories is not None and name in factories:
+        return factories[name](**kwargs)
+    if not import_factory:
+        raise UntrustedFileError(f"the model is built by factory {name!r}, and nas-split never imports or calls "
+                                 f"code named in a file; if you trust it, pass factories={{{name!r}: <the function>}}")
+    mod, _, fn = name.partition(":")
+    return getattr(importlib.import_module(mod), fn)(**kwargs)
 
 
-def load_grown(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model written by :func:`save_grown` (``torch.load(weights_only=True)``)."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+def load_grown(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+               factories: Factories | None = None) -> nn.Module:
+    """Rebuild a model written by :func:`save_grown` (``torch.load(weights_only=True)``).
+
+    Args:
+        factories: for a file whose spec names a factory: ``{"pkg.mod:fn": fn}``, the functions you allow to
+            build it (nothing named in the file is imported or called otherwise).
+
+    Raises:
+        NasSplitError: not a nas-split grown-model file, or unreadable.
+        UntrustedFileError: the file names a factory that ``factories`` does not allow.
+    """
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or an object weights_only refuses
+        raise NasSplitError(f"{path}: cannot be read as a grown-model file ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a nas-split grown-model file")
-    return build_grown(payload)
+        raise NasSplitError(f"{path}: not a nas-split grown-model file")
+    return build_grown(payload, factories)
 
 
-def build_grown(payload: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from :func:`grown_payload`'s description."""
-    model = build_spec(payload["spec"])
+def build_grown(payload: dict[str, Any], factories: Factories | None = None) -> nn.Module:
+    """Rebuild a model from :func:`grown_payload`'s description (``factories`` as in :func:`load_grown`)."""
+    model = build_spec(payload["spec"], factories)
     apply_sizes(model, payload["sizes"])
     model.load_state_dict(payload["state_dict"])
     for e, c in zip(_feature_entries(model), payload.get("feature_chs", []), strict=False):

@@ -16,6 +16,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..errors import NasSplitError
+
 __all__ = ["NotGrowableError", "Slot", "ChannelGroup", "CouplingGraph", "growable_layers", "is_depthwise"]
 
 _OPT = tp.ops.OPTYPE
@@ -32,7 +34,7 @@ _REFUSED_OPS = {_OPT.OUTPUT: "its channels are outputs of the model",
 Role = Literal["root", "producer", "depthwise", "norm", "consumer"]
 
 
-class NotGrowableError(ValueError):
+class NotGrowableError(NasSplitError, ValueError):
     """A layer whose output channels cannot be split or added; the message says why."""
 
 
