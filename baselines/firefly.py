@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from nas_split.grower import splittable_layers
+from nas_split.numerics import full_precision, model_device
 from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.splitting.neurons import Neuron
 from nas_split.surgery import CouplingGraph, NewChannels, SplitScheme, add_channels, split
@@ -123,6 +124,7 @@ class _Candidate:
             h.remove()
 
 
+@full_precision()
 def firefly_candidates(model: nn.Module, example_inputs: torch.Tensor, loader: Iterable, k: int = 8,
                        steps: int = 20, lr: float = 1e-3, penalty: float = 1e-2, init_scale: float = 0.1,
                        loss_fn: Callable = F.cross_entropy, layers: list[str] | None = None,
@@ -142,26 +144,28 @@ def firefly_candidates(model: nn.Module, example_inputs: torch.Tensor, loader: I
             if s.role == "consumer" and len(s.positions[0]) == 1:
                 idx = [s.positions[widths[n] + j][0] for j in range(k)]
                 new_pos.setdefault((s.name, "in"), set()).update(idx)
-                consumers.setdefault(n, {})[s.name] = torch.as_tensor(idx)
+                consumers.setdefault(n, {})[s.name] = torch.as_tensor(idx, device=model_device(model))
     orig_in = {}
     for n in neurons:
         added = new_pos.get((n, "in"), set())
         if added:
-            orig_in[n] = torch.as_tensor([i for i in range(graph.modules[n].weight.shape[1]) if i not in added])
+            orig_in[n] = torch.as_tensor([i for i in range(graph.modules[n].weight.shape[1]) if i not in added],
+                                         device=model_device(model))
     h = _Candidate(cand, neurons, names, widths, k, orig_in)
     gen = generator or torch.Generator().manual_seed(0)
     for n, nr in neurons.items():
-        row, dt = tuple(nr.layer.weight.shape[1:]), nr.layer.weight.dtype
-        h.params[f"{n}.D"] = ((torch.rand((widths[n], *row), generator=gen) * 2 - 1) * init_scale).to(dt)
-        h.params[f"{n}.A"] = (torch.randn((k, *row), generator=gen) * init_scale).to(dt)
+        row, like = tuple(nr.layer.weight.shape[1:]), nr.layer.weight  # CPU draws, then the layer's device/dtype
+        h.params[f"{n}.D"] = ((torch.rand((widths[n], *row), generator=gen) * 2 - 1) * init_scale).to(like)
+        h.params[f"{n}.A"] = (torch.randn((k, *row), generator=gen) * init_scale).to(like)
         for cname in consumers.get(n, {}):
             w = graph.modules[cname].weight
             col = (w.shape[0] - (k if cname in neurons else 0), *w.shape[2:])
-            h.params[f"{n}->{cname}.B"] = ((torch.rand((k, *col), generator=gen) * 2 - 1) * 0.01).to(w.dtype)
+            h.params[f"{n}->{cname}.B"] = ((torch.rand((k, *col), generator=gen) * 2 - 1) * 0.01).to(w)
     for p in h.params.values():
         p.requires_grad_()
     base = {name: p.detach() for name, p in cand.named_parameters()}
-    batches = list(itertools.islice(loader, steps))
+    device = model_device(model)
+    batches = [(x.to(device), y.to(device)) for x, y in itertools.islice(loader, steps)]
 
     def forward(x):
         weights = dict(base)
@@ -177,7 +181,7 @@ def firefly_candidates(model: nn.Module, example_inputs: torch.Tensor, loader: I
     opt = torch.optim.RMSprop(list(h.params.values()), lr=lr, momentum=0.1, alpha=0.9)
     try:
         for n in neurons:
-            h.gates[n] = torch.ones(widths[n] + k)
+            h.gates[n] = torch.ones(widths[n] + k, device=device)
         for x, y in batches:
             opt.zero_grad()
             loss = loss_fn(forward(x), y) + penalty * sum(h.params[f"{n}.D"].pow(2).sum()
@@ -185,8 +189,8 @@ def firefly_candidates(model: nn.Module, example_inputs: torch.Tensor, loader: I
             loss.backward()
             opt.step()
         for n in neurons:
-            h.gates[n] = torch.ones(widths[n] + k, requires_grad=True)
-        scores = {n: torch.zeros(widths[n] + k) for n in neurons}
+            h.gates[n] = torch.ones(widths[n] + k, device=device, requires_grad=True)
+        scores = {n: torch.zeros(widths[n] + k, device=device) for n in neurons}
         for x, y in batches:
             grads = torch.autograd.grad(loss_fn(forward(x), y), [h.gates[n] for n in neurons])
             for n, g in zip(neurons, grads, strict=True):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas_split.grower import splittable_layers
+from nas_split.numerics import full_precision, like_model
 from nas_split.splitting.neurons import find_neurons
 from nas_split.surgery import CouplingGraph, NewChannels, NotGrowableError, SplitReport, add_channels
 
@@ -86,6 +87,7 @@ def _patch_map(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.squeeze(2) if isinstance(layer, nn.Conv1d) else out
 
 
+@full_precision()
 def gradmax_matrix(model: nn.Module, example_inputs: torch.Tensor, layer: str, loader: Iterable,
                    loss_fn: Callable = F.cross_entropy, batches: int = 1) -> tuple[torch.Tensor, str]:
     """``G`` of ``layer`` as a ``(fan-out size, fan-in size)`` matrix, summed over ``batches`` (mean loss each)."""
@@ -104,6 +106,7 @@ def gradmax_matrix(model: nn.Module, example_inputs: torch.Tensor, layer: str, l
     g_total = None
     try:
         for x, y in itertools.islice(loader, batches):
+            x, y = like_model(model, x), like_model(model, y)
             loss = loss_fn(model(x), y)
             torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
             pmap = _patch_map(root, store["x"])

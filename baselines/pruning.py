@@ -21,6 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from nas_split.cost import count_macs
+from nas_split.numerics import like_model
 from nas_split.surgery import growable_layers
 from nas_split.surgery.export import apply_sizes, layer_sizes
 from nas_split.surgery.graph import is_depthwise
@@ -95,7 +96,8 @@ def prune_to_macs(model: nn.Module, example_inputs: torch.Tensor, target_macs: f
                          f"{before / 1e6:.3f} MMACs and positive")
     if criterion in ("taylor", "hessian") and loader is None:
         raise ValueError(f"criterion {criterion!r} needs a loader for its gradients")
-    batches = list(itertools.islice(loader, grad_batches)) if loader is not None else []
+    batches = [(like_model(model, x), like_model(model, y)) for x, y in itertools.islice(loader or [], grad_batches)]
+    example_inputs = like_model(model, example_inputs)
     prunable = set(growable_layers(model, example_inputs))
     ignored = [m for n, m in model.named_modules()  # depthwise convs follow their group; never list them
                if isinstance(m, nn.modules.conv._ConvNd | nn.Linear) and not is_depthwise(m) and n not in prunable]

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .numerics import like_model
+
 __all__ = ["EnergyModel", "LayerCost", "CostReport", "count_macs", "measure_cost", "measure_latency",
            "first_sample"]
 
@@ -129,7 +131,7 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, dic
     The dict has one entry per leaf module (names as in ``model.named_modules()``); MACs of functional ops
     issued directly by a non-leaf module are under that module's name.
     """
-    x = first_sample(example_inputs)
+    x = like_model(model, first_sample(example_inputs))
     with _Eval(model), torch.no_grad(), FlopCounterMode(display=False, depth=None) as fc:
         model(x)
     counts = fc.get_flop_counts()
@@ -155,7 +157,7 @@ def measure_latency(model: nn.Module, example_inputs: torch.Tensor, min_run_time
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU hosts
     from torch.utils import benchmark
 
-    x = first_sample(example_inputs)
+    x = like_model(model, first_sample(example_inputs))
     with _Eval(model), torch.no_grad():
         model(x)  # warm-up
         t = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
@@ -166,7 +168,7 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, energy_model: E
                  latency: bool = True) -> CostReport:
     """Count MACs and params, estimate activation memory and energy, and (optionally) measure latency."""
     em = energy_model or EnergyModel()
-    x = first_sample(example_inputs)
+    x = like_model(model, first_sample(example_inputs))
     total, own = count_macs(model, x)
     io: dict[str, tuple[int, int]] = {}
     peak = 0

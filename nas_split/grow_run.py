@@ -194,7 +194,7 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
         for stage in range(first, g.rounds + 1):
             extra = {}
             if stage > 0:
-                if _reached(g, measure_cost(model.cpu(), p.example_inputs, latency=False)):
+                if _reached(g, measure_cost(model, p.example_inputs, latency=False)):
                     break
                 tr, _, _ = runner.loaders(stage)
                 grower = make_grower(g, model, p.example_inputs, optimizer if g.carry_optimizer else None,

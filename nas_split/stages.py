@@ -7,6 +7,7 @@ an uninterrupted one.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,8 +69,8 @@ class StageRunner:
                                regularizer=regularizer,
                                on_epoch_end=lambda r: self.epoch_hook(done + r["epoch"], r)) if epochs else None
         test = self.trainer.evaluate(model, te)
-        model.cpu()
-        cost = measure_cost(model, self.example_inputs, latency=self.latency)
+        cost = measure_cost(copy.deepcopy(model).cpu(), self.example_inputs, latency=self.latency)  # CPU latency;
+        # the live model stays on its device for the growth that follows
         rec = {"stage": stage, "kind": kind, "epochs": epochs, "epochs_total": done + epochs,
                "test_acc": test.acc, "test_loss": test.loss,
                "val_acc": fit.history[-1].get("val_acc") if fit and fit.history else None,

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from .errors import ConfigError, DivergedError
 
-__all__ = ["TrainConfig", "Trainer", "FitResult", "EvalResult", "make_optimizer", "lr_factor", "check_devices"]
+__all__ = ["TrainConfig", "Trainer", "FitResult", "EvalResult", "DeviceBatches", "make_optimizer", "lr_factor",
+           "check_devices"]
 
 
 class TrainConfig(BaseModel):
@@ -46,7 +47,15 @@ class TrainConfig(BaseModel):
     devices: int | str = 1
     strategy: str = "auto"
     num_nodes: int = Field(1, ge=1)
-    precision: str = "32-true"
+    precision: str = Field("32-true", description="Fabric precision; bf16-mixed = bf16 autocast for training "
+                                                   "(growth analysis always runs in fp32)")
+    channels_last: bool | None = Field(None, description="channels_last memory format for 4-D inputs; None: on "
+                                                         "for models with 2-D convolutions")
+    device_data: bool = Field(True, description="hold in-memory datasets on the training device and draw batches "
+                                                "there (one process, tensor datasets)")
+    compile: bool = Field(False, description="torch.compile the training step's model (re-compiled every fit, so "
+                                             "after each growth step)")
+    check_every: int = Field(50, ge=1, description="steps between checks for a non-finite loss (host syncs)")
     progress: bool = True
 
 
@@ -148,10 +157,12 @@ class Trainer:
         from tqdm.auto import tqdm
 
         epochs = self.cfg.epochs if epochs is None else epochs
-        model.to(self.device)
+        fmt = self.memory_format(model)
+        model.to(self.device, memory_format=fmt)
         optimizer = optimizer or make_optimizer(model, self.cfg)
-        fmodel, fopt = self.fabric.setup(model, optimizer)
-        loader = self.fabric.setup_dataloaders(train_loader)
+        step_model = torch.compile(model) if self.cfg.compile else model
+        fmodel, fopt = self.fabric.setup(step_model, optimizer)
+        loader = self.batches(train_loader, fmt)
         crit = self.criterion()
         steps = max(len(loader), 1) * max(epochs, 1)
         result = FitResult(optimizer=optimizer)
@@ -164,6 +175,7 @@ class Trainer:
             te = time.perf_counter()
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device)
+            finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked every check_every steps
             n = 0
             for x, y in loader:
                 lr = self.cfg.lr * lr_factor(self.cfg, step / steps)
@@ -175,13 +187,15 @@ class Trainer:
                 fopt.zero_grad(set_to_none=True)
                 self.fabric.backward(total)
                 fopt.step()
-                if not torch.isfinite(loss):
-                    raise DivergedError(f"{desc}: loss became {loss.item()} at epoch {epoch}, step {step}")
+                finite &= torch.isfinite(loss.detach())
                 loss_sum += loss.detach() * len(y)
                 correct += (out.detach().argmax(1) == y).sum()
                 n += len(y)
                 step += 1
                 bar.update(1)
+                if step % self.cfg.check_every == 0:
+                    self._check_finite(finite, loss_sum, desc, epoch, step)
+            self._check_finite(finite, loss_sum, desc, epoch, step)
             rec = {"epoch": epoch, "train_loss": (loss_sum / max(n, 1)).item(),
                    "train_acc": (correct / max(n, 1)).item(), "lr": lr if n else self.cfg.lr,
                    "seconds": time.perf_counter() - te}
@@ -196,16 +210,38 @@ class Trainer:
         result.seconds = time.perf_counter() - t0
         return result
 
+    @staticmethod
+    def _check_finite(finite: torch.Tensor, loss_sum: torch.Tensor, desc: str, epoch: int, step: int) -> None:
+        if not bool(finite):  # one host sync per check, not per step
+            raise DivergedError(f"{desc}: loss became {'nan' if loss_sum.isnan() else loss_sum.item()} "
+                                f"at epoch {epoch}, by step {step}")
+
+    def memory_format(self, model: nn.Module) -> torch.memory_format:
+        """``channels_last`` for a model with 2-D convolutions (or as ``cfg.channels_last`` says), else
+        ``contiguous_format``."""
+        use = self.cfg.channels_last
+        if use is None:
+            use = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        return torch.channels_last if use else torch.contiguous_format
+
+    def batches(self, loader: DataLoader, fmt: torch.memory_format = torch.contiguous_format) -> Iterable:
+        """The training batches of ``loader`` on the device: :class:`DeviceBatches` when the dataset is a tensor
+        dataset that may live there (``cfg.device_data``, one process), else Fabric's wrapped loader."""
+        if self.cfg.device_data and self.fabric.world_size == 1 and DeviceBatches.supports(loader):
+            return DeviceBatches(loader, self.device, fmt)
+        return _Formatted(self.fabric.setup_dataloaders(loader), fmt)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> EvalResult:
         """Loss and top-1 accuracy of ``model`` on ``loader`` (eval mode; summed over all processes)."""
-        model.to(self.device)
+        fmt = self.memory_format(model)
+        model.to(self.device, memory_format=fmt)
         was = model.training
         model.eval()
         crit = nn.CrossEntropyLoss(reduction="sum")
         stats = torch.zeros(3, device=self.device, dtype=torch.float64)
         for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = _to(x, self.device, fmt), y.to(self.device)
             out = model(x)
             stats += torch.stack([crit(out, y).double(), (out.argmax(1) == y).sum().double(),
                                   torch.tensor(len(y), device=self.device, dtype=torch.float64)])
@@ -213,3 +249,52 @@ class Trainer:
         stats = self.fabric.all_reduce(stats, reduce_op="sum") if self.fabric.world_size > 1 else stats
         n = max(stats[2].item(), 1.0)
         return EvalResult(stats[0].item() / n, stats[1].item() / n, int(stats[2].item()))
+
+
+def _to(x: torch.Tensor, device: torch.device, fmt: torch.memory_format) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+
+
+class _Formatted:
+    """Batches of a (Fabric-wrapped) loader in the given memory format."""
+
+    def __init__(self, loader: Iterable, fmt: torch.memory_format):
+        self.loader, self.fmt = loader, fmt
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        for x, y in self.loader:
+            yield (_to(x, x.device, self.fmt), y)
+
+
+class DeviceBatches:
+    """The batches of a ``DataLoader`` over a ``TensorDataset``, drawn from copies of its tensors on ``device``.
+
+    The batch order is the loader's own: every epoch draws the loader's shared seed from its generator (as a
+    ``DataLoader`` iterator does) and then iterates its ``batch_sampler``, so a run gives the same batches as
+    iterating the loader, without per-sample indexing, collation or a host-to-device copy per step.
+    """
+
+    def __init__(self, loader: DataLoader, device: torch.device, fmt: torch.memory_format = torch.contiguous_format):
+        self.loader, self.fmt = loader, fmt
+        self.tensors = [t.to(device) for t in loader.dataset.tensors]
+
+    @staticmethod
+    def supports(loader: Iterable) -> bool:
+        """A single-process ``DataLoader`` over a ``TensorDataset`` with the default collation."""
+        return (isinstance(loader, DataLoader) and isinstance(loader.dataset, TensorDataset)
+                and loader.num_workers == 0 and loader.batch_sampler is not None
+                and loader.collate_fn is default_collate)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        torch.empty((), dtype=torch.int64).random_(generator=self.loader.generator)  # as _BaseDataLoaderIter
+        device = self.tensors[0].device
+        for idx in self.loader.batch_sampler:
+            i = torch.as_tensor(idx, device=device)
+            yield [_to(t.index_select(0, i), device, self.fmt) for t in self.tensors]

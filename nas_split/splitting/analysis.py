@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DivergedError
+from ..numerics import full_precision
 from .activations import second_derivative
 from .neurons import Neuron, NotAnalyzableError
 
@@ -149,6 +150,7 @@ def _passes(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss
         model.train(was)
 
 
+@full_precision()
 def splitting_matrices(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss_fn: LossFn,
                        beta: float = 3.0, max_batches: int | None = None,
                        chunk_bytes: int = 2 * 1024 ** 3) -> dict[str, torch.Tensor]:
@@ -208,6 +210,7 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (v.dim() - 1))
 
 
+@full_precision()
 def fast_spectrum(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss_fn: LossFn,
                   beta: float = 3.0, passes: int = 3, max_batches: int | None = 20, lr: float = 0.05,
                   ends: tuple[str, ...] = ("min", "max"), init: dict[str, Spectrum] | None = None,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..cost import EnergyModel, count_macs, measure_cost
+from ..numerics import full_precision
 from ..surgery import ChannelGroup, CouplingGraph
 from ..surgery.graph import is_depthwise
 
@@ -32,6 +33,7 @@ class ChannelCost:
     energy_pj: float
 
 
+@full_precision()
 def channel_costs(model: nn.Module, example_inputs: torch.Tensor, groups: Mapping[str, ChannelGroup],
                   energy_model: EnergyModel | None = None) -> dict[str, ChannelCost]:
     """``{layer: ChannelCost}`` for the root layer of each group.

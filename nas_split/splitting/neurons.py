@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import NasSplitError
+from ..numerics import like_model
 from .activations import LINEAR, activation_kind
 
 __all__ = ["Neuron", "find_neurons", "NotAnalyzableError"]
@@ -81,7 +82,7 @@ def find_neurons(model: nn.Module, example_inputs: torch.Tensor, layers: list[st
     was = model.training
     try:
         with torch.no_grad():
-            model.eval()(example_inputs)
+            model.eval()(like_model(model, example_inputs))
     finally:
         model.train(was)
         for h in handles:

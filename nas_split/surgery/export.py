@@ -23,6 +23,7 @@ from torch import nn
 
 from .._io import atomic_torch_save
 from ..errors import NasSplitError, UntrustedFileError
+from ..numerics import like_model
 from .graph import is_depthwise
 from .handlers import resize
 
@@ -178,7 +179,7 @@ def refresh_feature_info(model: nn.Module, example_inputs: torch.Tensor) -> None
     was = model.training
     try:
         with torch.no_grad():
-            model.eval()(example_inputs[:1])
+            model.eval()(like_model(model, example_inputs[:1]))
     finally:
         model.train(was)
         for h in hooks:

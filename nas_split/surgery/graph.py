@@ -17,6 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import NasSplitError
+from ..numerics import full_precision, like_model
 
 __all__ = ["NotGrowableError", "Slot", "ChannelGroup", "CouplingGraph", "growable_layers", "is_depthwise"]
 
@@ -100,7 +101,7 @@ class CouplingGraph:
         was = model.training
         model.eval()
         try:
-            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs)
+            self.dg = tp.DependencyGraph().build_dependency(model, like_model(model, example_inputs))
         finally:
             model.train(was)
         self.names = {m: n for n, m in model.named_modules()}
@@ -171,14 +172,17 @@ def _role(mod: nn.Module, out: bool, is_root: bool, root: str, mname: str) -> Ro
     raise NotGrowableError(f"layer {root!r} is not growable: {type(mod).__name__} {mname} is coupled to it")
 
 
+@full_precision()
 def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool = True,
                     graph: CouplingGraph | None = None) -> list[str]:
     """Names (as in ``model.named_modules()``) of the layers whose output channels can be split.
 
     A layer qualifies when it is a dense conv or linear layer whose coupling group holds only layers nas-split
     can edit.  With ``verify`` (default), each one is also split once on a copy of the model (channel 0, ε = 0)
-    and must keep the outputs equal (relative error ≤ 1e-4), which catches couplings the tracer cannot see
-    (e.g. channels reshaped into a matrix for ``torch.bmm``, as in PointNet's feature transform).
+    and must keep the outputs equal (relative error ≤ 1e-4, a tolerance for IEEE fp32: the check runs in
+    :func:`~nas_split.numerics.full_precision` whatever TF32 or autocast say, on the model's device), which
+    catches couplings the tracer cannot see (e.g. channels reshaped into a matrix for ``torch.bmm``, as in
+    PointNet's feature transform).
     """
     graph = graph or CouplingGraph(model, example_inputs)
     names = []
@@ -197,6 +201,7 @@ def _preserves(model: nn.Module, x: torch.Tensor, group: ChannelGroup) -> bool:
     from .split import SplitScheme, split_groups
 
     trial = copy.deepcopy(model).eval()
+    x = like_model(model, x)
     with torch.no_grad():
         ref = trial(x)
         try:
