@@ -197,11 +197,14 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 
 
 def _compare(a: argparse.Namespace, cfg, runs) -> int:
-    from .compare import describe, log
+    from .compare import describe, gpus_shared, log
     from .report import write_report
 
     log(f"{len(runs)} runs ({len(cfg.entries())} methods x {len(cfg.targets_mmacs) or 1} targets x "
         f"{len(cfg.seeds)} seeds) -> {cfg.out}")
+    shared = gpus_shared(cfg)
+    if shared:
+        log(f"warning: {shared}")
     if a.engine == "nni":
         from .nni_strategy import run_compare_nni
 

@@ -207,6 +207,8 @@ class Trainer:
             if on_epoch_end is not None:
                 on_epoch_end(rec)
         bar.close()
+        if fmt != torch.contiguous_format:  # growth, checkpoints and a resumed run all see one layout
+            model.to(memory_format=torch.contiguous_format)
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -217,8 +219,8 @@ class Trainer:
                                 f"at epoch {epoch}, by step {step}")
 
     def memory_format(self, model: nn.Module) -> torch.memory_format:
-        """``channels_last`` for a model with 2-D convolutions (or as ``cfg.channels_last`` says), else
-        ``contiguous_format``."""
+        """The layout of a fit: ``channels_last`` for a model with 2-D convolutions (or as ``cfg.channels_last``
+        says), else ``contiguous_format``.  The model is back in ``contiguous_format`` when the fit returns."""
         use = self.cfg.channels_last
         if use is None:
             use = any(isinstance(m, nn.Conv2d) for m in model.modules())
@@ -234,14 +236,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> EvalResult:
         """Loss and top-1 accuracy of ``model`` on ``loader`` (eval mode; summed over all processes)."""
-        fmt = self.memory_format(model)
-        model.to(self.device, memory_format=fmt)
+        model.to(self.device)  # in the layout it has (channels_last inside a fit)
         was = model.training
         model.eval()
         crit = nn.CrossEntropyLoss(reduction="sum")
         stats = torch.zeros(3, device=self.device, dtype=torch.float64)
         for x, y in loader:
-            x, y = _to(x, self.device, fmt), y.to(self.device)
+            x, y = x.to(self.device), y.to(self.device)
             out = model(x)
             stats += torch.stack([crit(out, y).double(), (out.argmax(1) == y).sum().double(),
                                   torch.tensor(len(y), device=self.device, dtype=torch.float64)])

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The device check of nas-split on one GPU: the `gpu` tests, the training-loop benchmark and the full-data
+# Fashion-MNIST comparison, each with its own time limit (8 minutes in all); every result lands in one folder.
+# The comparison is resumable: a second call with the same RESULTS_DIR continues it where the limit stopped it.
+#
+#   bash benchmarks/gpu_check.sh RESULTS_DIR
+#
+# Installs nothing from the network.  The device image lacks a few of nas-split's pure-Python dependencies:
+# put their wheels in .whl/ beforehand (see the README, "GPU"), and Fashion-MNIST's four IDX files in
+# .data/fashion-mnist/ (from Debian's dataset-fashion-mnist).  GPU_CHECK_SMOKE=1 runs every step tiny, on
+# whatever device there is (that is how it is tried on a CPU before a GPU is spent on it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-gpu-check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/nas-split-site \
+    .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/nas-split-site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+[ -d .data/fashion-mnist ] && export NAS_SPLIT_DATA=$PWD/.data
+py=${PYTHON:-python3}
+{ $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"; nvidia-smi -L 2>/dev/null; } \
+  | tee "$out/device.txt"
+
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+  tests="tests/test_precision_and_device.py"; steps=2; repeats=1
+  compare=(--config benchmarks/configs/fashion_mnist_gpu.yaml --methods scratch,fast --seeds 0 --rounds 1
+           --seed-epochs 1 --epochs 1 --set dataset=digits --set train.accelerator=auto --set targets_mmacs=[4.0])
+else
+  tests="tests/test_precision_and_device.py -m gpu"; steps=50; repeats=3
+  compare=(--config benchmarks/configs/fashion_mnist_gpu.yaml)
+fi
+
+echo "== gpu tests" | tee "$out/summary.txt"
+timeout 90 $py -m pytest -q -p no:cacheprovider $tests 2>&1 | tee "$out/tests.txt" | tail -3 | tee -a "$out/summary.txt"
+
+echo "== training loop (benchmarks/bench_train.py)" | tee -a "$out/summary.txt"
+timeout 80 $py benchmarks/bench_train.py --steps $steps --repeats $repeats --json "$out/bench_train.json" 2>&1 \
+  | grep -v Warning | tee -a "$out/summary.txt"
+
+echo "== compare on full Fashion-MNIST" | tee -a "$out/summary.txt"
+start=$(date +%s)
+timeout 300 $py -m nas_split.cli compare "${compare[@]}" --set out="$out/compare" >> "$out/compare.txt" 2>&1
+echo "exit $? after $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
+tail -15 "$out/compare.txt" | tee -a "$out/summary.txt"
