@@ -29,7 +29,7 @@ py=${PYTHON:-python3}
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   tests="tests/test_precision_and_device.py"; steps=2; repeats=1
   compare=(--config benchmarks/configs/fashion_mnist_gpu.yaml --methods scratch,fast --seeds 0 --rounds 1
-           --seed-epochs 1 --epochs 1 --set dataset=digits --set train.accelerator=auto --set targets_mmacs=[4.0])
+           --seed-epochs 1 --epochs 1 --set dataset=digits --set train.accelerator=auto --set "targets_mmacs=[1.5]")
 else
   tests="tests/test_precision_and_device.py -m gpu"; steps=50; repeats=3
   compare=(--config benchmarks/configs/fashion_mnist_gpu.yaml)
