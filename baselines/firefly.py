@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from nas_split.grower import splittable_layers
 from nas_split.numerics import full_precision, model_device
 from nas_split.splitting.channel_cost import prefix_within_macs
-from nas_split.splitting.neurons import Neuron
+from nas_split.splitting.neurons import Neuron, splittable_layers
 from nas_split.surgery import CouplingGraph, NewChannels, SplitScheme, add_channels, split
 
 __all__ = ["FireflyCandidates", "firefly_candidates", "select_most_negative", "firefly_grow", "FireflyReport"]

@@ -18,6 +18,7 @@ existing columns (``scale_method="mean_norm"``, GradMax's WRN setting) or ``scal
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -25,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas_split.grower import splittable_layers
 from nas_split.numerics import full_precision, like_model
-from nas_split.splitting.neurons import find_neurons
+from nas_split.splitting.channel_cost import prefix_within_macs
+from nas_split.splitting.neurons import find_neurons, splittable_layers
 from nas_split.surgery import CouplingGraph, NewChannels, NotGrowableError, SplitReport, add_channels
 
-__all__ = ["GradMaxDirections", "gradmax_layers", "gradmax_matrix", "gradmax_directions", "gradmax_grow"]
+__all__ = ["GradMaxDirections", "gradmax_layers", "gradmax_counts", "gradmax_matrix", "gradmax_directions",
+           "gradmax_grow"]
 
 
 @dataclass
@@ -150,6 +152,20 @@ def gradmax_directions(model: nn.Module, example_inputs: torch.Tensor, layer: st
         raise ValueError(f"scale_method must be 'mean_norm' or 'fixed', got {scale_method!r}")
     fan_out = (cols * mag).reshape(k, *col_shape)
     return GradMaxDirections(layer, consumer, fan_out, sv[:k].float())
+
+
+def gradmax_counts(model: nn.Module, example_inputs: torch.Tensor, grow_ratio: float,
+                   max_macs: float | None = None) -> dict[str, int]:
+    """New neurons per layer: ``⌊grow_ratio × width⌋`` (at least 1) for every layer GradMax can grow, or, with
+    ``max_macs``, every layer grown by the same fraction of its width until the next neuron would pass the budget
+    (the selection the other growth methods make with ``max_macs``)."""
+    modules = dict(model.named_modules())
+    widths = {n: modules[n].weight.shape[0] for n in gradmax_layers(model, example_inputs)}
+    if max_macs is None:
+        return {n: max(1, int(grow_ratio * w)) for n, w in widths.items()}
+    order = sorted(((j + 1) / w, n) for n, w in widths.items() for j in range(w))
+    k = prefix_within_macs(model, example_inputs, [(n, 1) for _, n in order], max_macs)
+    return dict(Counter(n for _, n in order[:k]))
 
 
 def gradmax_grow(model: nn.Module, example_inputs: torch.Tensor, counts: dict[str, int], loader: Iterable,

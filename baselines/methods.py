@@ -1,7 +1,6 @@
 """Registers the baselines with nas-split's method registry (imported lazily by ``nas_split.methods``)."""
 from __future__ import annotations
 
-from collections import Counter
 from functools import partial
 
 import torch
@@ -9,11 +8,10 @@ from torch import nn
 
 from nas_split.errors import ConfigError
 from nas_split.methods import GrowthMethod, Method, MethodContext, register_method
-from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.stages import stage_seed
 
 from .firefly import firefly_grow
-from .gradmax import gradmax_grow
+from .gradmax import gradmax_counts, gradmax_grow
 from .pruning import CRITERIA, bn_l1_penalty, prune_to_macs
 from .random_growth import random_grow
 from .scratch import match_width
@@ -50,25 +48,7 @@ class _GradMax(GrowthMethod):
         self.grow_ratio, self.batches, self.scale = grow_ratio, batches, scale
 
     def grow(self, ctx, model, loader, optimizer, stage, max_macs):
-        from nas_split.grower import splittable_layers
-        from nas_split.surgery import CouplingGraph, NotGrowableError
-
-        from .gradmax import _path
-
-        graph = CouplingGraph(model, ctx.example_inputs)
-        counts = {}
-        splittable = splittable_layers(model, ctx.example_inputs)
-        for n, nr in splittable.items():
-            try:
-                _path(graph, n)
-            except NotGrowableError:
-                continue
-            counts[n] = max(1, int(self.grow_ratio * nr.layer.weight.shape[0]))
-        if max_macs is not None:  # every layer grows by the same fraction of its width until the budget is met
-            widths = {n: splittable[n].layer.weight.shape[0] for n in counts}
-            order = sorted(((j + 1) / w, n) for n, w in widths.items() for j in range(w))
-            k = prefix_within_macs(model, ctx.example_inputs, [(n, 1) for _, n in order], max_macs, graph)
-            counts = dict(Counter(n for _, n in order[:k]))
+        counts = gradmax_counts(model, ctx.example_inputs, self.grow_ratio, max_macs)
         rep = gradmax_grow(model, ctx.example_inputs, counts, loader, optimizer=optimizer, batches=self.batches,
                            scale=self.scale)
         return {"new_neurons": rep.new_neurons}

@@ -24,29 +24,12 @@ from torch import nn
 from .cost import EnergyModel, count_macs
 from .splitting.analysis import Spectrum, exact_spectrum, fast_spectrum
 from .splitting.channel_cost import channel_costs, prefix_within_macs
-from .splitting.neurons import Neuron, NotAnalyzableError, find_neurons
+from .splitting.neurons import Neuron, NotAnalyzableError, splittable_layers
 from .splitting.schemes import NeuronSplit, best_s3d_split, s2d_split
 from .splitting.selection import Candidate, select_lp, select_ratio
-from .surgery import CouplingGraph, NotGrowableError, growable_layers, split
+from .surgery import CouplingGraph, NotGrowableError, split
 
 __all__ = ["Grower", "GrowthReport", "METHODS", "MethodSpec", "NotAnalyzableError", "splittable_layers"]
-
-
-def splittable_layers(model: nn.Module, example_inputs: torch.Tensor,
-                      layers: list[str] | None = None) -> dict[str, Neuron]:
-    """Growable layers whose neurons have a nonlinearity, one per coupled group, with their :class:`Neuron`."""
-    graph = CouplingGraph(model, example_inputs)
-    names = layers or growable_layers(model, example_inputs, graph=graph)
-    owned, out = set(), {}
-    for n, nr in find_neurons(model, example_inputs, names).items():
-        if nr.is_linear:
-            continue
-        producers = set(graph.group(n).producers)
-        if owned & producers:
-            continue
-        owned |= producers
-        out[n] = nr
-    return out
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,13 @@ data, the training recipe, builders for the thin seed / the full-width model / a
 
 Registered here: the splitting methods ``s2d``, ``fast``, ``s3d``, ``s3d-exact`` and ``energy`` (fast splitting
 with the energy-aware LP).  The ``baselines`` package adds ``random``, ``firefly``, ``gradmax``, ``scratch``
-and ``prune-{l1,taylor,slim,hessian,random}`` when imported (:func:`load_baselines`).
+and ``prune-{l1,taylor,slim,hessian,random}``: the core never imports it; every module named in the
+``nas_split.methods`` entry-point group is imported on first use of the registry (:func:`load_plugins`), which is
+how the baselines register and how a user's own package adds methods::
+
+    # pyproject.toml of your package
+    [project.entry-points."nas_split.methods"]
+    my_methods = "my_pkg.methods"      # a module whose import calls nas_split.methods.register_method
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 from torch import nn
@@ -24,7 +31,7 @@ from .grower import METHODS, Grower
 from .stages import StageRunner, stage_seed
 
 __all__ = ["MethodContext", "Method", "GrowthMethod", "register_method", "create_method", "list_methods",
-           "load_baselines", "UnknownMethodError"]
+           "load_plugins", "UnknownMethodError"]
 
 
 class UnknownMethodError(NasSplitError, KeyError):
@@ -69,20 +76,31 @@ def register_method(name: str) -> Callable:
     return deco
 
 
-def load_baselines() -> None:
-    """Import ``baselines`` so that its methods register (kept lazy: the core never imports it)."""
-    import baselines.methods  # noqa: F401
+#: The entry-point group whose modules register methods when imported.
+ENTRY_POINT_GROUP = "nas_split.methods"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every module of the :data:`ENTRY_POINT_GROUP` entry points (once per process), so their methods
+    register; the baselines are one such module."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
 
 
 def list_methods() -> list[str]:
     """Registered method names (baselines included)."""
-    load_baselines()
+    load_plugins()
     return sorted(_METHODS)
 
 
 def create_method(name: str, **options: Any) -> Method:
     """The method ``name`` with its options."""
-    load_baselines()
+    load_plugins()
     if name not in _METHODS:
         close = difflib.get_close_matches(name, list(_METHODS), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(_METHODS))}"

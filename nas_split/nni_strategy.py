@@ -46,7 +46,8 @@ from .config import ConfigError, GrowthConfig, NniRunConfig, validation_message
 from .cost import count_macs
 from .runlog import RunWriter, layer_widths
 from .stages import StageRunner, stage_seed
-from .surgery.export import apply_sizes, build_spec, save_grown
+from .surgery.export import build_spec, save_grown
+from .surgery.sizes import apply_sizes
 
 __all__ = ["BackboneSpace", "SplittingDescent", "stage_evaluator", "train_stage", "grow_stage", "check_port",
            "check_experiment", "run_nni", "run_compare_nni", "compare_trial"]
@@ -59,7 +60,7 @@ class BackboneSpace(ModelSpace):
 
     Args:
         spec: how to build the seed (``model.nas_split_spec`` of :func:`search_spaces.create`).
-        sizes: ``{layer: [out, in]}`` of a grown stage (:func:`nas_split.surgery.export.layer_sizes`); the weights
+        sizes: ``{layer: [out, in]}`` of a grown stage (:func:`nas_split.surgery.layer_sizes`); the weights
             are then uninitialised until a checkpoint is loaded.
     """
 

@@ -17,9 +17,10 @@ from torch import nn
 
 from ..errors import NasSplitError
 from ..numerics import like_model
+from ..surgery import CouplingGraph, growable_layers
 from .activations import LINEAR, activation_kind
 
-__all__ = ["Neuron", "find_neurons", "NotAnalyzableError"]
+__all__ = ["Neuron", "find_neurons", "splittable_layers", "NotAnalyzableError"]
 
 
 class NotAnalyzableError(NasSplitError, ValueError):
@@ -127,3 +128,20 @@ def _neuron(name: str, layer: nn.Module, norm, act) -> Neuron:
         raise NotAnalyzableError(f"layer {name!r}: activation {type(act).__name__} has no σ'' in "
                                  "nas_split.splitting.activations")
     return Neuron(name, layer, norm, act, kind)
+
+
+def splittable_layers(model: nn.Module, example_inputs: torch.Tensor,
+                      layers: list[str] | None = None) -> dict[str, Neuron]:
+    """Growable layers whose neurons have a nonlinearity, one per coupled group, with their :class:`Neuron`."""
+    graph = CouplingGraph(model, example_inputs)
+    names = layers or growable_layers(model, example_inputs, graph=graph)
+    owned, out = set(), {}
+    for n, nr in find_neurons(model, example_inputs, names).items():
+        if nr.is_linear:
+            continue
+        producers = set(graph.group(n).producers)
+        if owned & producers:
+            continue
+        owned |= producers
+        out[n] = nr
+    return out

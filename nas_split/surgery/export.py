@@ -23,28 +23,12 @@ from torch import nn
 
 from .._io import atomic_torch_save
 from ..errors import NasSplitError, UntrustedFileError
-from ..numerics import like_model
-from .graph import is_depthwise
-from .handlers import resize
+from .sizes import apply_sizes, feature_entries, layer_sizes
 
-__all__ = ["save_grown", "load_grown", "grown_payload", "build_grown", "build_spec", "layer_sizes", "apply_sizes",
-           "timm_shape_string", "refresh_feature_info", "FORMAT"]
+__all__ = ["save_grown", "load_grown", "grown_payload", "build_grown", "build_spec",
+           "timm_shape_string", "FORMAT"]
 
 FORMAT = "nas-split-grown/1"
-_SIZED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
-
-
-def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
-    """``{name: [out, in]}`` channel counts of every conv, linear and batch-norm layer."""
-    out = {}
-    for n, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            out[n] = [m.num_features, m.num_features]
-        elif isinstance(m, nn.Linear):
-            out[n] = [m.out_features, m.in_features]
-        elif isinstance(m, nn.modules.conv._ConvNd):
-            out[n] = [m.out_channels, m.in_channels]
-    return out
 
 
 def timm_shape_string(model: nn.Module) -> str:
@@ -64,7 +48,7 @@ def grown_payload(model: nn.Module, spec: dict[str, Any] | None = None) -> dict[
     return {"format": FORMAT, "spec": spec, "sizes": layer_sizes(model),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "timm_shape_string": timm_shape_string(model) if hasattr(model, "pretrained_cfg") else None,
-            "feature_chs": [int(e["num_chs"]) for e in _feature_entries(model)]}
+            "feature_chs": [int(e["num_chs"]) for e in feature_entries(model)]}
 
 
 def save_grown(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any] | None = None) -> None:
@@ -141,48 +125,7 @@ def build_grown(payload: dict[str, Any], factories: Factories | None = None) -> 
     model = build_spec(payload["spec"], factories)
     apply_sizes(model, payload["sizes"])
     model.load_state_dict(payload["state_dict"])
-    for e, c in zip(_feature_entries(model), payload.get("feature_chs", []), strict=False):
+    for e, c in zip(feature_entries(model), payload.get("feature_chs", []), strict=False):
         e["num_chs"] = c
     model.nas_split_spec = payload["spec"]
     return model
-
-
-def _feature_entries(model: nn.Module) -> list[dict]:
-    info = getattr(model, "feature_info", None) or []
-    return list(info.info if hasattr(info, "info") else info)
-
-
-def apply_sizes(model: nn.Module, sizes: dict[str, list[int]]) -> None:
-    """Resize (uninitialised) every layer whose ``[out, in]`` differs from ``sizes``, before loading weights."""
-    modules, current = dict(model.named_modules()), layer_sizes(model)
-    for name, (out, inp) in sizes.items():
-        m = modules[name]
-        if current.get(name) == [out, inp]:
-            continue
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or is_depthwise(m):
-            resize(m, out=out)  # norms and depthwise convs: in = out
-        else:
-            resize(m, out=out, inp=inp)
-
-
-def refresh_feature_info(model: nn.Module, example_inputs: torch.Tensor) -> None:
-    """Update ``num_chs`` of a timm model's ``feature_info`` after its widths changed (timm issue #2370)."""
-    entries = _feature_entries(model)
-    if not entries:
-        return
-    modules = dict(model.named_modules())
-    chans, hooks = {}, []
-    for e in entries:
-        def hook(_m, _i, out, key=e["module"]):
-            chans[key] = out.shape[1]
-        hooks.append(modules[e["module"]].register_forward_hook(hook))
-    was = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(like_model(model, example_inputs[:1]))
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
-    for e in entries:
-        e["num_chs"] = int(chans.get(e["module"], e["num_chs"]))

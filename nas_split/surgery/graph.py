@@ -8,7 +8,6 @@ positions of every root channel, so edits can be expressed as gathers (see :mod:
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,9 +16,9 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import NasSplitError
-from ..numerics import full_precision, like_model
+from ..numerics import like_model
 
-__all__ = ["NotGrowableError", "Slot", "ChannelGroup", "CouplingGraph", "growable_layers", "is_depthwise"]
+__all__ = ["NotGrowableError", "Slot", "ChannelGroup", "CouplingGraph", "is_depthwise"]
 
 _OPT = tp.ops.OPTYPE
 _PASS_OPS = {_OPT.ELEMENTWISE, _OPT.RESHAPE, _OPT.CONCAT}
@@ -170,45 +169,3 @@ def _role(mod: nn.Module, out: bool, is_root: bool, root: str, mname: str) -> Ro
     if isinstance(mod, nn.modules.conv._ConvNd | nn.Linear):
         return "producer" if out else "consumer"
     raise NotGrowableError(f"layer {root!r} is not growable: {type(mod).__name__} {mname} is coupled to it")
-
-
-@full_precision()
-def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool = True,
-                    graph: CouplingGraph | None = None) -> list[str]:
-    """Names (as in ``model.named_modules()``) of the layers whose output channels can be split.
-
-    A layer qualifies when it is a dense conv or linear layer whose coupling group holds only layers nas-split
-    can edit.  With ``verify`` (default), each one is also split once on a copy of the model (channel 0, ε = 0)
-    and must keep the outputs equal (relative error ≤ 1e-4, a tolerance for IEEE fp32: the check runs in
-    :func:`~nas_split.numerics.full_precision` whatever TF32 or autocast say, on the model's device), which
-    catches couplings the tracer cannot see (e.g. channels reshaped into a matrix for ``torch.bmm``, as in
-    PointNet's feature transform).
-    """
-    graph = graph or CouplingGraph(model, example_inputs)
-    names = []
-    for n in graph.candidates():
-        try:
-            group = graph.group(n)
-        except NotGrowableError:
-            continue
-        if verify and not _preserves(model, example_inputs, group):
-            continue
-        names.append(n)
-    return names
-
-
-def _preserves(model: nn.Module, x: torch.Tensor, group: ChannelGroup) -> bool:
-    from .split import SplitScheme, split_groups
-
-    trial = copy.deepcopy(model).eval()
-    x = like_model(model, x)
-    with torch.no_grad():
-        ref = trial(x)
-        try:
-            split_groups(trial, x, {group.root: group.rebind(trial)}, {group.root: [(0, SplitScheme.s2d())]}, 0.0)
-            out = trial(x)
-        except (RuntimeError, ValueError):
-            return False
-    if out.shape != ref.shape:
-        return False
-    return bool(((out - ref).norm() <= 1e-4 * ref.norm().clamp_min(1e-12)).item())

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .export import refresh_feature_info
 from .graph import ChannelGroup, CouplingGraph, Slot
 from .handlers import DimEdit, ParamChange, apply_edit
 from .optim import carry_optimizer_state
+from .sizes import refresh_feature_info
 
 __all__ = ["SplitScheme", "NewChannels", "SplitRecord", "SplitReport", "split", "split_groups", "add_channels",
            "fan_in_shape"]

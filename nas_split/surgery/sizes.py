@@ -1,0 +1,67 @@
+"""Layer widths of a model: read them, impose them (to rebuild a grown architecture), and keep timm's
+``feature_info`` in step with them."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..numerics import like_model
+from .graph import is_depthwise
+from .handlers import resize
+
+__all__ = ["layer_sizes", "apply_sizes", "feature_entries", "refresh_feature_info"]
+
+
+def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
+    """``{name: [out, in]}`` channel counts of every conv, linear and batch-norm layer."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out[n] = [m.num_features, m.num_features]
+        elif isinstance(m, nn.Linear):
+            out[n] = [m.out_features, m.in_features]
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            out[n] = [m.out_channels, m.in_channels]
+    return out
+
+
+def feature_entries(model: nn.Module) -> list[dict]:
+    """The entries of a timm model's ``feature_info`` (empty for other models)."""
+    info = getattr(model, "feature_info", None) or []
+    return list(info.info if hasattr(info, "info") else info)
+
+
+def apply_sizes(model: nn.Module, sizes: dict[str, list[int]]) -> None:
+    """Resize (uninitialised) every layer whose ``[out, in]`` differs from ``sizes``, before loading weights."""
+    modules, current = dict(model.named_modules()), layer_sizes(model)
+    for name, (out, inp) in sizes.items():
+        m = modules[name]
+        if current.get(name) == [out, inp]:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or is_depthwise(m):
+            resize(m, out=out)  # norms and depthwise convs: in = out
+        else:
+            resize(m, out=out, inp=inp)
+
+
+def refresh_feature_info(model: nn.Module, example_inputs: torch.Tensor) -> None:
+    """Update ``num_chs`` of a timm model's ``feature_info`` after its widths changed (timm issue #2370)."""
+    entries = feature_entries(model)
+    if not entries:
+        return
+    modules = dict(model.named_modules())
+    chans, hooks = {}, []
+    for e in entries:
+        def hook(_m, _i, out, key=e["module"]):
+            chans[key] = out.shape[1]
+        hooks.append(modules[e["module"]].register_forward_hook(hook))
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(like_model(model, example_inputs[:1]))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    for e in entries:
+        e["num_chs"] = int(chans.get(e["module"], e["num_chs"]))

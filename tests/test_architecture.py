@@ -1,0 +1,102 @@
+"""The static import graph of the packages (every ``import`` statement, inside functions too, read with ``ast``):
+no circle, the core never imports its plugins or the NNI adapter, surgery is layered one way."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("nas_split", "search_spaces", "baselines")
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, name: str) -> set[str]:
+    """Modules of the three packages that ``path`` imports (relative imports resolved)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        out |= {t for t in targets if t.split(".")[0] in PACKAGES}
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    files = {_module(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    edges = {}
+    for name, path in files.items():
+        # an import of a package (or a name from it) is an edge to that package's module; keep known modules only
+        edges[name] = {t for t in _imports(path, name) if t in files and t != name}
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_planted_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle():
+    edges = graph()
+    assert len(edges) > 40  # the packages were found
+    assert _cycles(edges) == []  # on the tree before this test was written it found the two circles of issue 11
+
+
+def test_the_core_never_imports_its_plugins_or_the_nni_adapter():
+    edges = graph()
+    adapters = {"nas_split.nni_strategy", "nas_split.cli"}
+    for mod, targets in edges.items():
+        if mod.startswith("nas_split") and mod not in adapters:
+            assert not {t for t in targets if t.startswith("baselines")}, mod
+            assert "nas_split.nni_strategy" not in targets, mod
+        if mod.startswith("search_spaces"):
+            assert not {t for t in targets if not t.startswith("search_spaces")}, mod
+
+
+def test_surgery_is_layered_one_way():
+    order = ["graph", "handlers", "optim", "sizes", "split", "growable", "export"]
+    edges = graph()
+    for i, low in enumerate(order):
+        for high in order[i + 1:]:
+            assert f"nas_split.surgery.{high}" not in edges[f"nas_split.surgery.{low}"], (low, high)
