@@ -1,10 +1,15 @@
 """Time of one full split of 30 % of all neurons of timm mobilenetv2_100, against one training step.
 
 Run:  python benchmarks/bench_split.py [--repeats 3] [--batch 32] [--size 224]
+      python benchmarks/bench_split.py --grower [--rounds 3]
 
 Prints the medians and their ratio, all measured in this run. "One full split" is everything ``nas_split.split``
 does for a plan over every coupled channel group: tracing the coupling graph, validating, the surgery and the
 optimizer-state carry. A training step is forward + backward + SGD step on one batch.
+
+``--grower`` times whole ``Grower.step`` rounds instead (timm ``mobilenetv2_050`` at 64 px, fast analysis of one
+batch of 8, grow ratio 0.1): the first includes verifying every layer by a trial split, later ones reuse it.  The
+same command on an older checkout gives the "before" figure.
 """
 from __future__ import annotations
 
@@ -34,13 +39,33 @@ def plan_30_percent(model, x, frac, gen):
     return plan, total
 
 
+def grower_rounds(rounds: int) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv2_050", num_classes=10)
+    x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+    t = time.perf_counter()
+    grower = ns.Grower(model, x, "fast", grow_ratio=0.1, analysis_batches=1, fast_passes=1)
+    times = [time.perf_counter() - t]
+    for _ in range(rounds):
+        t = time.perf_counter()
+        grower.step([(x, y)])
+        times.append(time.perf_counter() - t)
+    print(f"mobilenetv2_050 @ 64px, {torch.get_num_threads()} threads: Grower() {times[0]:.2f} s, then "
+          + ", ".join(f"step {i + 1} {s:.2f} s" for i, s in enumerate(times[1:]))
+          + f"; total {sum(times):.2f} s")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--frac", type=float, default=0.3)
+    ap.add_argument("--grower", action="store_true", help="time Grower rounds instead")
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
+    if a.grower:
+        return grower_rounds(a.rounds)
     torch.manual_seed(0)
     base = timm.create_model("mobilenetv2_100", num_classes=1000)
     x1 = torch.randn(1, 3, a.size, a.size)

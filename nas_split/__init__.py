@@ -4,7 +4,7 @@ Public API (stable names): :class:`Grower`, :func:`growable_layers`, :func:`spli
 :func:`save_grown`, :func:`load_grown`, :class:`SplitScheme`, :class:`NewChannels`.  Datasets live in
 :mod:`nas_split.data`, the training loop in :mod:`nas_split.training`, cost accounting in :mod:`nas_split.cost`.
 """
-from .grower import METHODS, Grower, GrowthReport
+from .grower import VARIANTS, Grower, GrowthReport
 from .surgery import (
                       NewChannels,
                       NotGrowableError,
@@ -19,5 +19,5 @@ from .surgery import (
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "Grower", "GrowthReport", "NewChannels", "NotGrowableError", "SplitReport", "SplitScheme",
+__all__ = ["VARIANTS", "Grower", "GrowthReport", "NewChannels", "NotGrowableError", "SplitReport", "SplitScheme",
            "add_channels", "growable_layers", "load_grown", "save_grown", "split", "__version__"]

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _growth_flags(t: argparse.ArgumentParser) -> None:
-    t.add_argument("--method", help="s2d | fast | s3d | s3d-exact")
+    from .splitting.variants import VARIANTS
+
+    t.add_argument("--method", help=" | ".join(f"{v.name} ({v.description})" for v in VARIANTS.values()))
     t.add_argument("--rounds", type=int, help="growth rounds after the seed stage")
     t.add_argument("--seed-epochs", type=int, help="epochs of the seed stage (default --epochs)")
     t.add_argument("--budget-mmacs", type=float, help="stop once the model reaches this many MMACs")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .training import TrainConfig
@@ -39,7 +39,7 @@ class GrowthConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["s2d", "fast", "s3d", "s3d-exact"] = "fast"
+    method: str = Field("fast", description="a splitting variant (nas_split.splitting.variants.VARIANTS)")
     rounds: int = Field(3, ge=0, description="growth rounds after the seed stage")
     seed_epochs: int | None = Field(None, ge=0, description="epochs of the seed stage (default train.epochs)")
     grow_ratio: float = Field(0.3, ge=0)
@@ -60,6 +60,16 @@ class GrowthConfig(BaseModel):
     analysis_batches: int | None = Field(None, ge=1)
     fast_passes: int = Field(3, ge=1)
     fast_lr: float = Field(0.05, gt=0)
+
+
+    @field_validator("method")
+    @classmethod
+    def _variant(cls, v: str) -> str:
+        from .splitting.variants import VARIANTS
+
+        if v not in VARIANTS:
+            raise ValueError(f"not a splitting variant; known: {', '.join(VARIANTS)}")
+        return v
 
 
 class GrowRunConfig(RunConfig):

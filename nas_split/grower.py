@@ -7,9 +7,13 @@ Drive it from any training loop::
         train(model, opt, epochs)
         report = grower.step(train_loader)      # splits in place, carries opt's state
 
-Methods (``METHODS``): ``s2d`` (exact matrices, S2D splits), ``fast`` (Rayleigh-quotient analysis, S2D splits),
-``s3d`` (fast analysis of both spectrum ends, signed splits), ``s3d-exact``; ``energy_aware=True`` replaces the
-grow-ratio selection by the linear program over MAC (or energy) costs.
+Methods: the splitting variants of :data:`nas_split.splitting.variants.VARIANTS` (``s2d`` exact matrices + S2D
+splits, ``fast`` Rayleigh-quotient analysis + S2D, ``s3d`` fast analysis of both spectrum ends + signed splits,
+``s3d-exact``, ``energy`` = ``fast`` with the LP); ``energy_aware=True`` replaces the grow-ratio selection by the
+linear program over MAC (or energy) costs for any of them.
+
+The coupling graph and the splittable layers are traced once per architecture (cached by the layer widths), and
+the trial split that verifies a layer is growable runs once per layer in the Grower's lifetime.
 """
 from __future__ import annotations
 
@@ -22,30 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cost import EnergyModel, count_macs
-from .splitting.analysis import Spectrum, exact_spectrum, fast_spectrum
+from .errors import ConfigError
+from .splitting.analysis import Spectrum
 from .splitting.channel_cost import channel_costs, prefix_within_macs
 from .splitting.neurons import Neuron, NotAnalyzableError, splittable_layers
-from .splitting.schemes import NeuronSplit, best_s3d_split, s2d_split
+from .splitting.schemes import NeuronSplit
 from .splitting.selection import Candidate, select_lp, select_ratio
-from .surgery import CouplingGraph, NotGrowableError, split
+from .splitting.variants import VARIANTS
+from .surgery import CouplingGraph, NotGrowableError, layer_sizes, split
 
-__all__ = ["Grower", "GrowthReport", "METHODS", "MethodSpec", "NotAnalyzableError", "splittable_layers"]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A growth method: how splitting matrices are analysed and which schemes are used."""
-
-    analysis: str  # "exact" | "fast"
-    schemes: str   # "s2d" | "s3d"
-
-
-METHODS: dict[str, MethodSpec] = {
-    "s2d": MethodSpec("exact", "s2d"),
-    "fast": MethodSpec("fast", "s2d"),
-    "s3d": MethodSpec("fast", "s3d"),
-    "s3d-exact": MethodSpec("exact", "s3d"),
-}
+__all__ = ["Grower", "GrowthReport", "VARIANTS", "NotAnalyzableError", "splittable_layers"]
 
 
 @dataclass
@@ -84,7 +74,7 @@ class Grower:
     Args:
         model: the network (any ``nn.Module`` whose neurons are conv/linear -> [batch norm] -> activation module).
         example_inputs: a batch used to trace couplings and count costs.
-        method: a key of :data:`METHODS`.
+        method: a key of :data:`~nas_split.splitting.variants.VARIANTS`.
         grow_ratio: new neurons per round as a fraction of the current neurons of the analysed layers.
         eps: split step ε.
         c: S3D mass budget ``Σ|w_i| <= c`` (``c >= 1``; 1 is S2D).
@@ -118,25 +108,25 @@ class Grower:
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
                  beta: float = 3.0, analysis_batches: int | None = None, fast_passes: int = 3,
                  fast_lr: float = 0.05, seed: int = 0):
-        if method not in METHODS:
-            raise ValueError(f"unknown growth method {method!r}; known: {', '.join(METHODS)}")
+        if method not in VARIANTS:
+            raise ConfigError(f"unknown growth method {method!r}; known: {', '.join(VARIANTS)}")
         if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+            raise ConfigError(f"eps must be > 0, got {eps}")
         if c < 1:
-            raise ValueError(f"the S3D mass budget c must be >= 1, got {c}")
+            raise ConfigError(f"the S3D mass budget c must be >= 1, got {c}")
         if max_copies not in (3, 4):
-            raise ValueError(f"max_copies must be 3 or 4, got {max_copies}")
+            raise ConfigError(f"max_copies must be 3 or 4, got {max_copies}")
         if cost not in ("macs", "energy"):
-            raise ValueError(f"cost must be 'macs' or 'energy', got {cost!r}")
+            raise ConfigError(f"cost must be 'macs' or 'energy', got {cost!r}")
         if grow_ratio is None and max_macs is None:
-            raise ValueError("grow_ratio=None needs max_macs (the budget then sets the count)")
+            raise ConfigError("grow_ratio=None needs max_macs (the budget then sets the count)")
         if grow_ratio is not None and grow_ratio < 0:
-            raise ValueError(f"grow_ratio must be >= 0, got {grow_ratio}")
+            raise ConfigError(f"grow_ratio must be >= 0, got {grow_ratio}")
         self.model, self.example_inputs = model, example_inputs
-        self.method, self.spec = method, METHODS[method]
+        self.method, self.variant = method, VARIANTS[method]
         self.grow_ratio, self.eps, self.c, self.max_copies = grow_ratio, eps, c, max_copies
-        self.only_negative, self.energy_aware, self.cost, self.budget_scale = only_negative, energy_aware, cost, \
-            budget_scale
+        self.only_negative, self.cost, self.budget_scale = only_negative, cost, budget_scale
+        self.energy_aware = energy_aware or self.variant.energy_aware
         self.energy_model = energy_model or EnergyModel()
         self.groups, self.quotas = dict(groups or {}), dict(quotas or {})
         self.max_width, self.round_to, self.max_macs = max_width, round_to, max_macs
@@ -145,41 +135,43 @@ class Grower:
         self.analysis_batches, self.fast_passes, self.fast_lr = analysis_batches, fast_passes, fast_lr
         self.generator = torch.Generator().manual_seed(seed)
         self.spectra: dict[str, Spectrum] = {}  # the last analysis (the fast method warm-starts from it)
+        self._trace: tuple[tuple, CouplingGraph, dict[str, Neuron]] | None = None  # (widths, graph, neurons)
+        self._verified: set[str] = set()  # layers whose trial split preserved the function
         if not self.neurons():
             raise NotGrowableError("the model has no growable layer with a nonlinearity to split")
 
+    def graph(self) -> CouplingGraph:
+        """The coupling graph of the model as it is now (traced once per architecture)."""
+        return self._traced()[1]
+
     def neurons(self) -> dict[str, Neuron]:
         """The analysed layers (growable, with a nonlinearity; one per coupled group) and their neurons."""
-        return splittable_layers(self.model, self.example_inputs, self.requested_layers)
+        return self._traced()[2]
+
+    def _traced(self) -> tuple[tuple, CouplingGraph, dict[str, Neuron]]:
+        key = tuple(tuple(v) for v in layer_sizes(self.model).values())
+        if self._trace is None or self._trace[0] != key:
+            graph = CouplingGraph(self.model, self.example_inputs)
+            neurons = splittable_layers(self.model, self.example_inputs, self.requested_layers, graph=graph,
+                                        trusted=self._verified)
+            self._verified |= set(neurons)
+            self._trace = (key, graph, neurons)
+        return self._trace
 
     def analyze(self, loader: Iterable) -> dict[str, Spectrum]:
         """Per analysed layer: ``λ_min``, ``v_min``, ``λ_max``, ``v_max`` of every neuron's splitting matrix."""
-        neurons = self.neurons()
-        if self.spec.analysis == "exact":
-            spectra = exact_spectrum(self.model, loader, neurons, self.loss_fn, self.beta, self.analysis_batches)
-        else:
-            ends = ("min",) if self.spec.schemes == "s2d" else ("min", "max")
-            spectra = fast_spectrum(self.model, loader, neurons, self.loss_fn, self.beta, self.fast_passes,
-                                    self.analysis_batches or 20, self.fast_lr, ends, self.spectra, self.generator)
-        self.spectra = spectra
-        return spectra
+        self.spectra = self.variant.analysis(self, loader, self.variant.ends)
+        return self.spectra
 
     def candidates(self, spectra: Mapping[str, Spectrum]) -> list[NeuronSplit]:
-        """The best scheme for every neuron."""
-        out = []
-        for layer, sp in spectra.items():
-            for o in range(sp.lam_min.shape[0]):
-                if self.spec.schemes == "s2d":
-                    out.append(s2d_split(layer, o, float(sp.lam_min[o]), sp.v_min[o]))
-                else:
-                    out.append(best_s3d_split(layer, o, float(sp.lam_min[o]), sp.v_min[o], float(sp.lam_max[o]),
-                                              sp.v_max[o], self.c, self.max_copies))
-        return out
+        """The variant's scheme for every neuron."""
+        return [self.variant.scheme(self, layer, o, sp) for layer, sp in spectra.items()
+                for o in range(sp.lam_min.shape[0])]
 
     def select(self, splits: list[NeuronSplit]) -> list[NeuronSplit]:
         """Choose splits by grow ratio (with quotas) or, when ``energy_aware``, by the LP over costs; best first,
         cut at ``max_macs`` when set."""
-        graph = CouplingGraph(self.model, self.example_inputs)
+        graph = self.graph()
         layers = sorted({s.layer for s in splits})
         widths = {n: graph.group(n).width for n in layers}
         groups = {n: self.groups.get(n, "all") for n in layers}
@@ -227,7 +219,7 @@ class Grower:
         for s in sorted(chosen, key=lambda s: s.gain):
             by_layer.setdefault(s.layer, []).append((s.channel, s.scheme))
         report = split(self.model, self.example_inputs, by_layer, eps=self.eps, optimizer=self.optimizer,
-                       max_width=self.max_width, round_to=self.round_to)
+                       max_width=self.max_width, round_to=self.round_to, graph=self.graph())
         dropped = set(report.dropped)
         done = [s for s in chosen if (s.layer, s.channel) not in dropped]
         kinds: dict[str, int] = {}

@@ -27,7 +27,8 @@ from typing import Any
 from torch import nn
 
 from .errors import ConfigError, NasSplitError
-from .grower import METHODS, Grower
+from .grower import Grower
+from .splitting.variants import VARIANTS, Variant
 from .stages import StageRunner, stage_seed
 
 __all__ = ["MethodContext", "Method", "GrowthMethod", "register_method", "create_method", "list_methods",
@@ -155,21 +156,19 @@ class GrowthMethod(Method):
         return model
 
 
-def _splitting(method: str, energy_aware: bool = False):
+def _splitting(variant: Variant):
     def factory(grow_ratio: float = 0.3, eps: float = 1e-2, **options: Any) -> GrowthMethod:
         class Splitting(GrowthMethod):
-            max_round_factor = 16.0 if METHODS[method].schemes == "s3d" else 4.0  # S3D: up to 4 copies
+            max_round_factor = variant.max_round_factor
 
             def grow(self, ctx, model, loader, optimizer, stage, max_macs):
-                g = Grower(model, ctx.example_inputs, method, eps=eps,
-                           grow_ratio=grow_ratio if max_macs is None else None,
-                           energy_aware=energy_aware, optimizer=optimizer, seed=stage_seed(ctx.recipe.seed, stage),
-                           max_macs=max_macs, **options)
+                g = Grower(model, ctx.example_inputs, variant.name, eps=eps,
+                           grow_ratio=grow_ratio if max_macs is None else None, optimizer=optimizer,
+                           seed=stage_seed(ctx.recipe.seed, stage), max_macs=max_macs, **options)
                 return g.step(loader).to_dict()
         return Splitting()
     return factory
 
 
-for _name in ("s2d", "fast", "s3d", "s3d-exact"):
-    register_method(_name)(_splitting(_name))
-register_method("energy")(_splitting("fast", energy_aware=True))
+for _variant in VARIANTS.values():
+    register_method(_variant.name)(_splitting(_variant))

@@ -180,7 +180,8 @@ class SplittingDescent(Strategy):
     """Grow a :class:`BackboneSpace` by splitting steepest descent, one NNI model per stage.
 
     Args:
-        method: ``s2d`` | ``fast`` | ``s3d`` | ``s3d-exact``; ``energy_aware=True`` selects with the LP.
+        method: a splitting variant (:data:`nas_split.splitting.variants.VARIANTS`: ``s2d``, ``fast``, ``s3d``,
+            ``s3d-exact``, ``energy``); ``energy_aware=True`` selects with the LP for any of them.
         rounds: growth stages after the seed stage.
         budget_mmacs: stop once the model reaches this many MMACs (each round is cut there).
         checkpoint_dir: where each stage's model is saved (shared with the trials on ``ts``).

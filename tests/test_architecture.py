@@ -100,3 +100,33 @@ def test_surgery_is_layered_one_way():
     for i, low in enumerate(order):
         for high in order[i + 1:]:
             assert f"nas_split.surgery.{high}" not in edges[f"nas_split.surgery.{low}"], (low, high)
+
+
+def test_grower_traces_once_per_step_and_verifies_each_layer_once(monkeypatch):
+    import torch
+
+    import nas_split as ns
+    import search_spaces
+    from nas_split.surgery import CouplingGraph, growable
+
+    traces, trials = [], []
+    real_init, real_preserves = CouplingGraph.__init__, growable._preserves
+    def counted_init(self, *a, **k):
+        traces.append(1)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(CouplingGraph, "__init__", counted_init)
+    monkeypatch.setattr(growable, "_preserves", lambda *a: (trials.append(a[2].root), real_preserves(*a))[1])
+    torch.manual_seed(0)
+    model = search_spaces.create("test_mobilenetv1", num_classes=10, in_chans=1, input_size=16)
+    x, y = torch.randn(16, 1, 16, 16), torch.randint(0, 10, (16,))
+    grower = ns.Grower(model, x, "fast", grow_ratio=0.5, analysis_batches=1, fast_passes=1)
+    candidates = CouplingGraph(model, x).candidates()
+    assert len(traces) == 2 and 0 < len(trials) <= len(candidates)  # one trace (plus ours), each candidate once
+    traces.clear()
+    for step in range(2):
+        before = (len(traces), len(trials))
+        grower.step([(x, y)])
+        grower.neurons()  # the grown architecture: traced again once, no new trial split
+        assert (len(traces) - before[0], len(trials) - before[1]) == (1, 0), step
+    assert len(set(trials)) == len(trials)  # no layer was verified twice

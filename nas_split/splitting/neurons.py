@@ -10,6 +10,7 @@ cannot be hooked; such layers are reported as not analyzable.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -130,11 +131,14 @@ def _neuron(name: str, layer: nn.Module, norm, act) -> Neuron:
     return Neuron(name, layer, norm, act, kind)
 
 
-def splittable_layers(model: nn.Module, example_inputs: torch.Tensor,
-                      layers: list[str] | None = None) -> dict[str, Neuron]:
-    """Growable layers whose neurons have a nonlinearity, one per coupled group, with their :class:`Neuron`."""
-    graph = CouplingGraph(model, example_inputs)
-    names = layers or growable_layers(model, example_inputs, graph=graph)
+def splittable_layers(model: nn.Module, example_inputs: torch.Tensor, layers: list[str] | None = None,
+                      graph: CouplingGraph | None = None, trusted: Collection[str] = ()) -> dict[str, Neuron]:
+    """Growable layers whose neurons have a nonlinearity, one per coupled group, with their :class:`Neuron`.
+
+    ``graph``: the model's coupling graph if already traced; ``trusted``: layers already verified growable (see
+    :func:`~nas_split.surgery.growable_layers`)."""
+    graph = graph or CouplingGraph(model, example_inputs)
+    names = layers or growable_layers(model, example_inputs, graph=graph, trusted=trusted)
     owned, out = set(), {}
     for n, nr in find_neurons(model, example_inputs, names).items():
         if nr.is_linear:

@@ -6,6 +6,7 @@ growable < export.
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ __all__ = ["growable_layers"]
 
 @full_precision()
 def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool = True,
-                    graph: CouplingGraph | None = None) -> list[str]:
+                    graph: CouplingGraph | None = None, trusted: Collection[str] = ()) -> list[str]:
     """Names (as in ``model.named_modules()``) of the layers whose output channels can be split.
 
     A layer qualifies when it is a dense conv or linear layer whose coupling group holds only layers nas-split
@@ -27,7 +28,8 @@ def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool
     and must keep the outputs equal (relative error ≤ 1e-4, a tolerance for IEEE fp32: the check runs in
     :func:`~nas_split.numerics.full_precision` whatever TF32 or autocast say, on the model's device), which
     catches couplings the tracer cannot see (e.g. channels reshaped into a matrix for ``torch.bmm``, as in
-    PointNet's feature transform).
+    PointNet's feature transform).  Layers in ``trusted`` (verified before; widening a layer does not change
+    how its channels are coupled) skip the trial split.
     """
     graph = graph or CouplingGraph(model, example_inputs)
     names = []
@@ -36,7 +38,7 @@ def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool
             group = graph.group(n)
         except NotGrowableError:
             continue
-        if verify and not _preserves(model, example_inputs, group):
+        if verify and n not in trusted and not _preserves(model, example_inputs, group):
             continue
         names.append(n)
     return names
