@@ -180,3 +180,41 @@ def test_grown_feature_extractor_in_a_fresh_process(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert [int(c) for c in p.stdout.split()] == chans
+
+
+def test_grown_timm_create_model_models_and_a_user_module_reload_in_a_fresh_process(tmp_path):
+    from search_spaces.mlp import MLP
+
+    x = torch.randn(2, 2, 48, 48)
+    saved = {}
+    for name, plan in (("mobilenetv2_035", {"blocks.2.0.conv_pw": [0, 5], "conv_stem": [1]}),
+                       ("mobilenetv1_100", {"blocks.1.0.conv_pw": [3], "conv_stem": [0, 2]})):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=5, in_chans=2)
+        ns.split(model, x, plan, eps=0.05, generator=torch.Generator().manual_seed(0))
+        ns.save_grown(model, tmp_path / f"{name}.pt")  # no spec: inferred from timm's registry and checked
+        assert torch.load(tmp_path / f"{name}.pt", weights_only=True)["spec"] == \
+            {"timm": name, "kwargs": {"num_classes": 5, "in_chans": 2}}
+        with torch.no_grad():
+            saved[name] = model.eval()(x)
+    user = MLP(3, 2 * 48 * 48, (6,)).eval()
+    ns.split(user, x, {"features.1": [1, 4]}, eps=0.05)  # the user's module grows too (6 -> 8 hidden units)
+    assert user.features[1].out_features == 8
+    ns.save_grown(user, tmp_path / "user.pt", spec={"factory": "search_spaces.mlp:MLP",
+                                                    "kwargs": {"num_classes": 3, "in_features": 2 * 48 * 48,
+                                                               "widths": [6]}})
+    with torch.no_grad():
+        saved["user"] = user(x)
+    torch.save({"x": x, **saved}, tmp_path / "ref.pt")
+    code = (f"import torch, nas_split as ns; from search_spaces.mlp import MLP; r = torch.load(r'{tmp_path}/ref.pt');"
+            f" ms = {{n: ns.load_grown(rf'{tmp_path}/{{n}}.pt') for n in ('mobilenetv2_035', 'mobilenetv1_100')}};"
+            f" ms['user'] = ns.load_grown(r'{tmp_path}/user.pt', factories={{'search_spaces.mlp:MLP': MLP}});"
+            " print(*[torch.equal(m.eval()(r['x']), r[n]) for n, m in ms.items()])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["True", "True", "True"]
+
+
+def test_save_grown_says_what_to_pass_for_an_unknown_model(tmp_path):
+    with pytest.raises(ValueError, match=r"pass spec=\{'factory'"):
+        ns.save_grown(nn.Sequential(nn.Linear(2, 2)), tmp_path / "m.pt")

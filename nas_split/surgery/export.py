@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from .._io import atomic_torch_save
-from ..errors import NasSplitError, UntrustedFileError
+from ..errors import ConfigError, NasSplitError, UntrustedFileError
 from .sizes import apply_sizes, feature_entries, layer_sizes
 
-__all__ = ["save_grown", "load_grown", "grown_payload", "build_grown", "build_spec",
+__all__ = ["save_grown", "load_grown", "grown_payload", "build_grown", "build_spec", "timm_spec",
            "timm_shape_string", "FORMAT"]
 
 FORMAT = "nas-split-grown/1"
@@ -36,15 +36,45 @@ def timm_shape_string(model: nn.Module) -> str:
     return "***".join(f"{k}:[{', '.join(str(d) for d in v.shape)}]" for k, v in model.state_dict().items())
 
 
+def timm_spec(model: nn.Module) -> dict[str, Any] | None:
+    """The spec of a model built by ``timm.create_model`` (its registry name, ``num_classes``, ``in_chans``) if
+    rebuilding from it reproduces ``model`` exactly (same outputs on a probe input once grown widths and weights
+    are loaded), else ``None``.  Constructor arguments that leave no trace in the weights (an activation, a drop
+    rate) cannot be recovered; the probe catches them."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    modules = dict(model.named_modules())
+    first = modules.get(cfg.get("first_conv", ""))
+    if not cfg.get("architecture") or not hasattr(model, "num_classes") or not hasattr(first, "in_channels"):
+        return None
+    spec = {"timm": cfg["architecture"], "kwargs": {"num_classes": int(model.num_classes),
+                                                    "in_chans": int(first.in_channels)}}
+    try:
+        rebuilt = build_grown({"spec": spec, "sizes": layer_sizes(model), "state_dict": model.state_dict()})
+    except Exception:  # not a timm registry name, or the weights do not fit it
+        return None
+    x = torch.randn(2, first.in_channels, *cfg.get("input_size", (3, 64, 64))[1:],
+                    generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
+    was = model.training
+    try:
+        with torch.no_grad():
+            same = torch.allclose(model.eval()(x), rebuilt.to(x.device).eval()(x), rtol=1e-5, atol=1e-6)
+    finally:
+        model.train(was)
+    return spec if same else None
+
+
 def grown_payload(model: nn.Module, spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """The plain-data description of ``model`` that :func:`save_grown` writes (see there for ``spec``)."""
-    spec = spec or getattr(model, "nas_split_spec", None)
+    spec = spec or getattr(model, "nas_split_spec", None) or timm_spec(model)
     if spec is None:
-        raise ValueError("save_grown needs spec= (how to build the seed) for models not made by search_spaces.create")
+        raise ConfigError(
+            f"save_grown cannot tell how to rebuild this {type(model).__name__}: pass spec={{'factory': "
+            "'your_pkg.module:build_fn', 'kwargs': {...}}} (reload with load_grown(path, factories={'your_pkg."
+            "module:build_fn': build_fn})), or build it with search_spaces.create or timm.create_model")
     try:
         json.dumps(spec)
     except TypeError as e:
-        raise ValueError(f"spec must hold plain JSON values to reload with weights_only=True: {e}") from None
+        raise ConfigError(f"spec must hold plain JSON values to reload with weights_only=True: {e}") from None
     return {"format": FORMAT, "spec": spec, "sizes": layer_sizes(model),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "timm_shape_string": timm_shape_string(model) if hasattr(model, "pretrained_cfg") else None,
@@ -56,7 +86,8 @@ def save_grown(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any] |
 
     Args:
         spec: how to build the seed: ``{"space": name, "num_classes", "in_chans", "input_size", "kwargs"}``
-            (recorded by ``search_spaces.create`` as ``model.nas_split_spec``) or ``{"factory":
+            (recorded by ``search_spaces.create`` as ``model.nas_split_spec``), ``{"timm": name, "kwargs":
+            {...}}`` (inferred for a ``timm.create_model`` model, see :func:`timm_spec`), or ``{"factory":
             "package.module:function", "kwargs": {...}}`` (reloaded only with ``load_grown(path,
             factories={"package.module:function": function})``).  JSON-serialisable values only.
     """
@@ -86,9 +117,16 @@ def build_spec(spec: dict[str, Any], factories: Factories | None = None, import_
 
         return search_spaces.create(spec["space"], spec["num_classes"], spec["in_chans"], spec.get("input_size"),
                                     **kwargs)
+    if "timm" in spec:  # a name in timm's registry (nas-split's own timm models register with search_spaces)
+        import timm
+
+        import search_spaces  # noqa: F401
+
+        return timm.create_model(spec["timm"], pretrained=False, **kwargs)
     name = spec.get("factory")
     if not isinstance(name, str):
-        raise NasSplitError("spec names neither a search space ('space') nor a factory ('factory')")
+        raise NasSplitError("spec names neither a search space ('space'), a timm model ('timm') nor a factory "
+                            "('factory')")
     if factories is not None and name in factories:
         return factories[name](**kwargs)
     if not import_factory:
