@@ -157,7 +157,7 @@ def _cmd_grow(a: argparse.Namespace) -> int:
         check_out_dir(cfg.out, a.overwrite)
     prepared = prepare(cfg)
     if not a.resume:
-        validate_growth(cfg, prepared)
+        validate_growth(cfg.growth, prepared.model, prepared.example_inputs)
     _print_stages(run_grow(cfg, resume=bool(a.resume), overwrite=a.overwrite, prepared=prepared), cfg.out)
     return 0
 

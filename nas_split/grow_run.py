@@ -1,5 +1,9 @@
 """``nas-split grow``: seed training, then rounds of analyze -> select -> split -> train, resumable.
 
+The rounds are :func:`nas_split.engine.grow_rounds` with the registered splitting method of ``growth.method``:
+the same loop, schedule and grow step as ``run`` / ``compare`` (``growth.budget_mmacs`` is the MAC target of
+the engine's schedule).
+
 Every stage ends with an atomic checkpoint ``checkpoints/stage{k}.pt`` (the grown model as
 :func:`nas_split.save_grown` writes it, the optimizer state, the fast method's directions and the records so
 far), so a crash leaves the last completed stage loadable and ``--resume RUN_DIR`` continues after it.  Each
@@ -18,16 +22,17 @@ import torch
 from ._io import atomic_torch_save, output_lock
 from .config import ConfigError, GrowRunConfig, GrowthConfig
 from .cost import measure_cost
+from .engine import check_target, grow_rounds
 from .errors import DivergedError, UntrustedFileError
 from .experiment import Prepared, check_out_dir, prepare
-from .grower import Grower
+from .methods import SplittingMethod, create_method
 from .runlog import RunWriter
 from .splitting.analysis import Spectrum
-from .stages import StageRunner, stage_seed
+from .stages import StageRunner
 from .surgery.export import build_grown, grown_payload
 from .training import make_optimizer
 
-__all__ = ["run_grow", "validate_growth", "latest_checkpoint", "resume_point", "resume_config", "make_grower",
+__all__ = ["run_grow", "validate_growth", "latest_checkpoint", "resume_point", "resume_config", "growth_method",
            "RESUME_KEYS"]
 
 #: Keys a resumed run may change (``--set`` / flags with ``--resume``): the recipe of the stages still to come.
@@ -114,25 +119,24 @@ def resume_config(run_dir: str | Path) -> dict:
     return resume_point(run_dir).checkpoint["results"]["config"]
 
 
-def make_grower(g: GrowthConfig, model, example_inputs, optimizer, seed: int,
-                max_macs: float | None = None) -> Grower:
-    """The :class:`Grower` a growth configuration describes (selection cut at ``max_macs`` when given)."""
-    return Grower(model, example_inputs, g.method, grow_ratio=g.grow_ratio, eps=g.eps, c=g.c,
-                  max_copies=g.max_copies, only_negative=g.only_negative, energy_aware=g.energy_aware, cost=g.cost,
-                  max_width=g.max_width, round_to=g.round_to, optimizer=optimizer, beta=g.beta,
-                  analysis_batches=g.analysis_batches, fast_passes=g.fast_passes, fast_lr=g.fast_lr, seed=seed,
-                  max_macs=max_macs)
+def growth_method(g: GrowthConfig) -> SplittingMethod:
+    """The registered splitting method a growth configuration describes (its Grower options included)."""
+    return create_method(g.method, grow_ratio=g.grow_ratio, eps=g.eps, c=g.c, max_copies=g.max_copies,
+                         only_negative=g.only_negative, energy_aware=g.energy_aware, cost=g.cost,
+                         max_width=g.max_width, round_to=g.round_to, beta=g.beta,
+                         analysis_batches=g.analysis_batches, fast_passes=g.fast_passes, fast_lr=g.fast_lr)
 
 
-def validate_growth(cfg: GrowRunConfig, p: Prepared) -> None:
-    """Before anything is written: the seed must be growable and below the MACs / energy budget."""
-    make_grower(cfg.growth, p.model, p.example_inputs, None, 0)  # NotGrowableError / ValueError name the problem
-    g = cfg.growth
-    if g.budget_mmacs is None and g.budget_energy_uj is None:
-        return
-    c = measure_cost(p.model, p.example_inputs, latency=False)
-    if g.budget_mmacs is not None and c.mmacs >= g.budget_mmacs:
-        raise ConfigError(f"growth.budget_mmacs={g.budget_mmacs} is not above the seed's {c.mmacs:.3f} MMACs")
+def validate_growth(g: GrowthConfig, model, example_inputs) -> None:
+    """Before anything is written: the seed is growable, and under budgets the schedule can reach; a field the
+    schedule would ignore is refused (a MAC budget sets how many neurons each round splits, not ``grow_ratio``)."""
+    method = growth_method(g)
+    method.grower(model, example_inputs, None, 0, None)  # NotGrowableError names the problem
+    if g.budget_mmacs is not None and "grow_ratio" in g.model_fields_set:
+        raise ConfigError("growth.grow_ratio has no effect with growth.budget_mmacs: the MAC schedule sets how many "
+                          "neurons each round splits; give one of them")
+    c = measure_cost(model, example_inputs, latency=False)
+    check_target("growth.budget_mmacs", c.macs, g.budget_mmacs, g.rounds, method.max_round_factor)
     if g.budget_energy_uj is not None and c.energy_uj >= g.budget_energy_uj:
         raise ConfigError(f"growth.budget_energy_uj={g.budget_energy_uj} is not above the seed's "
                           f"{c.energy_uj:.1f} uJ (estimate)")
@@ -165,11 +169,12 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
         check_out_dir(run_dir, overwrite)
     p = prepared or prepare(cfg)
     if not resume:
-        validate_growth(cfg, p)
+        validate_growth(g, p.model, p.example_inputs)
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
     info = p.data.info
-    model, optimizer, previous, results, first = p.model, None, {}, None, 0
+    method = growth_method(g)
+    model, optimizer, results = p.model, None, None
     if start is not None:
         for why in start.skipped:
             print(f"nas-split: warning: {why}; resuming after stage {start.stage}", file=sys.stderr)
@@ -180,8 +185,8 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
             optimizer.load_state_dict(ckpt["optimizer"])
             for grp, hyper in zip(optimizer.param_groups, recipe, strict=True):  # a changed recipe applies from here
                 grp.update(hyper)
-        previous = {k: Spectrum(**v) for k, v in ckpt["spectra"].items()}
-        results, first = ckpt["results"], start.stage + 1
+        method.spectra = {k: Spectrum(**v) for k, v in ckpt["spectra"].items()}
+        results = ckpt["results"]
         results["config"] = cfg.model_dump()
     writer = RunWriter(run_dir, {"command": "grow", "config": cfg.model_dump(),
                                  "dataset": {"name": info.name, "kind": info.kind,
@@ -191,24 +196,10 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
     runner = StageRunner(data=p.data, recipe=cfg.train, example_inputs=p.example_inputs, record=writer.stage,
                          epoch_hook=writer.epoch, latency=cfg.latency, records=list(writer.results["stages"]))
     try:
-        for stage in range(first, g.rounds + 1):
-            extra = {}
-            if stage > 0:
-                if _reached(g, measure_cost(model, p.example_inputs, latency=False)):
-                    break
-                tr, _, _ = runner.loaders(stage)
-                grower = make_grower(g, model, p.example_inputs, optimizer if g.carry_optimizer else None,
-                                 stage_seed(cfg.train.seed, stage))
-                grower.spectra = previous
-                report = grower.step(tr)
-                previous = grower.spectra
-                extra = {"growth": report.to_dict(), "analysis_seconds": report.analysis_seconds}
-                if not g.carry_optimizer:
-                    optimizer = None
-            epochs = (g.seed_epochs if g.seed_epochs is not None else cfg.train.epochs) if stage == 0 \
-                else cfg.train.epochs
-            optimizer = runner.stage(model, "seed" if stage == 0 else "round", epochs, optimizer, **extra)
-            _save(run_dir, stage, model, optimizer, previous, writer.results)
+        grow_rounds(runner, model, method, seed_epochs=g.seed_epochs if g.seed_epochs is not None else
+                    cfg.train.epochs, epochs=cfg.train.epochs, rounds=g.rounds, target_mmacs=g.budget_mmacs,
+                    budget_energy_uj=g.budget_energy_uj, carry_optimizer=g.carry_optimizer, optimizer=optimizer,
+                    on_stage=lambda k, m, opt: _save(run_dir, k, m, opt, method.spectra, writer.results))
         return writer.finish({"method": g.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
                               "rounds": g.rounds, "grow_ratio": g.grow_ratio, "eps": g.eps, "seed": cfg.train.seed,
                               "energy_aware": g.energy_aware})
@@ -222,8 +213,3 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
     except BaseException as e:
         writer.fail(f"{type(e).__name__}: {e}")
         raise
-
-
-def _reached(g, cost) -> bool:
-    return (g.budget_mmacs is not None and cost.mmacs >= g.budget_mmacs) or \
-        (g.budget_energy_uj is not None and cost.energy_uj >= g.budget_energy_uj)

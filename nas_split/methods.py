@@ -21,18 +21,21 @@ import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import entry_points
 from typing import Any
 
 from torch import nn
 
-from .errors import ConfigError, NasSplitError
+from .engine import check_target, grow_rounds
+from .errors import NasSplitError
 from .grower import Grower
+from .splitting.analysis import Spectrum
 from .splitting.variants import VARIANTS, Variant
 from .stages import StageRunner, stage_seed
 
-__all__ = ["MethodContext", "Method", "GrowthMethod", "register_method", "create_method", "list_methods",
-           "load_plugins", "UnknownMethodError"]
+__all__ = ["MethodContext", "Method", "GrowthMethod", "SplittingMethod", "register_method", "create_method",
+           "list_methods", "load_plugins", "UnknownMethodError"]
 
 
 class UnknownMethodError(NasSplitError, KeyError):
@@ -112,63 +115,54 @@ def create_method(name: str, **options: Any) -> Method:
 
 
 class GrowthMethod(Method):
-    """Seed stage, then rounds of ``grow(...) -> info`` each followed by training.
-
-    With a MAC target ``T`` the rounds follow a geometric MAC schedule from the seed's ``M_0``: round ``r`` of
-    ``R`` may reach ``M_0 (T / M_0)^{r/R}`` MACs, so every round adds the same factor, the last lands on the
-    target and a grown model trains for the same epochs as the baselines it is compared with.  The method
-    chooses *which* neurons; the schedule sets *how many* (``max_macs`` of :meth:`grow`).
-    """
-
-    def grow(self, ctx: MethodContext, model: nn.Module, loader, optimizer, stage: int,
-             max_macs: float | None) -> dict:
-        """Grow ``model`` in place (at most to ``max_macs`` MACs when given); returns a JSON-ready summary."""
-        raise NotImplementedError
+    """Seed stage, then rounds of :meth:`grow` each followed by training, on the MAC schedule of
+    :mod:`nas_split.engine` (``max_macs`` of :meth:`grow` is the round's cap; the method chooses *which* neurons)."""
 
     #: Most a round can multiply MACs by: every neuron split in two doubles both widths of a layer.
     max_round_factor: float = 4.0
 
+    def grow(self, ctx: StageRunner, model: nn.Module, loader, optimizer, stage: int,
+             max_macs: float | None) -> dict:
+        """Grow ``model`` in place (at most to ``max_macs`` MACs when given); returns a JSON-ready summary.
+
+        ``ctx`` gives ``example_inputs`` and the recipe (``ctx.recipe.seed``)."""
+        raise NotImplementedError
+
     def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
-        if ctx.target_mmacs is None:
-            return
-        if ctx.target_mmacs * 1e6 <= seed_macs:
-            raise ConfigError(f"{self.name}: MAC target {ctx.target_mmacs} MMACs is not above the seed's "
-                             f"{seed_macs / 1e6:.3f} MMACs")
-        reach = seed_macs * self.max_round_factor ** ctx.rounds
-        if ctx.target_mmacs * 1e6 > reach:
-            raise ConfigError(f"{self.name}: MAC target {ctx.target_mmacs} MMACs is out of reach of {ctx.rounds} "
-                             f"round(s) from the seed's {seed_macs / 1e6:.3f} MMACs (at most {reach / 1e6:.3f}); "
-                             "add rounds or widen the seed")
+        check_target(self.name, seed_macs, ctx.target_mmacs, ctx.rounds, self.max_round_factor)
 
     def run(self, ctx: MethodContext) -> nn.Module:
         model = ctx.build_seed()
-        opt = ctx.stage(model, "seed", ctx.seed_epochs)
-        seed_macs = ctx.records[-1]["cost"]["macs"]
-        for r in range(1, ctx.rounds + 1):
-            if ctx.target_mmacs is not None and ctx.records[-1]["cost"]["mmacs"] >= ctx.target_mmacs:
-                break
-            budget = None if ctx.target_mmacs is None else \
-                seed_macs * (ctx.target_mmacs * 1e6 / seed_macs) ** (r / ctx.rounds)
-            tr, _, _ = ctx.loaders(len(ctx.records))
-            info = self.grow(ctx, model, tr, opt, r, budget)
-            opt = ctx.stage(model, "round", ctx.epochs, optimizer=opt, growth=info,
-                            analysis_seconds=info.get("analysis_seconds", 0.0))
+        grow_rounds(ctx, model, self, seed_epochs=ctx.seed_epochs, epochs=ctx.epochs, rounds=ctx.rounds,
+                    target_mmacs=ctx.target_mmacs)
         return model
 
 
-def _splitting(variant: Variant):
-    def factory(grow_ratio: float = 0.3, eps: float = 1e-2, **options: Any) -> GrowthMethod:
-        class Splitting(GrowthMethod):
-            max_round_factor = variant.max_round_factor
+class SplittingMethod(GrowthMethod):
+    """A splitting variant (:data:`~nas_split.splitting.variants.VARIANTS`) as a growth method: each round a
+    :class:`~nas_split.Grower` analyses, selects and splits.  With a round cap the cap alone sets how many neurons
+    split (``grow_ratio`` applies to rounds without one); the fast analysis warm-starts from the previous round's
+    directions (:attr:`spectra`, kept in ``grow``'s checkpoints)."""
 
-            def grow(self, ctx, model, loader, optimizer, stage, max_macs):
-                g = Grower(model, ctx.example_inputs, variant.name, eps=eps,
-                           grow_ratio=grow_ratio if max_macs is None else None, optimizer=optimizer,
-                           seed=stage_seed(ctx.recipe.seed, stage), max_macs=max_macs, **options)
-                return g.step(loader).to_dict()
-        return Splitting()
-    return factory
+    def __init__(self, variant: Variant, grow_ratio: float = 0.3, eps: float = 1e-2, **options: Any):
+        self.variant, self.grow_ratio, self.eps, self.options = variant, grow_ratio, eps, options
+        self.max_round_factor = variant.max_round_factor
+        self.spectra: dict[str, Spectrum] = {}
+
+    def grower(self, model: nn.Module, example_inputs, optimizer, seed: int, max_macs: float | None) -> Grower:
+        """The :class:`~nas_split.Grower` of one round (raises ``NotGrowableError`` for a model without a
+        layer to split)."""
+        return Grower(model, example_inputs, self.variant.name, eps=self.eps,
+                      grow_ratio=self.grow_ratio if max_macs is None else None, optimizer=optimizer, seed=seed,
+                      max_macs=max_macs, **self.options)
+
+    def grow(self, ctx, model, loader, optimizer, stage, max_macs):
+        g = self.grower(model, ctx.example_inputs, optimizer, stage_seed(ctx.recipe.seed, stage), max_macs)
+        g.spectra = self.spectra
+        report = g.step(loader)
+        self.spectra = g.spectra
+        return report.to_dict()
 
 
 for _variant in VARIANTS.values():
-    register_method(_variant.name)(_splitting(_variant))
+    register_method(_variant.name)(partial(SplittingMethod, _variant))

@@ -41,15 +41,16 @@ with warnings.catch_warnings():  # NNI 3.0 warns about torch's Buffer at import
     from nni.nas.space import ModelStatus, RawFormatModelSpace, SimplifiedModelSpace
     from nni.nas.strategy import Strategy
 
-from ._io import atomic_write_json
+from ._io import atomic_torch_save, atomic_write_json
 from .config import ConfigError, GrowthConfig, NniRunConfig, validation_message
-from .cost import count_macs
+from .engine import reached, round_cap
 from .runlog import RunWriter, layer_widths
-from .stages import StageRunner, stage_seed
+from .splitting.analysis import Spectrum
+from .stages import StageRunner
 from .surgery.export import build_spec, save_grown
 from .surgery.sizes import apply_sizes
 
-__all__ = ["BackboneSpace", "SplittingDescent", "stage_evaluator", "train_stage", "grow_stage", "check_port",
+__all__ = ["BackboneSpace", "SplittingDescent", "stage_evaluator", "train_stage", "check_port",
            "check_experiment", "run_nni", "run_compare_nni", "compare_trial"]
 
 _log = logging.getLogger(__name__)
@@ -89,30 +90,28 @@ def _environment(run: dict[str, Any], stages_before: int):
     return cfg, x, runner, seed_epochs
 
 
-def grow_stage(net: nn.Module, run: dict[str, Any], growth: dict[str, Any], stage: int,
-               max_macs: float | None = None) -> dict:
-    """One analyze -> select -> split of ``net`` in place, on the training data of stage ``stage``."""
-    cfg, x, runner, _ = _environment(run, stage)
-    return _grow(net, cfg.train.seed, x, runner, growth, stage, max_macs)
-
-
-def _grow(net: nn.Module, seed: int, x: torch.Tensor, runner: StageRunner, growth: dict[str, Any], stage: int,
-          max_macs: float | None) -> dict:
-    from .grow_run import make_grower
-
-    tr, _, _ = runner.loaders(stage)
-    g = make_grower(GrowthConfig.model_validate(growth), net, x, None, stage_seed(seed, stage), max_macs)
-    return g.step(tr).to_dict()
+def _state_path(checkpoint: str) -> str:
+    """Where a stage keeps what the next stage carries on: the optimizer state and the analysis directions."""
+    return str(Path(checkpoint).with_suffix(".state.pt"))
 
 
 def train_stage(model: nn.Module, run: dict[str, Any], stage: int = 0, checkpoint: str | None = None,
                 init_checkpoint: str | None = None, growth: dict[str, Any] | None = None,
-                max_macs: float | None = None) -> dict:
-    """The evaluator of one stage: [load ``init_checkpoint``, grow], train, test, save, report to NNI.
+                max_macs: float | None = None, state_checkpoint: str | None = None) -> dict:
+    """The evaluator of one stage: [load ``init_checkpoint``'s weights (ts engine)], [grow], train, test, save,
+    report to NNI.
 
-    Reports (and returns) ``{"default": test top-1, "mmacs", "params", "energy_uj_est", "widths", "stage",
-    "new_neurons", "checkpoint"}``; ``widths`` is the dash-joined output width of every conv/linear layer.
+    Growth is the registered splitting method's round (:class:`nas_split.methods.SplittingMethod`), as in
+    ``nas-split grow``, on both engines: with the previous stage's optimizer state (``growth.carry_optimizer``)
+    and fast-analysis directions from ``state_checkpoint``, cut at the round's ``max_macs``.  Saves the stage's
+    model to ``checkpoint`` and its optimizer state and directions beside it (``.state.pt``).
+
+    Reports (and returns) ``{"default": test top-1, "mmacs", "macs", "params", "energy_uj_est", "widths",
+    "stage", "new_neurons", "checkpoint"}``; ``widths`` is the dash-joined output width of every conv/linear layer.
     """
+    from .grow_run import growth_method
+    from .training import make_optimizer
+
     net = model.net if isinstance(model, BackboneSpace) else model
     cfg, x, runner, seed_epochs = _environment(run, stage)
     if init_checkpoint:
@@ -120,20 +119,35 @@ def train_stage(model: nn.Module, run: dict[str, Any], stage: int = 0, checkpoin
     elif stage == 0:  # the seed's weights depend on the run's seed only, on either engine (as in `nas-split grow`)
         torch.manual_seed(cfg.train.seed)
         net.load_state_dict(build_spec(net.nas_split_spec, import_factory=True).state_dict())
-    info = _grow(net, cfg.train.seed, x, runner, growth, stage, max_macs) if growth else None
+    optimizer, info, spectra = None, None, {}
+    if growth:
+        g = GrowthConfig.model_validate(growth)
+        method = growth_method(g)
+        state = torch.load(state_checkpoint, weights_only=True) if state_checkpoint else {}
+        method.spectra = {k: Spectrum(**v) for k, v in state.get("spectra", {}).items()}
+        if g.carry_optimizer and state.get("optimizer") is not None:
+            optimizer = make_optimizer(net, cfg.train)
+            optimizer.load_state_dict(state["optimizer"])
+        tr, _, _ = runner.loaders(stage)
+        info = method.grow(runner, net, tr, optimizer, stage, max_macs)
+        spectra = method.spectra
     extra = {"growth": info, "analysis_seconds": info["analysis_seconds"]} if info else {}
     writer = None
     if os.environ.get("NNI_OUTPUT_DIR"):  # the web UI's TensorBoard button reads <trial>/tensorboard
         writer = RunWriter(Path(os.environ["NNI_OUTPUT_DIR"], "tensorboard"), {"command": "nni", "stage": stage})
         runner.record, runner.epoch_hook = writer.stage, writer.epoch
-    runner.stage(net, "seed" if stage == 0 else "round", seed_epochs if stage == 0 else cfg.train.epochs, **extra)
+    optimizer = runner.stage(net, "seed" if stage == 0 else "round", seed_epochs if stage == 0 else cfg.train.epochs,
+                             optimizer, **extra)
     rec = runner.records[-1]
     if writer is not None:
         writer.finish({"stage": stage, "dataset": cfg.dataset})
     if checkpoint:
         save_grown(net, checkpoint)
-    metric = {"default": rec["test_acc"], "mmacs": rec["cost"]["mmacs"], "params": rec["cost"]["params"],
-              "energy_uj_est": rec["cost"]["energy_uj_est"], "stage": stage,
+        atomic_torch_save(_state_path(checkpoint), {
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "spectra": {k: vars(v) for k, v in spectra.items()}})
+    metric = {"default": rec["test_acc"], "mmacs": rec["cost"]["mmacs"], "macs": rec["cost"]["macs"],
+              "params": rec["cost"]["params"], "energy_uj_est": rec["cost"]["energy_uj_est"], "stage": stage,
               "new_neurons": info["new_neurons"] if info else 0,
               "widths": "-".join(str(w) for w in list(layer_widths(net).values())[:-1]),
               "checkpoint": checkpoint or ""}
@@ -255,25 +269,26 @@ class SplittingDescent(Strategy):
             apply_sizes(template.net, last["sizes"])
             template.net.load_state_dict(last["state_dict"])
         g = self.growth
+        target = None if g.budget_mmacs is None else g.budget_mmacs * 1e6
         for stage in range(len(self.history), g.rounds + 1):
-            if stage > 0 and g.budget_mmacs is not None and self.history[-1]["mmacs"] >= 0.98 * g.budget_mmacs:
+            if stage > 0 and reached(self.history[-1], g.budget_mmacs, g.budget_energy_uj):
                 break
             if not self.wait_for_resource():
                 break
             ckpt = str((self.checkpoint_dir / f"stage{stage}.pt").resolve())
-            budget = g.budget_mmacs * 1e6 if g.budget_mmacs is not None else None
-            if raw:
-                info = grow_stage(template.net, run, g.model_dump(), stage, budget) if stage else None
+            prev = self.history[-1] if stage else None
+            round_args = {} if prev is None else {  # the engine's schedule, the previous stage's state
+                "growth": g.model_dump(), "state_checkpoint": _state_path(prev["checkpoint"]),
+                "max_macs": round_cap(self.history[0].get("macs", self.history[0]["mmacs"] * 1e6), target, stage,
+                                      g.rounds)}
+            if raw:  # the live network, grown and trained in this process
                 model = RawFormatModelSpace(template, FunctionalEvaluator(train_stage, run=run, stage=stage,
-                                                                          checkpoint=ckpt))
-            else:
-                info = None
-                prev = self.history[-1] if stage else None
+                                                                          checkpoint=ckpt, **round_args))
+            else:  # a trial rebuilds the previous stage from its sizes and checkpoint
                 stage_space = BackboneSpace(spec, prev["sizes"] if prev else None)
                 model = SimplifiedModelSpace.from_model(stage_space, FunctionalEvaluator(
                     train_stage, run=run, stage=stage, checkpoint=ckpt,
-                    init_checkpoint=prev["checkpoint"] if prev else None,
-                    growth=g.model_dump() if stage else None, max_macs=budget)).freeze({})
+                    init_checkpoint=prev["checkpoint"] if prev else None, **round_args)).freeze({})
             model.status = ModelStatus.Frozen
             model.sample = {"stage": stage}
             self.engine.submit_models(model)
@@ -282,8 +297,6 @@ class SplittingDescent(Strategy):
             if model.status != ModelStatus.Trained or metric is None:
                 raise RuntimeError(f"stage {stage} failed ({model.status}); the history keeps stages "
                                    f"0..{stage - 1}")
-            if info is not None:
-                metric = {**metric, "new_neurons": info["new_neurons"]}
             sizes = torch.load(ckpt, weights_only=True)["sizes"]
             self.history.append({**metric, "sizes": sizes})
             atomic_write_json(self.checkpoint_dir / "history.json", self.state_dict())
@@ -304,15 +317,11 @@ def check_port(port: int) -> None:
 
 def check_experiment(space: BackboneSpace, evaluator: FunctionalEvaluator, strategy: SplittingDescent) -> None:
     """Before an experiment starts: the seed is growable and under the budget (clear errors otherwise)."""
-    from .grow_run import make_grower
+    from .grow_run import validate_growth
 
     run = evaluator.arguments["run"]
     _, x, _, _ = _environment(run, 0)
-    make_grower(strategy.growth, space.net, x, None, 0)  # NotGrowableError names the problem
-    b = strategy.growth.budget_mmacs
-    seed_mmacs = count_macs(space.net, x)[0] / 1e6
-    if b is not None and seed_mmacs >= b:
-        raise ConfigError(f"budget {b} MMACs is not above the seed's {seed_mmacs:.3f} MMACs")
+    validate_growth(strategy.growth, space.net, x)  # NotGrowableError / ConfigError name the problem
 
 
 def _experiment(cfg: NniRunConfig, space: BackboneSpace, evaluator, strategy, exp_id: str | None = None):
@@ -334,7 +343,7 @@ def build_experiment(cfg: NniRunConfig, exp_id: str | None = None, check: bool =
 
     p = prepare(cfg)
     strategy = SplittingDescent(checkpoint_dir=Path(cfg.out, "checkpoints").resolve(),
-                                **cfg.growth.model_dump())
+                                **cfg.growth.model_dump(exclude_unset=True))  # as the user gave them
     space = BackboneSpace(p.model.nas_split_spec)
     space.net.load_state_dict(p.model.state_dict())
     evaluator = stage_evaluator(cfg.dataset, cfg.train.model_dump(), cfg.growth.seed_epochs, cfg.dataset_options,

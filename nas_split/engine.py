@@ -1,0 +1,79 @@
+"""The one growth loop: a seed stage, then rounds of grow + train on one MAC schedule, with one meaning of a
+budget everywhere (``nas-split grow``, every growth method of ``run`` / ``compare``, the NNI strategy).
+
+**The schedule.**  With a MAC target ``T`` (``target_mmacs``, ``growth.budget_mmacs``) round ``r`` of ``R`` may
+reach ``M_0 (T / M_0)^{r/R}`` MACs (:func:`round_cap`), ``M_0`` the seed's: every round adds the same factor, the
+last lands on the target, and a grown model trains as many epochs as the baselines it is compared with.  The
+method chooses *which* neurons; the schedule sets *how many*.  Without a target each round grows by the method's
+own ratio.  The rounds stop early once the target (or an energy budget, ``budget_energy_uj``) is reached.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .methods import GrowthMethod
+    from .stages import StageRunner
+
+__all__ = ["round_cap", "check_target", "reached", "grow_rounds"]
+
+
+def round_cap(seed_macs: float, target_macs: float | None, r: int, rounds: int) -> float | None:
+    """MACs round ``r`` of ``rounds`` may reach: ``M_0 (T / M_0)^{r/R}`` (``None`` without a target)."""
+    return None if target_macs is None else seed_macs * (target_macs / seed_macs) ** (r / rounds)
+
+
+def check_target(name: str, seed_macs: float, target_mmacs: float | None, rounds: int,
+                 max_round_factor: float) -> None:
+    """Refuse a MAC target at or below the seed, or beyond what ``rounds`` rounds can reach."""
+    if target_mmacs is None:
+        return
+    if target_mmacs * 1e6 <= seed_macs:
+        raise ConfigError(f"{name}: MAC target {target_mmacs} MMACs is not above the seed's "
+                          f"{seed_macs / 1e6:.3f} MMACs")
+    reach = seed_macs * max_round_factor ** rounds
+    if target_mmacs * 1e6 > reach:
+        raise ConfigError(f"{name}: MAC target {target_mmacs} MMACs is out of reach of {rounds} round(s) from the "
+                          f"seed's {seed_macs / 1e6:.3f} MMACs (at most {reach / 1e6:.3f}); add rounds or widen "
+                          "the seed")
+
+
+def reached(cost: dict, target_mmacs: float | None, budget_energy_uj: float | None = None) -> bool:
+    """Whether a stage's recorded ``cost`` is at the MAC target or the energy budget."""
+    return (target_mmacs is not None and cost["mmacs"] >= target_mmacs) or \
+        (budget_energy_uj is not None and cost["energy_uj_est"] >= budget_energy_uj)
+
+
+def grow_rounds(runner: StageRunner, model: nn.Module, method: GrowthMethod, *, seed_epochs: int, epochs: int,
+                rounds: int, target_mmacs: float | None = None, budget_energy_uj: float | None = None,
+                carry_optimizer: bool = True, optimizer: torch.optim.Optimizer | None = None,
+                on_stage: Callable[[int, nn.Module, torch.optim.Optimizer | None], None] = lambda *a: None
+                ) -> torch.optim.Optimizer | None:
+    """Train the seed (unless ``runner.records`` already holds stages: a resumed run), then grow and train round by
+    round until ``rounds`` or the target; ``on_stage(k, model, optimizer)`` after every stage (checkpoints).
+
+    Stage ``k`` draws its data with ``runner.loaders(k)`` (every random source reseeded from ``(seed, k)``), so a
+    resumed run repeats the choices of an uninterrupted one.  Returns the last optimizer.
+    """
+    if not runner.records:
+        optimizer = runner.stage(model, "seed", seed_epochs)
+        on_stage(0, model, optimizer)
+    seed_macs = runner.records[0]["cost"]["macs"]
+    for r in range(len(runner.records), rounds + 1):
+        if reached(runner.records[-1]["cost"], target_mmacs, budget_energy_uj):
+            break
+        cap = round_cap(seed_macs, None if target_mmacs is None else target_mmacs * 1e6, r, rounds)
+        train, _, _ = runner.loaders(r)
+        info = method.grow(runner, model, train, optimizer if carry_optimizer else None, r, cap)
+        if not carry_optimizer:
+            optimizer = None
+        optimizer = runner.stage(model, "round", epochs, optimizer, growth=info,
+                                 analysis_seconds=info.get("analysis_seconds", 0.0))
+        on_stage(r, model, optimizer)
+    return optimizer
