@@ -50,7 +50,7 @@ class GrowthConfig(BaseModel):
     energy_aware: bool = False
     cost: Literal["macs", "energy"] = "macs"
     budget_mmacs: float | None = Field(None, gt=0, allow_inf_nan=False,
-                                       description="stop once the model reaches this many MMACs")
+                                       description="MAC target of the engine's geometric round schedule")
     budget_energy_uj: float | None = Field(None, gt=0, allow_inf_nan=False,
                                            description="stop once the energy estimate reaches this")
     max_width: int | None = Field(None, ge=1)

@@ -9,19 +9,24 @@ own ratio.  The rounds stop early once the target (or an energy budget, ``budget
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .stages import StageRunner
 
-if TYPE_CHECKING:
-    from .methods import GrowthMethod
-    from .stages import StageRunner
+__all__ = ["GrowStep", "round_cap", "check_target", "reached", "grow_rounds"]
 
-__all__ = ["round_cap", "check_target", "reached", "grow_rounds"]
+
+class GrowStep(Protocol):
+    """What the engine needs of a growth method (:class:`nas_split.methods.GrowthMethod` is one)."""
+
+    def grow(self, ctx: StageRunner, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer | None,
+             stage: int, max_macs: float | None) -> dict:
+        """Grow ``model`` in place (at most to ``max_macs``); a JSON-ready summary."""
 
 
 def round_cap(seed_macs: float, target_macs: float | None, r: int, rounds: int) -> float | None:
@@ -50,7 +55,7 @@ def reached(cost: dict, target_mmacs: float | None, budget_energy_uj: float | No
         (budget_energy_uj is not None and cost["energy_uj_est"] >= budget_energy_uj)
 
 
-def grow_rounds(runner: StageRunner, model: nn.Module, method: GrowthMethod, *, seed_epochs: int, epochs: int,
+def grow_rounds(runner: StageRunner, model: nn.Module, method: GrowStep, *, seed_epochs: int, epochs: int,
                 rounds: int, target_mmacs: float | None = None, budget_energy_uj: float | None = None,
                 carry_optimizer: bool = True, optimizer: torch.optim.Optimizer | None = None,
                 on_stage: Callable[[int, nn.Module, torch.optim.Optimizer | None], None] = lambda *a: None
