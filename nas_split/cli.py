@@ -64,7 +64,8 @@ def _growth_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--method", help=" | ".join(f"{v.name} ({v.description})" for v in VARIANTS.values()))
     t.add_argument("--rounds", type=int, help="growth rounds after the seed stage")
     t.add_argument("--seed-epochs", type=int, help="epochs of the seed stage (default --epochs)")
-    t.add_argument("--budget-mmacs", type=float, help="MAC target: rounds follow a geometric schedule from the seed to it")
+    t.add_argument("--budget-mmacs", type=float,
+                   help="MAC target: the rounds follow a geometric schedule from the seed to it")
 
 
 def _schedule(t: argparse.ArgumentParser) -> None:
