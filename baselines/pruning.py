@@ -23,7 +23,7 @@ from torch import nn
 from nas_split.cost import count_macs
 from nas_split.numerics import like_model
 from nas_split.surgery import growable_layers
-from nas_split.surgery.graph import is_depthwise
+from nas_split.surgery.handlers import is_depthwise
 from nas_split.surgery.sizes import apply_sizes, layer_sizes
 
 __all__ = ["CRITERIA", "PruneReport", "prune_to_macs", "bn_l1_penalty", "importance"]

@@ -18,7 +18,7 @@ from torch import nn
 from ..cost import EnergyModel, count_macs, measure_cost
 from ..numerics import full_precision
 from ..surgery import ChannelGroup, CouplingGraph
-from ..surgery.graph import is_depthwise
+from ..surgery.handlers import is_depthwise
 
 __all__ = ["ChannelCost", "channel_costs", "macs_after_growth", "prefix_within_macs"]
 

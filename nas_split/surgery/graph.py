@@ -17,8 +17,9 @@ from torch import nn
 
 from ..errors import NasSplitError
 from ..numerics import like_model
+from .handlers import handler_for
 
-__all__ = ["NotGrowableError", "Slot", "ChannelGroup", "CouplingGraph", "is_depthwise"]
+__all__ = ["NotGrowableError", "Slot", "ChannelGroup", "CouplingGraph"]
 
 _OPT = tp.ops.OPTYPE
 _PASS_OPS = {_OPT.ELEMENTWISE, _OPT.RESHAPE, _OPT.CONCAT}
@@ -36,11 +37,6 @@ Role = Literal["root", "producer", "depthwise", "norm", "consumer"]
 
 class NotGrowableError(NasSplitError, ValueError):
     """A layer whose output channels cannot be split or added; the message says why."""
-
-
-def is_depthwise(m: nn.Module) -> bool:
-    """A convolution with one filter per input channel (``groups == in_channels == out_channels``)."""
-    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
 @dataclass(frozen=True)
@@ -85,10 +81,6 @@ class ChannelGroup:
         raise KeyError(f"{name} ({dim}) is not in the group of {self.root}")
 
 
-def _out_width(m: nn.Module) -> int:
-    return m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
-
-
 class CouplingGraph:
     """Traces ``model`` once with ``example_inputs`` and answers coupling questions about its layers.
 
@@ -108,24 +100,23 @@ class CouplingGraph:
 
     def candidates(self) -> list[str]:
         """Conv and linear layers (not depthwise) in the traced graph, in module order."""
-        return [n for n, m in self.modules.items()
-                if isinstance(m, nn.modules.conv._ConvNd | nn.Linear) and not is_depthwise(m)
-                and m in self.dg.module2node]
+        return [n for n, m in self.modules.items() if _kind(m) == "dense" and m in self.dg.module2node]
 
     def group(self, name: str) -> ChannelGroup:
         """The coupling group of the output channels of layer ``name``; raises :class:`NotGrowableError`."""
         if name not in self.modules:
             raise NotGrowableError(f"layer {name!r} does not exist")
         m = self.modules[name]
-        if not isinstance(m, nn.modules.conv._ConvNd | nn.Linear):
+        kind = _kind(m)
+        if kind in (None, "norm"):
             raise NotGrowableError(f"layer {name!r} is a {type(m).__name__}, not a conv or linear layer")
-        if is_depthwise(m):
+        if kind == "depthwise":
             raise NotGrowableError(f"layer {name!r} is depthwise: its channels follow the layer before it")
-        if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
+        if kind == "grouped":
             raise NotGrowableError(f"layer {name!r} is a grouped convolution (groups={m.groups})")
         if m not in self.dg.module2node:
             raise NotGrowableError(f"layer {name!r} is not used in the forward pass")
-        width = _out_width(m)
+        width = handler_for(m).sizes(m)[0]
         fn = self.dg.get_pruner_of_module(m).prune_out_channels
         group = self.dg.get_pruning_group(m, fn, list(range(width)))
         slots, seen = [], set()
@@ -157,15 +148,20 @@ class CouplingGraph:
         return ChannelGroup(name, width, slots)
 
 
+def _kind(m: nn.Module) -> str | None:
+    h = handler_for(m)
+    return None if h is None else h.kind(m)
+
+
 def _role(mod: nn.Module, out: bool, is_root: bool, root: str, mname: str) -> Role:
     if is_root and out:
         return "root"  # the same layer may also read these channels (a residual stream it writes): a consumer
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        return "norm"
-    if is_depthwise(mod):
-        return "depthwise"
-    if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups != 1:
+    kind = _kind(mod)
+    if kind in ("norm", "depthwise"):
+        return kind
+    if kind == "grouped":
         raise NotGrowableError(f"layer {root!r} is not growable: grouped convolution {mname} is coupled to it")
-    if isinstance(mod, nn.modules.conv._ConvNd | nn.Linear):
+    if kind == "dense":
         return "producer" if out else "consumer"
-    raise NotGrowableError(f"layer {root!r} is not growable: {type(mod).__name__} {mname} is coupled to it")
+    raise NotGrowableError(f"layer {root!r} is not growable: {type(mod).__name__} {mname} is coupled to it (no "
+                           "channel handler; see nas_split.surgery.handlers.register_handler)")

@@ -6,23 +6,14 @@ import torch
 from torch import nn
 
 from ..numerics import like_model
-from .graph import is_depthwise
-from .handlers import resize
+from .handlers import handler_for, resize
 
 __all__ = ["layer_sizes", "apply_sizes", "feature_entries", "refresh_feature_info"]
 
 
 def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
-    """``{name: [out, in]}`` channel counts of every conv, linear and batch-norm layer."""
-    out = {}
-    for n, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            out[n] = [m.num_features, m.num_features]
-        elif isinstance(m, nn.Linear):
-            out[n] = [m.out_features, m.in_features]
-        elif isinstance(m, nn.modules.conv._ConvNd):
-            out[n] = [m.out_channels, m.in_channels]
-    return out
+    """``{name: [out, in]}`` channel counts of every layer with a channel handler (conv, linear, batch norm, ...)."""
+    return {n: h.sizes(m) for n, m in model.named_modules() if (h := handler_for(m)) is not None}
 
 
 def feature_entries(model: nn.Module) -> list[dict]:
@@ -38,7 +29,7 @@ def apply_sizes(model: nn.Module, sizes: dict[str, list[int]]) -> None:
         m = modules[name]
         if current.get(name) == [out, inp]:
             continue
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or is_depthwise(m):
+        if handler_for(m).kind(m) in ("norm", "depthwise"):
             resize(m, out=out)  # norms and depthwise convs: in = out
         else:
             resize(m, out=out, inp=inp)
