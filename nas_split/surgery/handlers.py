@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ["DimEdit", "ParamChange", "LayerHandler", "register_handler", "handler_for", "is_depthwise", "apply_edit",
-           "resize", "ConvHandler", "LinearHandler", "BatchNormHandler"]
+           "resize", "WeightHandler", "ConvHandler", "LinearHandler", "BatchNormHandler"]
 
 
 @dataclass
@@ -102,8 +102,18 @@ def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
+class WeightHandler(LayerHandler):
+    """Layers with a ``weight`` of shape ``(out, in, ...)`` and an optional ``bias``: rows are output channels,
+    columns input channels."""
+
+    def tensors(self, m, dim):
+        if dim == "in":
+            return [("weight", 1)]
+        return [(n, 0) for n in ("weight", "bias") if getattr(m, n) is not None]
+
+
 @register_handler(nn.modules.conv._ConvNd)
-class ConvHandler(LayerHandler):
+class ConvHandler(WeightHandler):
     """Convolutions of any dimension: dense, depthwise (centre-tap identity for new channels) or grouped."""
 
     def kind(self, m):
@@ -111,11 +121,6 @@ class ConvHandler(LayerHandler):
 
     def sizes(self, m):
         return [m.out_channels, m.in_channels]
-
-    def tensors(self, m, dim):
-        if dim == "in":
-            return [("weight", 1)]
-        return [(n, 0) for n in ("weight", "bias") if getattr(m, n) is not None]
 
     def fresh(self, m, attr, like):
         out = torch.zeros_like(like)
@@ -134,7 +139,7 @@ class ConvHandler(LayerHandler):
 
 
 @register_handler(nn.Linear)
-class LinearHandler(LayerHandler):
+class LinearHandler(WeightHandler):
     """Fully connected layers."""
 
     def kind(self, m):
@@ -142,11 +147,6 @@ class LinearHandler(LayerHandler):
 
     def sizes(self, m):
         return [m.out_features, m.in_features]
-
-    def tensors(self, m, dim):
-        if dim == "in":
-            return [("weight", 1)]
-        return [(n, 0) for n in ("weight", "bias") if getattr(m, n) is not None]
 
     def set_size(self, m, dim, n):
         if dim == "in":
