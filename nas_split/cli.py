@@ -163,13 +163,14 @@ def _cmd_grow(a: argparse.Namespace) -> int:
     return 0
 
 
-def _print_stages(res: dict, out: str) -> None:
+def _print_stages(results: dict, out: str) -> None:
+    from .records import RunResult
+
     print(f"{'stage':>5} {'kind':>9} {'test top-1':>10} {'MMACs':>9} {'params':>9} {'new':>5} {'analysis s':>10} "
           f"{'train s':>8}")
-    for st in res["stages"]:
-        print(f"{st['stage']:>5} {st.get('kind', ''):>9} {100 * st['test_acc']:>9.2f}% {st['cost']['mmacs']:>9.3f} "
-              f"{st['cost']['params']:>9} {st.get('growth', {}).get('new_neurons', 0):>5} "
-              f"{st.get('analysis_seconds', 0):>10.1f} {st['train_seconds']:>8.1f}")
+    for st in RunResult.from_dict(results).stages:
+        print(f"{st.stage:>5} {st.kind:>9} {100 * st.test_acc:>9.2f}% {st.mmacs:>9.3f} {st.cost['params']:>9} "
+              f"{st.new_neurons:>5} {st.analysis_seconds:>10.1f} {st.train_seconds:>8.1f}")
     print(f"run directory: {out}  (view: tensorboard --logdir {out})")
 
 

@@ -69,9 +69,9 @@ def grow_rounds(runner: StageRunner, model: nn.Module, method: GrowStep, *, seed
     if not runner.records:
         optimizer = runner.stage(model, "seed", seed_epochs)
         on_stage(0, model, optimizer)
-    seed_macs = runner.records[0]["cost"]["macs"]
+    seed_macs = runner.records[0].macs
     for r in range(len(runner.records), rounds + 1):
-        if reached(runner.records[-1]["cost"], target_mmacs, budget_energy_uj):
+        if reached(runner.records[-1].cost, target_mmacs, budget_energy_uj):
             break
         cap = round_cap(seed_macs, None if target_mmacs is None else target_mmacs * 1e6, r, rounds)
         train, _, _ = runner.loaders(r)

@@ -26,6 +26,7 @@ from .engine import check_target, grow_rounds
 from .errors import DivergedError, UntrustedFileError
 from .experiment import Prepared, check_out_dir, prepare
 from .methods import SplittingMethod, create_method
+from .records import StageRecord
 from .runlog import RunWriter
 from .splitting.analysis import Spectrum
 from .stages import StageRunner
@@ -194,7 +195,8 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
                                  "backbone": cfg.backbone, "method": g.method},
                        resume=results, purge_step=sum(s["epochs"] for s in results["stages"]) if results else None)
     runner = StageRunner(data=p.data, recipe=cfg.train, example_inputs=p.example_inputs, record=writer.stage,
-                         epoch_hook=writer.epoch, latency=cfg.latency, records=list(writer.results["stages"]))
+                         epoch_hook=writer.epoch, latency=cfg.latency,
+                         records=[StageRecord.from_dict(s) for s in writer.results["stages"]])
     try:
         grow_rounds(runner, model, method, seed_epochs=g.seed_epochs if g.seed_epochs is not None else
                     cfg.train.epochs, epochs=cfg.train.epochs, rounds=g.rounds, target_mmacs=g.budget_mmacs,

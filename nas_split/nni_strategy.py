@@ -44,6 +44,7 @@ with warnings.catch_warnings():  # NNI 3.0 warns about torch's Buffer at import
 from ._io import atomic_torch_save, atomic_write_json
 from .config import ConfigError, GrowthConfig, NniRunConfig, validation_message
 from .engine import reached, round_cap
+from .records import RunResult, StageRecord
 from .runlog import RunWriter, layer_widths
 from .splitting.analysis import Spectrum
 from .stages import StageRunner
@@ -85,7 +86,8 @@ def _environment(run: dict[str, Any], stages_before: int):
     data = create_dataset(cfg.dataset, seed=cfg.train.seed, root=cfg.data_dir, **cfg.dataset_options)
     x = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
     seed_epochs = run.get("seed_epochs") if run.get("seed_epochs") is not None else cfg.train.epochs
-    records = [{"epochs": seed_epochs if k == 0 else cfg.train.epochs} for k in range(stages_before)]
+    epochs = [seed_epochs if k == 0 else cfg.train.epochs for k in range(stages_before)]
+    records = [StageRecord.elsewhere(k, e, sum(epochs[:k + 1])) for k, e in enumerate(epochs)]
     runner = StageRunner(data=data, recipe=cfg.train, example_inputs=x, latency=cfg.latency, records=records)
     return cfg, x, runner, seed_epochs
 
@@ -146,11 +148,8 @@ def train_stage(model: nn.Module, run: dict[str, Any], stage: int = 0, checkpoin
         atomic_torch_save(_state_path(checkpoint), {
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "spectra": {k: vars(v) for k, v in spectra.items()}})
-    metric = {"default": rec["test_acc"], "mmacs": rec["cost"]["mmacs"], "macs": rec["cost"]["macs"],
-              "params": rec["cost"]["params"], "energy_uj_est": rec["cost"]["energy_uj_est"], "stage": stage,
-              "new_neurons": info["new_neurons"] if info else 0,
-              "widths": "-".join(str(w) for w in list(layer_widths(net).values())[:-1]),
-              "checkpoint": checkpoint or ""}
+    metric = rec.nni_metric(stage=stage, new_neurons=rec.new_neurons, checkpoint=checkpoint or "",
+                            widths="-".join(str(w) for w in list(layer_widths(net).values())[:-1]))
     nni.report_final_result(metric)
     return metric
 
@@ -366,11 +365,9 @@ def compare_trial(model: nn.Module, config: dict[str, Any], threads: int = 1) ->
     """The evaluator of ``compare --engine nni``: one ``nas-split run`` (``config`` = its MethodRunConfig)."""
     from .compare import run_one
 
-    res = run_one(config, threads)
-    f = res["final"]
-    metric = {"default": f["test_acc"], "mmacs": f["mmacs"], "params": f["params"],
-              "energy_uj_est": f["energy_uj_est"], "method": config["method"], "seed": config["train"]["seed"],
-              "wall_seconds": res["wall_seconds"], "run_dir": config["out"]}
+    res = RunResult.from_dict(run_one(config, threads))
+    metric = res.last.nni_metric(method=config["method"], seed=config["train"]["seed"],
+                                 wall_seconds=res.wall_seconds, run_dir=config["out"])
     nni.report_final_result(metric)
     return metric
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._io import atomic_write_text
+from .records import RunResult
 from .runlog import Tags
 
 __all__ = ["CSV_FIELDS", "Row", "collect", "write_csv", "summary", "markdown_table", "write_report",
@@ -45,24 +46,24 @@ class Row:
 def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row]]:
     """``(run, results)`` pairs -> CSV rows (every stage) and :class:`Row` finals."""
     rows, finals = [], []
-    for run, res in pairs:
-        for st in res["stages"]:
-            c = st["cost"]
-            rows.append({"label": run.label, "method": res.get("method", run.label), "seed": run.seed,
+    for run, results in pairs:
+        res = RunResult.from_dict(results)
+        for st in res.stages:
+            c = st.cost
+            rows.append({"label": run.label, "method": res.meta.get("method", run.label), "seed": run.seed,
                          "target_mmacs": run.target_mmacs if run.target_mmacs is not None else "",
-                         "stage": st["stage"], "kind": st["kind"], "epochs": st["epochs"],
-                         "epochs_total": st["epochs_total"], "test_acc": st["test_acc"],
-                         "val_acc": st.get("val_acc") if st.get("val_acc") is not None else "",
+                         "stage": st.stage, "kind": st.kind, "epochs": st.epochs,
+                         "epochs_total": st.epochs_total, "test_acc": st.test_acc,
+                         "val_acc": st.val_acc if st.val_acc is not None else "",
                          "mmacs": c["mmacs"], "params": c["params"], "energy_uj_est": c["energy_uj_est"],
                          "latency_ms": c["latency_ms"] if c.get("latency_ms") is not None else "",
-                         "train_seconds": st["train_seconds"], "analysis_seconds": st.get("analysis_seconds", 0.0),
-                         "new_neurons": st.get("growth", {}).get("new_neurons", ""),
-                         "run_seconds": res["wall_seconds"], "run_dir": run.config.out})
-        last = res["stages"][-1]
-        finals.append(Row(run.label, run.seed, run.target_mmacs, last["test_acc"], last["cost"]["mmacs"],
-                          last["cost"]["energy_uj_est"], res["wall_seconds"],
-                          sum(s.get("analysis_seconds", 0.0) for s in res["stages"]), last["epochs_total"],
-                          last["widths"]))
+                         "train_seconds": st.train_seconds, "analysis_seconds": st.analysis_seconds,
+                         "new_neurons": st.extra["growth"]["new_neurons"] if "growth" in st.extra else "",
+                         "run_seconds": res.wall_seconds, "run_dir": run.config.out})
+        last = res.last
+        finals.append(Row(run.label, run.seed, run.target_mmacs, last.test_acc, last.mmacs,
+                          last.cost["energy_uj_est"], res.wall_seconds,
+                          sum(s.analysis_seconds for s in res.stages), last.epochs_total, last.widths))
     return rows, finals
 
 

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write_json
+from .records import RESULTS_SCHEMA_VERSION, StageRecord
 
 __all__ = ["Tags", "RunWriter", "RESULTS_SCHEMA_VERSION", "layer_widths"]
 
-#: Version of the ``results.json`` layout; bump it when a field changes meaning or disappears.
-RESULTS_SCHEMA_VERSION = 1
 
 
 class Tags:
@@ -72,23 +71,23 @@ class RunWriter:
             self.tb.add_scalar(Tags.VAL_TOP1, rec["val_acc"], global_epoch)
             self.tb.add_scalar(Tags.VAL_LOSS, rec["val_loss"], global_epoch)
 
-    def stage(self, record: dict) -> None:
-        """Log a finished stage: ``{stage, epochs_total, test_acc, cost: CostReport.to_dict(), train_seconds, ...}``.
+    def stage(self, record: StageRecord) -> None:
+        """Log a finished stage and add it to ``results.json``.
 
         Stage scalars are logged at step ``epochs_total`` (epochs trained so far), the step of the epoch curves.
         """
-        s, c = record.get("epochs_total", record["stage"]), record["cost"]
-        self.tb.add_scalar(Tags.TOP1, record["test_acc"], s)
+        s, c = record.epochs_total, record.cost
+        self.tb.add_scalar(Tags.TOP1, record.test_acc, s)
         self.tb.add_scalar(Tags.MMACS, c["mmacs"], s)
         self.tb.add_scalar(Tags.PARAMS, c["params"], s)
         self.tb.add_scalar(Tags.ENERGY, c["energy_uj_est"], s)
         self.tb.add_scalar(Tags.PEAK_MEM, c["peak_activation_bytes"] / 1024, s)
         if c.get("latency_ms") is not None:
             self.tb.add_scalar(Tags.LATENCY, c["latency_ms"], s)
-        self.tb.add_scalar(Tags.TRAIN_SECONDS, record.get("train_seconds", 0.0), s)
-        if "analysis_seconds" in record:
-            self.tb.add_scalar(Tags.ANALYSIS_SECONDS, record["analysis_seconds"], s)
-        self.results["stages"].append(record)
+        self.tb.add_scalar(Tags.TRAIN_SECONDS, record.train_seconds, s)
+        if "analysis_seconds" in record.extra:
+            self.tb.add_scalar(Tags.ANALYSIS_SECONDS, record.analysis_seconds, s)
+        self.results["stages"].append(record.to_dict())
         self.flush()
 
     def finish(self, hparams: dict[str, Any]) -> dict:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .cost import measure_cost
 from .data import DataSplits
+from .records import StageRecord
 from .runlog import layer_widths
 from .training import TrainConfig, Trainer
 
@@ -35,11 +36,11 @@ class StageRunner:
     data: DataSplits
     recipe: TrainConfig
     example_inputs: torch.Tensor
-    record: Callable[[dict], None] = lambda rec: None
+    record: Callable[[StageRecord], None] = lambda rec: None
     epoch_hook: Callable[[int, dict], None] = lambda epoch, rec: None
     latency: bool = True
     trainer: Trainer | None = None
-    records: list[dict] = field(default_factory=list)
+    records: list[StageRecord] = field(default_factory=list)
 
     def __post_init__(self):
         self.trainer = self.trainer or Trainer(self.recipe)
@@ -47,7 +48,7 @@ class StageRunner:
     @property
     def epochs_total(self) -> int:
         """Epochs trained so far in this run."""
-        return sum(r["epochs"] for r in self.records)
+        return sum(r.epochs for r in self.records)
 
     def loaders(self, stage: int):
         """Train / val / test loaders of stage ``stage``, every random source reseeded with :func:`stage_seed`."""
@@ -71,11 +72,10 @@ class StageRunner:
         test = self.trainer.evaluate(model, te)
         cost = measure_cost(copy.deepcopy(model).cpu(), self.example_inputs, latency=self.latency)  # CPU latency;
         # the live model stays on its device for the growth that follows
-        rec = {"stage": stage, "kind": kind, "epochs": epochs, "epochs_total": done + epochs,
-               "test_acc": test.acc, "test_loss": test.loss,
-               "val_acc": fit.history[-1].get("val_acc") if fit and fit.history else None,
-               "train_seconds": fit.seconds if fit else 0.0, "history": fit.history if fit else [],
-               "cost": cost.to_dict(layers=True), "widths": layer_widths(model), **extra}
+        rec = StageRecord(stage, kind, epochs, done + epochs, test.acc, test.loss,
+                          fit.history[-1].get("val_acc") if fit and fit.history else None,
+                          fit.seconds if fit else 0.0, fit.history if fit else [], cost.to_dict(layers=True),
+                          layer_widths(model), extra)
         self.records.append(rec)
         self.record(rec)
         return fit.optimizer if fit else optimizer
