@@ -17,6 +17,7 @@ from torch import nn
 
 from .cost import measure_cost
 from .data import DataSplits
+from .numerics import model_device
 from .records import StageRecord
 from .runlog import layer_widths
 from .training import TrainConfig, Trainer
@@ -70,8 +71,9 @@ class StageRunner:
                                regularizer=regularizer,
                                on_epoch_end=lambda r: self.epoch_hook(done + r["epoch"], r)) if epochs else None
         test = self.trainer.evaluate(model, te)
-        cost = measure_cost(copy.deepcopy(model).cpu(), self.example_inputs, latency=self.latency)  # CPU latency;
-        # the live model stays on its device for the growth that follows
+        # costs (and CPU latency) on a CPU copy: the live model stays on its device for the growth that follows
+        on_cpu = model if model_device(model).type == "cpu" else copy.deepcopy(model).cpu()
+        cost = measure_cost(on_cpu, self.example_inputs, latency=self.latency)
         rec = StageRecord(stage, kind, epochs, done + epochs, test.acc, test.loss,
                           fit.history[-1].get("val_acc") if fit and fit.history else None,
                           fit.seconds if fit else 0.0, fit.history if fit else [], cost.to_dict(layers=True),
