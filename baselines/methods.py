@@ -6,17 +6,19 @@ from functools import partial
 import torch
 from torch import nn
 
+from nas_split.cost import PassCounter
 from nas_split.errors import ConfigError
-from nas_split.methods import GrowthMethod, Method, MethodContext, register_method
+from nas_split.methods import FromScratch, GrowthMethod, Method, MethodContext, register_method
 from nas_split.stages import stage_seed
+from nas_split.surgery.rebuild import fresh_model, resized_sizes
 
 from .firefly import firefly_grow
 from .gradmax import gradmax_counts, gradmax_grow
 from .pruning import CRITERIA, bn_l1_penalty, prune_to_macs
 from .random_growth import random_grow
-from .scratch import match_width
+from .scratch import match_width, random_widths
 
-__all__ = ["PruneMethod", "ScratchMethod"]
+__all__ = ["PruneMethod", "ScratchMethod", "RandomArchMethod"]
 
 
 class _Random(GrowthMethod):
@@ -74,15 +76,17 @@ class PruneMethod(Method):
         reg = partial(bn_l1_penalty, coef=self.slim_penalty) if self.criterion == "slim" else None
         ctx.stage(model, "full", ctx.seed_epochs, regularizer=reg)
         tr, _, _ = ctx.loaders(len(ctx.records))
-        rep = prune_to_macs(model, ctx.example_inputs, ctx.target_mmacs * 1e6, self.criterion, loader=tr,
-                            round_to=self.round_to)
+        with PassCounter(model) as passes:
+            rep = prune_to_macs(model, ctx.example_inputs, ctx.target_mmacs * 1e6, self.criterion, loader=tr,
+                                round_to=self.round_to)
         ctx.stage(model, "pruned", 0, pruning={"macs_before": rep.macs_before, "macs_after": rep.macs_after,
-                                              "target_error": rep.error, "steps": rep.steps})
+                                              "target_error": rep.error, "steps": rep.steps},
+                  analysis_macs=passes.macs(rep.macs_before))
         ctx.stage(model, "finetune", ctx.epochs * ctx.rounds)
         return model
 
 
-class ScratchMethod(Method):
+class ScratchMethod(FromScratch):
     """The uniform width multiplier whose MACs match the target, trained for the same total epochs."""
 
     def __init__(self):
@@ -96,18 +100,49 @@ class ScratchMethod(Method):
         except ValueError as e:
             raise ConfigError(f"scratch: {e}") from None
 
-    def run(self, ctx: MethodContext) -> nn.Module:
+    def architecture(self, ctx: MethodContext) -> tuple[nn.Module, dict]:
         if self._mult is None:
             self.check(ctx, 0.0, 0.0)
-        mult = self._mult
-        model = ctx.build_width(mult)
-        ctx.stage(model, "scratch", ctx.seed_epochs + ctx.epochs * ctx.rounds, width_mult=mult)
-        return model
+        return ctx.build_width(self._mult), {"width_mult": self._mult}
+
+
+class RandomArchMethod(FromScratch):
+    """The architecture control: random per-layer widths at the target's MACs, trained like ``scratch``.
+
+    Every independent width ``w_l`` of the seed (:func:`~nas_split.surgery.rebuild.width_groups`) is multiplied by
+    ``f_l ~ log-uniform[1/spread, spread]`` (drawn from the run's seed) and all by one scale ``s`` found by
+    bisection so that the model's MACs are closest to the target: ``w_l = max(1, round(s f_l w_l))``.
+    """
+
+    kind = "random-arch"
+
+    def __init__(self, spread: float = 2.0):
+        if not spread >= 1:
+            raise ConfigError(f"random-arch: spread must be >= 1, got {spread}")
+        self.spread = spread
+        self._widths: dict[str, int] | None = None
+
+    def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
+        if ctx.target_mmacs is None:
+            raise ConfigError("random-arch needs a MAC target (target_mmacs)")
+        try:
+            self._widths = random_widths(ctx.build_seed(), ctx.example_inputs, ctx.target_mmacs * 1e6,
+                                         self.spread, ctx.recipe.seed)
+        except ValueError as e:
+            raise ConfigError(f"random-arch: {e}") from None
+
+    def architecture(self, ctx: MethodContext) -> tuple[nn.Module, dict]:
+        if self._widths is None:
+            self.check(ctx, 0.0, 0.0)
+        seed = ctx.build_seed()
+        sizes = resized_sizes(seed, ctx.example_inputs, self._widths)
+        return fresh_model(seed.nas_split_spec, sizes, ctx.recipe.seed), {"random_widths": self._widths}
 
 
 register_method("random")(_Random)
 register_method("firefly")(_Firefly)
 register_method("gradmax")(_GradMax)
 register_method("scratch")(ScratchMethod)
+register_method("random-arch")(RandomArchMethod)
 for _c in CRITERIA:
     register_method(f"prune-{_c}")(partial(PruneMethod, _c))

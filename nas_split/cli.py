@@ -54,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     nn_.add_argument("--port", type=int, help="NNI manager / web UI port (ts)")
     _growth_flags(nn_)
     nn_.add_argument("--view", metavar="EXPERIMENT_ID", help="serve a finished ts experiment's web UI again")
+    rt = sub.add_parser("retrain", help="train a found architecture again from scratch (search -> export -> "
+                                        "retrain)")
+    rt.add_argument("source", metavar="RUN_DIR|CHECKPOINT",
+                    help="a run / compare / grow run directory, a grow checkpoint or an exported NNI stage's file")
+    rt.add_argument("--dataset", help="dataset (needed only when the source does not name one)")
+    rt.add_argument("--epochs", type=int, help="epochs (default: as many as the source model trained in all)")
+    rt.add_argument("--lr", type=float, help="base learning rate (default: the source's)")
+    rt.add_argument("--batch-size", type=int, help="training batch size (default: the source's)")
+    rt.add_argument("--seed", type=int, help="seed of data order and initialisation (default: the source's)")
+    rt.add_argument("--data-dir", help="directory of the dataset's files")
+    rt.add_argument("--out", help="run directory to create (default: <source>-retrain beside the source)")
+    rt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    rt.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    rt.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rt.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     sub.add_parser("list", help="list datasets, backbones and methods")
     return p
 
@@ -97,9 +112,10 @@ def _list(csv: str | None) -> str | None:
 
 
 def _overrides(a: argparse.Namespace) -> list[str]:
-    flags = {"dataset": a.dataset, "backbone": a.backbone, "train.epochs": a.epochs, "train.lr": a.lr,
-             "train.batch_size": a.batch_size, "train.seed": a.seed, "backbone_options.width_mult": a.width_mult,
-             "data_dir": a.data_dir, "out": a.out}
+    flags = {"dataset": a.dataset, "train.epochs": a.epochs, "train.lr": a.lr, "train.batch_size": a.batch_size,
+             "train.seed": a.seed, "data_dir": a.data_dir, "out": a.out}
+    if a.verb != "retrain":
+        flags.update({"backbone": a.backbone, "backbone_options.width_mult": a.width_mult})
     if a.verb == "compare":
         flags.update({"methods": _list(a.methods), "seeds": _list(a.seeds), "targets_mmacs": _list(a.targets),
                       "rounds": a.rounds, "seed_epochs": a.seed_epochs, "seed_options.width_mult": a.seed_width_mult,
@@ -209,6 +225,8 @@ def _compare(a: argparse.Namespace, cfg, runs) -> int:
     shared = gpus_shared(cfg)
     if shared:
         log(f"warning: {shared}")
+    if cfg.baseline not in {e.name for e in cfg.entries()}:
+        log(f"note: baseline {cfg.baseline!r} is not among the methods; the table has no paired differences")
     if a.engine == "nni":
         from .nni_strategy import run_compare_nni
 
@@ -218,7 +236,7 @@ def _compare(a: argparse.Namespace, cfg, runs) -> int:
         from .compare import run_compare
 
         pairs = run_compare(cfg, overwrite=a.overwrite, runs=runs, on_done=lambda r, res, sk: log(describe(r, res, sk)))
-    paths = write_report(cfg.out, pairs, cfg.tolerance)
+    paths = write_report(cfg.out, pairs, cfg.tolerance, cfg.baseline)
     print(paths["table"].read_text())
     print(f"table: {paths['table']}  csv: {paths['csv']}")
     print(f"plots: {paths['pareto']}  {paths['widths']}")
@@ -272,6 +290,18 @@ def _nni(cfg) -> int:
     return 0
 
 
+def _cmd_retrain(a: argparse.Namespace) -> int:
+    from .experiment import check_out_dir, method_context, prepare, run_method
+    from .retrain import retrain_config
+
+    cfg = retrain_config(a.source, _overrides(a))
+    check_out_dir(cfg.out, a.overwrite)
+    prepared = prepare(cfg)
+    method_context(cfg, prepared)  # the architecture must take the dataset's samples
+    _print_stages(run_method(cfg, overwrite=a.overwrite, prepared=prepared), cfg.out)
+    return 0
+
+
 def _cmd_list(a: argparse.Namespace) -> int:
     import search_spaces
 
@@ -299,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return {"train": _cmd_train, "grow": _cmd_grow, "run": _cmd_run, "compare": _cmd_compare,
-                "nni": _cmd_nni, "list": _cmd_list}[args.verb](args)
+                "nni": _cmd_nni, "retrain": _cmd_retrain, "list": _cmd_list}[args.verb](args)
     except (NasSplitError, search_spaces.UnknownSpaceError) as e:  # anything else is a bug: traceback, exit 1
         return _fail((str(e).strip().splitlines() or [type(e).__name__])[0])
     except KeyboardInterrupt:

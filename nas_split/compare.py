@@ -27,7 +27,8 @@ from ._io import atomic_write_json, output_lock
 from .config import ConfigError, MethodRunConfig, RunConfig
 from .errors import DivergedError, NasSplitError
 
-__all__ = ["MethodEntry", "CompareConfig", "PlannedRun", "plan_runs", "validate_compare", "run_compare",
+__all__ = ["MethodEntry", "CompareConfig", "PlannedRun", "plan_runs", "retrain_runs",
+           "validate_compare", "run_compare",
            "finished_result", "worker_threads", "gpus_shared", "run_one", "describe", "log"]
 
 
@@ -62,6 +63,9 @@ class CompareConfig(RunConfig):
     rounds: int = Field(3, ge=0)
     seed_epochs: int | None = Field(None, ge=0, description="seed / full-model epochs (default train.epochs)")
     tolerance: float = Field(0.05, gt=0, description="a final MAC count further than this from its target is flagged")
+    retrain: bool = Field(False, description="retrain every method's final architecture from scratch with the "
+                                             "scratch recipe (search -> export -> retrain)")
+    baseline: str = Field("scratch", description="label the paired differences (and their CIs) are taken to")
     jobs: int = Field(1, ge=1, description="runs at once (worker processes)")
     out: str = "runs/compare"
 
@@ -100,16 +104,18 @@ class CompareConfig(RunConfig):
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One run of a comparison."""
+    """One run of a comparison: a method's search run (``phase="search"``) or the retraining of its final
+    architecture from scratch (``phase="retrain"``)."""
 
     label: str
     seed: int
     target_mmacs: float | None
     config: MethodRunConfig
+    phase: str = "search"
 
     @property
     def key(self) -> str:
-        """``label/target/seed`` (the run directory below ``<out>/runs``)."""
+        """``label/target/seed`` (the run directory below ``<out>/runs``, or ``<out>/retrain`` when retraining)."""
         t = "rounds" if self.target_mmacs is None else f"{self.target_mmacs:g}mmacs"
         return f"{self.label}/{t}/seed{self.seed}"
 
@@ -129,6 +135,25 @@ def plan_runs(cfg: CompareConfig) -> list[PlannedRun]:
                 runs.append(PlannedRun(e.name, seed, target,
                                        rc.model_copy(update={"out": str(Path(cfg.out) / "runs" / run.key)})))
     return runs
+
+
+def retrain_runs(cfg: CompareConfig, runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The retrain phase of ``runs`` (search runs): for each run of a method that does not train from scratch, a
+    ``retrain`` run of its final model (``<run>/model.pt``) with the scratch recipe, the same seed and schedule,
+    written to ``<out>/retrain/<label>/<target>/seed<k>``."""
+    from .experiment import MODEL_FILE
+    from .methods import trains_from_scratch
+
+    out = []
+    for run in runs:
+        c = run.config
+        if run.phase != "search" or trains_from_scratch(c.method, c.method_options):
+            continue
+        rc = c.model_copy(update={"method": "retrain",
+                                  "method_options": {"architecture": str(Path(c.out) / MODEL_FILE)},
+                                  "out": str(Path(cfg.out) / "retrain" / run.key)})
+        out.append(PlannedRun(run.label, run.seed, run.target_mmacs, rc, phase="retrain"))
+    return out
 
 
 def validate_compare(cfg: CompareConfig) -> list[PlannedRun]:
@@ -216,14 +241,18 @@ def run_one(config: dict, threads: int) -> dict:
 def run_compare(cfg: CompareConfig, overwrite: bool = False,
                 on_done: Callable[[PlannedRun, dict, bool], None] = lambda run, res, skipped: None,
                 runs: list[PlannedRun] | None = None) -> list[tuple[PlannedRun, dict]]:
-    """Run every planned run that has not finished; returns ``(run, results)`` for all of them, in plan order.
+    """Run every planned run that has not finished, then (``cfg.retrain``) the :func:`retrain_runs`; returns
+    ``(run, results)`` for all of them, search runs first, in plan order.
 
     ``on_done(run, results, skipped)`` is called as each run finishes (or is found finished).  The output is
     locked while it runs (a second comparison into it is refused).
     """
     runs = runs or validate_compare(cfg)
     with output_lock(cfg.out):
-        return _run_compare(cfg, overwrite, on_done, runs)
+        pairs = _run_compare(cfg, overwrite, on_done, runs)
+        if cfg.retrain:
+            pairs += _run_compare(cfg, False, on_done, retrain_runs(cfg, runs))
+        return pairs
 
 
 def _run_compare(cfg: CompareConfig, overwrite: bool, on_done: Callable[[PlannedRun, dict, bool], None],
@@ -237,7 +266,10 @@ def _run_compare(cfg: CompareConfig, overwrite: bool, on_done: Callable[[Planned
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("runs/*/*/.*.partial-*"):  # runs killed mid-way (never published)
         shutil.rmtree(stale, ignore_errors=True)
-    atomic_write_json(out / "compare.json", {"config": cfg.model_dump(), "runs": [r.key for r in runs]})
+    for stale in out.glob("retrain/*/*/.*.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if runs and runs[0].phase == "search":
+        atomic_write_json(out / "compare.json", {"config": cfg.model_dump(), "runs": [r.key for r in runs]})
     results: dict[str, dict] = {}
     todo = []
     for run in runs:
@@ -286,6 +318,7 @@ def describe(run: PlannedRun, res: dict, skipped: bool) -> str:
     """One line about a finished run."""
     f = res["final"]
     t = "" if run.target_mmacs is None else f" @ {run.target_mmacs:g}"
+    t += " retrained" if run.phase == "retrain" else ""
     what = "skipped (finished before)" if skipped else f"{res['wall_seconds']:.0f} s"
     return (f"{run.label:>14s}{t} seed {run.seed}: top-1 {100 * f['test_acc']:.2f} %, {f['mmacs']:.3f} MMACs"
             f" | {what}")

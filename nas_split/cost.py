@@ -15,6 +15,12 @@ Conventions (every figure says how it was obtained, see :attr:`CostReport.proven
   MAC, and 640 pJ per 32-bit DRAM access (160 pJ/byte); :meth:`EnergyModel.sram` uses the 8 KB SRAM read
   (5 pJ per 32-bit word) instead.  It is a model, not a measurement.
 * **latency** (measured): median wall time of a forward pass, ``torch.utils.benchmark``, batch 1, eval mode.
+* **training MACs** (counted, with a rule of thumb): a training step costs :data:`TRAIN_MACS_PER_SAMPLE` = 3
+  forward MACs per sample (forward, plus a backward pass that computes input and weight gradients, each about
+  one forward).  A stage that trains on ``n`` samples at ``M`` MACs costs ``3 n M`` (:func:`training_macs`);
+  the passes a growth or pruning step makes to decide (analysis, scoring) are counted by
+  :class:`PassCounter`: ``3 M`` per sample forwarded with gradients on, ``M`` without.  Evaluation is not
+  counted.
 """
 from __future__ import annotations
 
@@ -28,7 +34,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from .numerics import like_model
 
 __all__ = ["EnergyModel", "LayerCost", "CostReport", "count_macs", "measure_cost", "measure_latency",
-           "first_sample"]
+           "first_sample", "TRAIN_MACS_PER_SAMPLE", "training_macs", "PassCounter"]
+
+#: Forward-MAC multiples of one training sample: forward + backward (input and weight gradients).
+TRAIN_MACS_PER_SAMPLE = 3
 
 _LEAF_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BYTES = 4  # float32
@@ -205,3 +214,41 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, energy_model: E
         macs=total, params=sum(p.numel() for p in model.parameters()), peak_activation_bytes=peak,
         energy_uj=sum(lc.energy_pj for lc in layers) / 1e6,
         latency_ms=measure_latency(model, x) if latency else None, layers=layers, energy_model=em)
+
+
+def training_macs(macs: float, samples: int) -> float:
+    """MACs of training a model of ``macs`` MACs per sample on ``samples`` samples: ``3 x samples x macs``."""
+    return TRAIN_MACS_PER_SAMPLE * samples * macs
+
+
+class PassCounter:
+    """Counts the samples forwarded through ``model`` inside the ``with`` block, with and without gradients.
+
+    ``macs(m)`` is the cost of those passes at ``m`` MACs per sample: ``3 m`` per sample forwarded with autograd
+    on (a backward is assumed to follow), ``m`` per sample without.  Nested calls of ``model`` (a wrapper calling
+    the model) count once per call of ``model`` itself.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.with_grad = 0
+        self.without_grad = 0
+
+    def _hook(self, _module, args) -> None:
+        x = args[0] if args else None
+        n = int(x.shape[0]) if torch.is_tensor(x) and x.dim() > 0 else 1
+        if torch.is_grad_enabled():
+            self.with_grad += n
+        else:
+            self.without_grad += n
+
+    def __enter__(self) -> PassCounter:
+        self._handle = self.model.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def macs(self, macs_per_sample: float) -> float:
+        """MACs of the counted passes at ``macs_per_sample``."""
+        return training_macs(macs_per_sample, self.with_grad) + macs_per_sample * self.without_grad

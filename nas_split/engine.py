@@ -9,12 +9,14 @@ own ratio.  The rounds stop early once the target (or an energy budget, ``budget
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from .cost import PassCounter
 from .errors import ConfigError
 from .stages import StageRunner
 
@@ -64,7 +66,10 @@ def grow_rounds(runner: StageRunner, model: nn.Module, method: GrowStep, *, seed
     round until ``rounds`` or the target; ``on_stage(k, model, optimizer)`` after every stage (checkpoints).
 
     Stage ``k`` draws its data with ``runner.loaders(k)`` (every random source reseeded from ``(seed, k)``), so a
-    resumed run repeats the choices of an uninterrupted one.  Returns the last optimizer.
+    resumed run repeats the choices of an uninterrupted one.  The passes each growth step makes through ``model``
+    are recorded as the next stage's ``analysis_macs`` (at the MACs before the growth,
+    :class:`~nas_split.cost.PassCounter`), with its ``analysis_seconds`` (the method's own figure, or the wall time
+    of the whole step for a method that gives none).  Returns the last optimizer.
     """
     if not runner.records:
         optimizer = runner.stage(model, "seed", seed_epochs)
@@ -75,10 +80,13 @@ def grow_rounds(runner: StageRunner, model: nn.Module, method: GrowStep, *, seed
             break
         cap = round_cap(seed_macs, None if target_mmacs is None else target_mmacs * 1e6, r, rounds)
         train, _, _ = runner.loaders(r)
-        info = method.grow(runner, model, train, optimizer if carry_optimizer else None, r, cap)
+        t0 = time.perf_counter()
+        with PassCounter(model) as passes:
+            info = method.grow(runner, model, train, optimizer if carry_optimizer else None, r, cap)
         if not carry_optimizer:
             optimizer = None
         optimizer = runner.stage(model, "round", epochs, optimizer, growth=info,
-                                 analysis_seconds=info.get("analysis_seconds", 0.0))
+                                 analysis_seconds=info.get("analysis_seconds", time.perf_counter() - t0),
+                                 analysis_macs=passes.macs(runner.records[-1].macs))
         on_stage(r, model, optimizer)
     return optimizer

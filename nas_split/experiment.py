@@ -22,10 +22,15 @@ from .data import DataSplits, create_dataset
 from .errors import DivergedError, NasSplitError
 from .runlog import RunWriter
 from .stages import StageRunner
+from .surgery.export import save_grown
 from .training import check_devices
 
-__all__ = ["Prepared", "BackboneMismatchError", "prepare", "check_out_dir", "run_train", "method_context",
+__all__ = ["MODEL_FILE", "Prepared", "BackboneMismatchError", "prepare", "check_out_dir", "run_train", "method_context",
            "run_method"]
+
+
+#: The final model of a ``nas-split run`` directory (:func:`nas_split.save_grown` format).
+MODEL_FILE = "model.pt"
 
 
 class BackboneMismatchError(NasSplitError, ValueError):
@@ -161,7 +166,9 @@ def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
 
 
 def run_method(cfg: MethodRunConfig, overwrite: bool = False, prepared: Prepared | None = None) -> dict:
-    """Run one registered method and write its run directory (``cfg.out``); returns ``results.json``."""
+    """Run one registered method and write its run directory (``cfg.out``): ``results.json``, the TensorBoard
+    events and the final model (:data:`MODEL_FILE`, :func:`nas_split.save_grown`: what ``nas-split retrain``
+    rebuilds).  Returns ``results.json``."""
     check_out_dir(cfg.out, overwrite)
     p = prepared or prepare(cfg)
     ctx, method = method_context(cfg, p)
@@ -169,7 +176,8 @@ def run_method(cfg: MethodRunConfig, overwrite: bool = False, prepared: Prepared
 
     def body(writer):
         ctx.record, ctx.epoch_hook = writer.stage, writer.epoch
-        method.run(ctx)
+        model = method.run(ctx)
+        save_grown(model, writer.run_dir / MODEL_FILE)
         return {"method": cfg.method, "dataset": cfg.dataset, "backbone": cfg.backbone, "seed": cfg.train.seed,
                 "target_mmacs": cfg.target_mmacs or 0.0, "rounds": cfg.rounds}
 

@@ -6,8 +6,9 @@ data, the training recipe, builders for the thin seed / the full-width model / a
 :meth:`MethodContext.stage`, so all of them produce the same per-stage records.
 
 Registered here: the splitting methods ``s2d``, ``fast``, ``s3d``, ``s3d-exact`` and ``energy`` (fast splitting
-with the energy-aware LP).  The ``baselines`` package adds ``random``, ``firefly``, ``gradmax``, ``scratch``
-and ``prune-{l1,taylor,slim,hessian,random}``: the core never imports it; every module named in the
+with the energy-aware LP), and ``retrain`` (another run's final architecture trained from scratch, the last step of
+search → export → retrain).  The ``baselines`` package adds ``random``, ``firefly``, ``gradmax``, ``scratch``,
+``random-arch`` and ``prune-{l1,taylor,slim,hessian,random}``: the core never imports it; every module named in the
 ``nas_split.methods`` entry-point group is imported on first use of the registry (:func:`load_plugins`), which is
 how the baselines register and how a user's own package adds methods::
 
@@ -34,8 +35,8 @@ from .splitting.analysis import Spectrum
 from .splitting.variants import VARIANTS, Variant
 from .stages import StageRunner, stage_seed
 
-__all__ = ["MethodContext", "Method", "GrowthMethod", "SplittingMethod", "register_method", "create_method",
-           "list_methods", "load_plugins", "UnknownMethodError"]
+__all__ = ["MethodContext", "Method", "FromScratch", "RetrainMethod", "trains_from_scratch", "GrowthMethod",
+           "SplittingMethod", "register_method", "create_method", "list_methods", "load_plugins", "UnknownMethodError"]
 
 
 class UnknownMethodError(NasSplitError, KeyError):
@@ -53,6 +54,12 @@ class MethodContext(StageRunner):
     epochs: int
     rounds: int
     target_mmacs: float | None = None
+
+    @property
+    def scratch_epochs(self) -> int:
+        """Epochs of a network trained from scratch in one stage: ``seed_epochs + rounds x epochs``, what every
+        method trains in all."""
+        return self.seed_epochs + self.rounds * self.epochs
 
 
 class Method(ABC):
@@ -114,6 +121,68 @@ def create_method(name: str, **options: Any) -> Method:
     return method
 
 
+class FromScratch(Method):
+    """An architecture trained from fresh weights in one stage of :attr:`MethodContext.scratch_epochs` epochs with
+    the run's recipe and seed: ``scratch`` (uniform widths), ``random-arch`` (random widths) and ``retrain`` (the
+    widths of another run's final model) differ only in :meth:`architecture`."""
+
+    #: ``kind`` of the stage in the records.
+    kind: str = "scratch"
+
+    @abstractmethod
+    def architecture(self, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
+        """The freshly initialised model, and extra fields for its stage record."""
+
+    def run(self, ctx: MethodContext) -> nn.Module:
+        model, extra = self.architecture(ctx)
+        ctx.stage(model, self.kind, ctx.scratch_epochs, **extra)
+        return model
+
+
+class RetrainMethod(FromScratch):
+    """Retrain an architecture from scratch: the final widths of a grown or pruned model (a
+    :func:`~nas_split.save_grown` file, a ``grow`` checkpoint or a ``run`` directory's ``model.pt``), fresh weights
+    (:func:`~nas_split.surgery.rebuild.fresh_model` at the run's seed), the scratch recipe.
+
+    Args:
+        architecture: path of the file holding the architecture (its weights are not used).
+    """
+
+    kind = "retrain"
+
+    def __init__(self, architecture: str):
+        self.path = str(architecture)
+        self.payload: dict[str, Any] | None = None
+
+    def _build(self, seed: int) -> nn.Module:
+        from .surgery.export import read_grown
+        from .surgery.rebuild import fresh_model
+
+        if self.payload is None:
+            self.payload = read_grown(self.path)
+        return fresh_model(self.payload["spec"], self.payload["sizes"], seed)
+
+    def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
+        import torch
+
+        model = self._build(ctx.recipe.seed)
+        try:
+            with torch.no_grad():
+                model.eval()(ctx.example_inputs)
+        except RuntimeError as e:
+            raise NasSplitError(f"retrain: the architecture of {self.path} does not take this dataset's samples: "
+                                f"{str(e).splitlines()[0]}") from None
+
+    def architecture(self, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
+        return self._build(ctx.recipe.seed), {"architecture": self.path}
+
+
+def trains_from_scratch(name: str, options: dict[str, Any] | None = None) -> bool:
+    """Whether method ``name`` trains its architecture from scratch (a :class:`FromScratch`: ``scratch``,
+    ``random-arch``, ``retrain``), so that its run is its own retraining."""
+    return isinstance(create_method(name, **(options or {})), FromScratch)
+
+
 class GrowthMethod(Method):
     """Seed stage, then rounds of :meth:`grow` each followed by training, on the MAC schedule of
     :mod:`nas_split.engine` (``max_macs`` of :meth:`grow` is the round's cap; the method chooses *which* neurons)."""
@@ -166,3 +235,4 @@ class SplittingMethod(GrowthMethod):
 
 for _variant in VARIANTS.values():
     register_method(_variant.name)(partial(SplittingMethod, _variant))
+register_method("retrain")(RetrainMethod)

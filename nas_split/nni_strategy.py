@@ -43,6 +43,7 @@ with warnings.catch_warnings():  # NNI 3.0 warns about torch's Buffer at import
 
 from ._io import atomic_torch_save, atomic_write_json
 from .config import ConfigError, GrowthConfig, NniRunConfig, validation_message
+from .cost import PassCounter, count_macs
 from .engine import reached, round_cap
 from .records import RunResult, StageRecord
 from .runlog import RunWriter, layer_widths
@@ -106,7 +107,9 @@ def train_stage(model: nn.Module, run: dict[str, Any], stage: int = 0, checkpoin
     Growth is the registered splitting method's round (:class:`nas_split.methods.SplittingMethod`), as in
     ``nas-split grow``, on both engines: with the previous stage's optimizer state (``growth.carry_optimizer``)
     and fast-analysis directions from ``state_checkpoint``, cut at the round's ``max_macs``.  Saves the stage's
-    model to ``checkpoint`` and its optimizer state and directions beside it (``.state.pt``).
+    model to ``checkpoint`` and, beside it (``.state.pt``), its optimizer state, directions, the evaluator's
+    ``run`` (dataset and recipe) and the epochs trained so far (what :func:`nas_split.retrain.retrain_config`
+    reads for an exported stage).
 
     Reports (and returns) ``{"default": test top-1, "mmacs", "macs", "params", "energy_uj_est", "widths",
     "stage", "new_neurons", "checkpoint"}``; ``widths`` is the dash-joined output width of every conv/linear layer.
@@ -131,9 +134,12 @@ def train_stage(model: nn.Module, run: dict[str, Any], stage: int = 0, checkpoin
             optimizer = make_optimizer(net, cfg.train)
             optimizer.load_state_dict(state["optimizer"])
         tr, _, _ = runner.loaders(stage)
-        info = method.grow(runner, net, tr, optimizer, stage, max_macs)
+        macs_before = count_macs(net, x)[0]
+        with PassCounter(net) as passes:
+            info = method.grow(runner, net, tr, optimizer, stage, max_macs)
         spectra = method.spectra
-    extra = {"growth": info, "analysis_seconds": info["analysis_seconds"]} if info else {}
+    extra = {"growth": info, "analysis_seconds": info["analysis_seconds"],
+             "analysis_macs": passes.macs(macs_before)} if info else {}
     writer = None
     if os.environ.get("NNI_OUTPUT_DIR"):  # the web UI's TensorBoard button reads <trial>/tensorboard
         writer = RunWriter(Path(os.environ["NNI_OUTPUT_DIR"], "tensorboard"), {"command": "nni", "stage": stage})
@@ -147,7 +153,8 @@ def train_stage(model: nn.Module, run: dict[str, Any], stage: int = 0, checkpoin
         save_grown(net, checkpoint)
         atomic_torch_save(_state_path(checkpoint), {
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "spectra": {k: vars(v) for k, v in spectra.items()}})
+            "spectra": {k: vars(v) for k, v in spectra.items()},
+            "run": run, "epochs_total": rec.epochs_total})  # what `nas-split retrain CHECKPOINT` reads
     metric = rec.nni_metric(stage=stage, new_neurons=rec.new_neurons, checkpoint=checkpoint or "",
                             widths="-".join(str(w) for w in list(layer_widths(net).values())[:-1]))
     nni.report_final_result(metric)
@@ -431,7 +438,8 @@ def _save_trials(port: int, path: Path) -> None:
 
 def run_compare_nni(cfg, runs, port: int = 8080, overwrite: bool = False, on_done=lambda r, res, s: None):
     """``nas-split compare --engine nni``: the unfinished runs as NNI trials (``trial_concurrency = cfg.jobs``)
-    through the local training service; returns ``(run, results)`` like :func:`nas_split.compare.run_compare`."""
+    through the local training service, then the retrain phase (``cfg.retrain``) as a second experiment; returns
+    ``(run, results)`` like :func:`nas_split.compare.run_compare`."""
     import shutil
 
     from nni.nas.experiment import NasExperiment, NasExperimentConfig
@@ -471,4 +479,8 @@ def run_compare_nni(cfg, runs, port: int = 8080, overwrite: bool = False, on_don
         if r in todo:
             on_done(r, res, False)
         pairs.append((r, res))
+    if cfg.retrain and runs and runs[0].phase == "search":  # the retrain phase: a second experiment
+        from .compare import retrain_runs
+
+        pairs += run_compare_nni(cfg, retrain_runs(cfg, runs), port, False, on_done)
     return pairs

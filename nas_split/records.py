@@ -21,7 +21,8 @@ RESULTS_SCHEMA_VERSION = 1
 class StageRecord:
     """One trained (or pruned) stage: its accuracy, costs (``CostReport.to_dict(layers=True)``), layer widths and
     per-epoch history; ``extra`` holds what only some stages have (``growth``, ``analysis_seconds``, ``pruning``,
-    ``width_mult``), written as top-level keys of the stage in ``results.json``."""
+    ``width_mult``, ``train_samples``, ``train_macs``, ``analysis_macs``), written as top-level keys of the stage
+    in ``results.json``."""
 
     stage: int
     kind: str
@@ -50,6 +51,16 @@ class StageRecord:
     def analysis_seconds(self) -> float:
         """Growth analysis time before this stage (0 for stages without growth)."""
         return self.extra.get("analysis_seconds", 0.0)
+
+    @property
+    def train_macs(self) -> float:
+        """MACs spent training this stage (``3 x samples x MACs``; 0 in files written before it was recorded)."""
+        return self.extra.get("train_macs", 0.0)
+
+    @property
+    def analysis_macs(self) -> float:
+        """MACs of the growth / pruning decision passes before this stage (0 without)."""
+        return self.extra.get("analysis_macs", 0.0)
 
     @property
     def new_neurons(self) -> int:
@@ -92,6 +103,11 @@ class RunResult:
     wall_seconds: float = 0.0
     schema_version: int = RESULTS_SCHEMA_VERSION
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_macs(self) -> float:
+        """MACs spent training the run: every stage's training plus the decision passes."""
+        return sum(s.train_macs + s.analysis_macs for s in self.stages)
 
     @property
     def last(self) -> StageRecord:

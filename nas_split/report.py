@@ -1,4 +1,5 @@
-"""The comparison report: ``results.csv``, a Markdown table (mean ± std over seeds), figures and TensorBoard.
+"""The comparison report: ``results.csv``, a Markdown table (mean ± std over seeds, paired differences to a
+baseline with t confidence intervals, in-run and retrained accuracy, training MACs), figures and TensorBoard.
 
 Everything here is computed from the run directories' ``results.json``, so a report can be rebuilt at any time
 (:func:`write_report`).  Figures are matplotlib PNGs, also logged with ``add_figure`` into the ``summary`` run
@@ -8,28 +9,32 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ._io import atomic_write_text
 from .records import RunResult
 from .runlog import Tags
 
-__all__ = ["CSV_FIELDS", "Row", "collect", "write_csv", "summary", "markdown_table", "write_report",
+__all__ = ["CSV_FIELDS", "Row", "PairedCI", "paired_ci", "paired_to", "collect", "write_csv", "summary",
+           "markdown_table", "write_report",
            "pareto_figure", "widths_figure"]
 
-#: Columns of ``results.csv`` (one row per method x seed x target x stage).
-CSV_FIELDS = ["label", "method", "seed", "target_mmacs", "stage", "kind", "epochs", "epochs_total", "test_acc",
-              "val_acc", "mmacs", "params", "energy_uj_est", "latency_ms", "train_seconds", "analysis_seconds",
-              "new_neurons", "run_seconds", "run_dir"]
+#: Columns of ``results.csv`` (one row per method x seed x target x phase x stage).
+CSV_FIELDS = ["label", "method", "phase", "seed", "target_mmacs", "stage", "kind", "epochs", "epochs_total",
+              "test_acc", "val_acc", "mmacs", "params", "energy_uj_est", "latency_ms", "train_seconds",
+              "analysis_seconds", "new_neurons", "train_macs", "analysis_macs", "run_seconds", "run_dir"]
 
 
 @dataclass(frozen=True)
 class Row:
-    """The final stage of one run, with the run's wall time (everything: training, analysis, surgery, eval)."""
+    """The final stage of one search run, with the run's wall time (everything: training, analysis, surgery,
+    eval), its training MACs (:attr:`~nas_split.records.RunResult.train_macs`) and the accuracy of its
+    architecture retrained from scratch (``None`` when it was not retrained)."""
 
     label: str
     seed: int
@@ -41,17 +46,26 @@ class Row:
     analysis_seconds: float
     epochs: int
     widths: dict[str, int]
+    train_macs: float = 0.0
+    retrained_acc: float | None = None
 
 
 def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row]]:
-    """``(run, results)`` pairs -> CSV rows (every stage) and :class:`Row` finals."""
-    rows, finals = [], []
+    """``(run, results)`` pairs -> CSV rows (every stage of every run) and one :class:`Row` per search run.
+
+    A search run of a method that trains from scratch (``scratch``, ``random-arch``) is its own retraining;
+    other runs take the accuracy of their ``phase="retrain"`` run when there is one.
+    """
+    from .methods import trains_from_scratch
+
+    rows, finals, retrained = [], [], {}
     for run, results in pairs:
         res = RunResult.from_dict(results)
+        phase = getattr(run, "phase", "search")
         for st in res.stages:
             c = st.cost
-            rows.append({"label": run.label, "method": res.meta.get("method", run.label), "seed": run.seed,
-                         "target_mmacs": run.target_mmacs if run.target_mmacs is not None else "",
+            rows.append({"label": run.label, "method": res.meta.get("method", run.label), "phase": phase,
+                         "seed": run.seed, "target_mmacs": run.target_mmacs if run.target_mmacs is not None else "",
                          "stage": st.stage, "kind": st.kind, "epochs": st.epochs,
                          "epochs_total": st.epochs_total, "test_acc": st.test_acc,
                          "val_acc": st.val_acc if st.val_acc is not None else "",
@@ -59,11 +73,20 @@ def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row]]:
                          "latency_ms": c["latency_ms"] if c.get("latency_ms") is not None else "",
                          "train_seconds": st.train_seconds, "analysis_seconds": st.analysis_seconds,
                          "new_neurons": st.extra["growth"]["new_neurons"] if "growth" in st.extra else "",
+                         "train_macs": st.train_macs, "analysis_macs": st.analysis_macs,
                          "run_seconds": res.wall_seconds, "run_dir": run.config.out})
+        if phase == "retrain":
+            retrained[(run.label, run.target_mmacs, run.seed)] = res.last.test_acc
+            continue
         last = res.last
+        own = trains_from_scratch(res.config.get("method", ""), res.config.get("method_options")) \
+            if res.config.get("method") else False
         finals.append(Row(run.label, run.seed, run.target_mmacs, last.test_acc, last.mmacs,
                           last.cost["energy_uj_est"], res.wall_seconds,
-                          sum(s.analysis_seconds for s in res.stages), last.epochs_total, last.widths))
+                          sum(s.analysis_seconds for s in res.stages), last.epochs_total, last.widths,
+                          res.train_macs, last.test_acc if own else None))
+    finals = [replace(r, retrained_acc=retrained.get((r.label, r.target, r.seed), r.retrained_acc))
+              for r in finals]
     return rows, finals
 
 
@@ -80,41 +103,112 @@ def _ms(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summary(finals: list[Row]) -> dict[tuple[float | None, str], dict[str, tuple[float, float] | int]]:
-    """``{(target, label): {metric: (mean, std)}, n}`` over seeds, in first-seen order."""
+@dataclass(frozen=True)
+class PairedCI:
+    """Mean of paired differences ``a_i - b_i`` with its ``level`` confidence interval and ``n`` pairs."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the interval lies entirely on one side of 0."""
+        return self.low > 0 or self.high < 0
+
+
+def paired_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> PairedCI | None:
+    """Confidence interval of the mean paired difference ``d_i = a_i - b_i`` (``None`` for fewer than 2 pairs).
+
+    ``d̄ ± t_{(1+level)/2, n-1} s_d / √n`` with ``s_d`` the sample standard deviation of the differences: the
+    t interval of a paired design, which removes what the pairs share (the seed's data order, split and
+    initialisation) from the comparison.
+    """
+    from scipy.stats import t
+
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    if len(d) < 2:
+        return None
+    m, sd = statistics.fmean(d), statistics.stdev(d)
+    half = float(t.ppf((1 + level) / 2, len(d) - 1)) * sd / math.sqrt(len(d))
+    return PairedCI(m, m - half, m + half, len(d))
+
+
+def paired_to(finals: list[Row], baseline: str, retrained: bool = False,
+              level: float = 0.95) -> dict[tuple[float | None, str], PairedCI | None]:
+    """``{(target, label): CI}`` of each method's top-1 (in %, in-run or retrained) minus ``baseline``'s on the
+    seeds both have (the baseline's own entry and methods without two common seeds map to ``None``)."""
+    def acc(r: Row) -> float | None:
+        v = r.retrained_acc if retrained else r.test_acc
+        return None if v is None else 100 * v
+
+    ref = {(r.target, r.seed): acc(r) for r in finals if r.label == baseline}
+    groups: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for r in finals:
+        b, a = ref.get((r.target, r.seed)), acc(r)
+        groups.setdefault((r.target, r.label), [])
+        if r.label != baseline and a is not None and b is not None:
+            groups[(r.target, r.label)].append((a, b))
+    return {k: paired_ci([p[0] for p in v], [p[1] for p in v], level) for k, v in groups.items()}
+
+
+def summary(finals: list[Row]) -> dict[tuple[float | None, str], dict]:
+    """``{(target, label): {metric: (mean, std)}, epochs, n}`` over seeds, in first-seen order; ``retrained``
+    is ``None`` for a method without retrained runs."""
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for r in finals:
         groups[(r.target, r.label)].append(r)
-    return {k: {"top1": _ms([100 * r.test_acc for r in rs]), "mmacs": _ms([r.mmacs for r in rs]),
-                "energy": _ms([r.energy_uj for r in rs]), "seconds": _ms([r.seconds for r in rs]),
-                "analysis": _ms([r.analysis_seconds for r in rs]), "epochs": rs[0].epochs, "n": len(rs)}
-            for k, rs in groups.items()}
+    out = {}
+    for k, rs in groups.items():
+        re = [100 * r.retrained_acc for r in rs if r.retrained_acc is not None]
+        out[k] = {"top1": _ms([100 * r.test_acc for r in rs]), "retrained": _ms(re) if re else None,
+                  "mmacs": _ms([r.mmacs for r in rs]), "energy": _ms([r.energy_uj for r in rs]),
+                  "seconds": _ms([r.seconds for r in rs]), "analysis": _ms([r.analysis_seconds for r in rs]),
+                  "train_tmacs": _ms([r.train_macs / 1e12 for r in rs]), "epochs": rs[0].epochs, "n": len(rs)}
+    return out
 
 
-def markdown_table(finals: list[Row], tolerance: float = 0.05) -> str:
-    """One Markdown table per MAC target: top-1 (mean ± std over seeds), MACs, energy, epochs and wall time.
+def _delta(ci: PairedCI | None) -> str:
+    if ci is None:
+        return "–"
+    text = f"{ci.mean:+.2f} [{ci.low:+.2f}, {ci.high:+.2f}]"
+    return f"**{text}**" if ci.excludes_zero else text
 
-    A method whose mean MACs are further than ``tolerance`` from the target is marked ``†``; the best top-1 of
-    each target is bold.
+
+def markdown_table(finals: list[Row], tolerance: float = 0.05, baseline: str = "scratch") -> str:
+    """One Markdown table per MAC target: in-run and retrained top-1 (mean ± std over seeds), each with its paired
+    difference to ``baseline`` and 95 % CI (bold where the interval excludes 0), MACs, training MACs, energy,
+    epochs and wall time.  A method whose mean MACs are further than ``tolerance`` from the target is marked ``†``.
     """
     s = summary(finals)
+    d_run, d_re = paired_to(finals, baseline), paired_to(finals, baseline, retrained=True)
+    has_ref = any(lab == baseline for _, lab in s)
     out = []
     for target in dict.fromkeys(t for t, _ in s):
         rows = {lab: v for (t, lab), v in s.items() if t == target}
-        best = max(v["top1"][0] for v in rows.values())
         title = "growth rounds only" if target is None else f"target {target:g} MMACs"
         out += [f"**{title}** (mean ± std over seeds; wall time = the whole run: training, analysis, surgery)", "",
-                "| method | test top-1 % | MMACs | energy µJ (est.) | epochs | wall time s | analysis s | seeds |",
-                "|---|---|---|---|---|---|---|---|"]
+                f"| method | in-run top-1 % | Δ vs {baseline} | retrained top-1 % | Δ retrained vs {baseline} | "
+                "MMACs | training TMACs | energy µJ (est.) | epochs | wall time s | analysis s | seeds |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for lab, v in rows.items():
             top = f"{v['top1'][0]:.2f} ± {v['top1'][1]:.2f}"
-            if v["top1"][0] == best:
-                top = f"**{top}**"
+            re = "–" if v["retrained"] is None else f"{v['retrained'][0]:.2f} ± {v['retrained'][1]:.2f}"
             off = target is not None and abs(v["mmacs"][0] / target - 1) > tolerance
-            out.append(f"| {lab} | {top} | {v['mmacs'][0]:.3f}{' †' if off else ''} | {v['energy'][0]:.1f} | "
-                       f"{v['epochs']} | {v['seconds'][0]:.0f} ± {v['seconds'][1]:.0f} | {v['analysis'][0]:.1f} | "
-                       f"{v['n']} |")
+            out.append(f"| {lab} | {top} | {_delta(d_run.get((target, lab)))} | {re} | "
+                       f"{_delta(d_re.get((target, lab)))} | {v['mmacs'][0]:.3f}{' †' if off else ''} | "
+                       f"{v['train_tmacs'][0]:.3f} | {v['energy'][0]:.1f} | {v['epochs']} | "
+                       f"{v['seconds'][0]:.0f} ± {v['seconds'][1]:.0f} | {v['analysis'][0]:.1f} | {v['n']} |")
         out.append("")
+    if has_ref:
+        out.append(f"Δ: paired difference to {baseline} on the same seeds, in points: mean [95 % CI, t distribution]; "
+                   "bold where the interval excludes 0.")
+    out.append("Retrained: the final architecture, freshly initialised, trained with the scratch recipe, epochs and "
+               "seed (scratch and random-arch are their own retraining). Training MACs: 3 x forward MACs per "
+               "training sample, summed over the run's stages, plus the growth / pruning decision passes.")
     if any(t is not None and abs(v["mmacs"][0] / t - 1) > tolerance for (t, _), v in s.items()):
         out.append(f"† final MACs more than {100 * tolerance:g} % from the target.")
     return "\n".join(out).rstrip() + "\n"
@@ -128,7 +222,8 @@ def _colors(labels: list[str]) -> dict[str, tuple]:
 
 
 def pareto_figure(finals: list[Row]):
-    """Test top-1 against MMACs, estimated energy and wall time: mean ± std over seeds, one line per method."""
+    """Test top-1 against MMACs, estimated energy, training MACs and wall time: mean ± std over seeds, one line per
+    method; on the MMACs panel, hollow markers give the retrained accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,19 +232,24 @@ def pareto_figure(finals: list[Row]):
     s = summary(finals)
     labels = list(dict.fromkeys(lab for _, lab in s))
     colors = _colors(labels)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
-    for ax, key, xlabel in zip(axes, ("mmacs", "energy", "seconds"),
-                               ("MMACs (counted)", "energy µJ (estimate, Horowitz 2014)", "wall time of the run, s"),
-                               strict=True):
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2), constrained_layout=True)
+    panels = (("mmacs", "MMACs (counted)"), ("energy", "energy µJ (estimate, Horowitz 2014)"),
+              ("train_tmacs", "training TMACs (3 x forward per sample + decisions)"),
+              ("seconds", "wall time of the run, s"))
+    for ax, (key, xlabel) in zip(axes, panels, strict=True):
         for lab in labels:
-            pts = sorted((v[key], v["top1"]) for (t, lb), v in s.items() if lb == lab)
+            pts = sorted((v[key], v["top1"], v["retrained"]) for (t, lb), v in s.items() if lb == lab)
             xs, ys = [p[0][0] for p in pts], [p[1][0] for p in pts]
             ax.errorbar(xs, ys, xerr=[p[0][1] for p in pts], yerr=[p[1][1] for p in pts], marker="o", capsize=3,
                         color=colors[lab], label=lab)
+            if key == "mmacs" and any(p[2] is not None for p in pts):
+                re = [(p[0][0], p[2][0]) for p in pts if p[2] is not None]
+                ax.scatter([r[0] for r in re], [r[1] for r in re], facecolors="none", edgecolors=[colors[lab]],
+                           s=60, label=f"{lab} (retrained)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test top-1 %")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     return fig
 
 
@@ -190,7 +290,8 @@ LAYOUT = {"nas-split: methods overlaid": {
 }}
 
 
-def write_report(out: str | Path, pairs: Sequence[tuple], tolerance: float = 0.05) -> dict[str, Path]:
+def write_report(out: str | Path, pairs: Sequence[tuple], tolerance: float = 0.05,
+                 baseline: str = "scratch") -> dict[str, Path]:
     """Write ``results.csv``, ``table.md``, ``pareto.png``, ``widths.png`` and the TensorBoard ``summary`` run.
 
     Returns the paths by name.
@@ -202,7 +303,7 @@ def write_report(out: str | Path, pairs: Sequence[tuple], tolerance: float = 0.0
     paths = {"csv": out / "results.csv", "table": out / "table.md", "pareto": out / "pareto.png",
              "widths": out / "widths.png", "summary": out / "summary"}
     write_csv(paths["csv"], rows)
-    table = markdown_table(finals, tolerance)
+    table = markdown_table(finals, tolerance, baseline)
     atomic_write_text(paths["table"], table)
     figs = {"pareto": pareto_figure(finals), "widths": widths_figure(finals)}
     import matplotlib.pyplot as plt

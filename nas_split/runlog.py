@@ -91,11 +91,14 @@ class RunWriter:
         self.flush()
 
     def finish(self, hparams: dict[str, Any]) -> dict:
-        """Record the final stage as ``final``, write ``add_hparams`` into this run and close the writer."""
+        """Record the final stage as ``final`` (with the run's training MACs, decision passes included), write
+        ``add_hparams`` into this run and close the writer."""
         last = self.results["stages"][-1]
         c = last["cost"]
         final = {"test_acc": last["test_acc"], "mmacs": c["mmacs"], "params": c["params"],
-                 "energy_uj_est": c["energy_uj_est"], "latency_ms": c["latency_ms"]}
+                 "energy_uj_est": c["energy_uj_est"], "latency_ms": c["latency_ms"],
+                 "train_macs": sum(s.get("train_macs", 0.0) + s.get("analysis_macs", 0.0)
+                                   for s in self.results["stages"])}
         self.results.update(final=final, status="done", wall_seconds=time.time() - self.t0)
         hp = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in hparams.items()}
         self.tb.add_hparams(hp, {f"hparam/{k}": v for k, v in final.items() if v is not None}, run_name=".")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cost import measure_cost
+from .cost import measure_cost, training_macs
 from .data import DataSplits
 from .numerics import model_device
 from .records import StageRecord
@@ -62,6 +62,9 @@ class StageRunner:
               **extra: Any) -> torch.optim.Optimizer | None:
         """Train ``model`` for ``epochs`` (0: evaluate only), evaluate on test, measure costs, record the stage.
 
+        The record's ``train_macs`` is :func:`~nas_split.cost.training_macs` of the samples trained on at the
+        model's MACs; ``extra`` may add ``analysis_macs`` (the decision passes before the stage).
+
         Returns the optimizer (the one given, or the one the fit created).
         """
         stage = len(self.records)
@@ -74,6 +77,8 @@ class StageRunner:
         # costs (and CPU latency) on a CPU copy: the live model stays on its device for the growth that follows
         on_cpu = model if model_device(model).type == "cpu" else copy.deepcopy(model).cpu()
         cost = measure_cost(on_cpu, self.example_inputs, latency=self.latency)
+        extra = {"train_samples": fit.samples if fit else 0,
+                 "train_macs": training_macs(cost.macs, fit.samples) if fit else 0.0, **extra}
         rec = StageRecord(stage, kind, epochs, done + epochs, test.acc, test.loss,
                           fit.history[-1].get("val_acc") if fit and fit.history else None,
                           fit.seconds if fit else 0.0, fit.history if fit else [], cost.to_dict(layers=True),

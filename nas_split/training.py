@@ -109,11 +109,13 @@ class EvalResult:
 
 @dataclass
 class FitResult:
-    """What :meth:`Trainer.fit` returns: per-epoch history, the optimizer (with its state) and wall time."""
+    """What :meth:`Trainer.fit` returns: per-epoch history, the optimizer (with its state), wall time and the
+    number of training samples processed (over all epochs and processes)."""
 
     history: list[dict] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
     seconds: float = 0.0
+    samples: int = 0
 
 
 class Trainer:
@@ -196,6 +198,7 @@ class Trainer:
                 if step % self.cfg.check_every == 0:
                     self._check_finite(finite, loss_sum, desc, epoch, step)
             self._check_finite(finite, loss_sum, desc, epoch, step)
+            result.samples += n * self.fabric.world_size
             rec = {"epoch": epoch, "train_loss": (loss_sum / max(n, 1)).item(),
                    "train_acc": (correct / max(n, 1)).item(), "lr": lr if n else self.cfg.lr,
                    "seconds": time.perf_counter() - te}

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -26,18 +27,30 @@ def _compare(out, methods="random,scratch", seeds="0,1", extra=()):
     return ["compare", *ARGS, "--methods", methods, "--seeds", seeds, "--out", str(out), *extra]
 
 
+METHODS = "random,prune-l1,scratch,random-arch"
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "c"
-    assert main(_compare(out, "random,prune-l1")) == 0
+    assert main(_compare(out, METHODS, extra=["--set", "retrain=true"])) == 0
     return out
+
+
+def _results(out, phase="runs"):
+    return {(p.parts[-4], int(p.parts[-2][4:])): json.loads(p.read_text())
+            for p in sorted(out.glob(f"{phase}/*/*/seed*/results.json"))}
+
+
+def _line(table, label):
+    return next(ln for ln in table.splitlines() if ln.startswith(f"| {label} |"))
 
 
 def test_report_numbers_equal_the_runs(finished):
     runs = sorted(finished.glob("runs/*/*/seed*/results.json"))
-    assert len(runs) == 4  # 2 methods x 1 target x 2 seeds
+    assert len(runs) == 8  # 4 methods x 1 target x 2 seeds
     res = {(p.parts[-4], int(p.parts[-2][4:])): json.loads(p.read_text()) for p in runs}
-    rows = list(csv.DictReader((finished / "results.csv").open()))
+    rows = [r for r in csv.DictReader((finished / "results.csv").open()) if r["phase"] == "search"]
     assert len(rows) == sum(len(r["stages"]) for r in res.values())
     for (label, seed), r in res.items():
         mine = [row for row in rows if row["label"] == label and int(row["seed"]) == seed]
@@ -75,7 +88,7 @@ def test_tensorboard_tags_hparams_figures_load(finished):
 
 def test_kill_halfway_then_rerun_skips_finished_and_gives_the_same_table(tmp_path, finished):
     out = tmp_path / "c"
-    cmd = [sys.executable, "-m", "nas_split.cli", *_compare(out, "random,prune-l1")]
+    cmd = [sys.executable, "-m", "nas_split.cli", *_compare(out, "random,prune-l1")]  # the fixture's first two
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while len(list(out.glob("runs/*/*/seed*/results.json"))) < 2 and time.time() < deadline:
@@ -90,9 +103,79 @@ def test_kill_halfway_then_rerun_skips_finished_and_gives_the_same_table(tmp_pat
     assert not list(out.glob("runs/*/*/.*partial*"))
 
     def accuracy_part(p):  # wall times are measured, so they differ between the two comparisons
-        return [ln.split("|")[1:4] for ln in (p / "table.md").read_text().splitlines() if ln.startswith("| ")]
+        return [ln.split("|")[1:3] for ln in (p / "table.md").read_text().splitlines()
+                if ln.startswith(("| random |", "| prune-l1 |"))]
 
-    assert accuracy_part(out) == accuracy_part(finished)
+    assert len(accuracy_part(out)) == 2 and accuracy_part(out) == accuracy_part(finished)
+
+
+def test_retrained_runs_have_the_final_widths_and_the_scratch_recipe(finished):
+    search, retrained = _results(finished), _results(finished, "retrain")
+    assert set(retrained) == {(m, s) for m in ("random", "prune-l1") for s in (0, 1)}  # scratch-like: no retrain
+    for (label, seed), r in retrained.items():
+        found = search[(label, seed)]
+        scratch = search[("scratch", seed)]
+        (st,) = r["stages"]
+        assert st["kind"] == "retrain" and st["widths"] == found["stages"][-1]["widths"]
+        assert st["epochs"] == scratch["stages"][-1]["epochs"] == found["stages"][-1]["epochs_total"]
+        assert r["config"]["train"] == scratch["config"]["train"]
+        # fresh weights: the retrained model's first layer is not the searched one's
+        a = torch.load(finished / "retrain" / label / "3mmacs" / f"seed{seed}" / "model.pt", weights_only=True)
+        b = torch.load(finished / "runs" / label / "3mmacs" / f"seed{seed}" / "model.pt", weights_only=True)
+        assert a["sizes"] == b["sizes"]
+        assert not torch.equal(a["state_dict"]["conv_stem.weight"], b["state_dict"]["conv_stem.weight"])
+    rows = list(csv.DictReader((finished / "results.csv").open()))
+    for (label, seed), r in retrained.items():
+        (row,) = [x for x in rows if x["phase"] == "retrain" and x["label"] == label and int(x["seed"]) == seed]
+        assert float(row["test_acc"]) == r["final"]["test_acc"]
+    tb = EventAccumulator(str(finished / "retrain" / "random" / "3mmacs" / "seed0")).Reload()
+    assert [e.value for e in tb.Scalars(Tags.TOP1)] == pytest.approx(
+        [retrained[("random", 0)]["final"]["test_acc"]], rel=1e-6)
+
+
+def test_training_macs_are_three_forward_passes_per_sample(finished):
+    from nas_split.data import create_dataset
+
+    n = len(create_dataset("digits", seed=0).train)
+    per_epoch = n // 64 * 64  # default batch size 64; the last partial batch is dropped
+    res = _results(finished)
+    for (label, _), r in res.items():
+        for st in r["stages"]:
+            assert st["train_macs"] == 3 * st["epochs"] * per_epoch * st["cost"]["macs"]
+        analysis = sum(st.get("analysis_macs", 0.0) for st in r["stages"])
+        assert r["final"]["train_macs"] == pytest.approx(
+            sum(3 * st["epochs"] * per_epoch * st["cost"]["macs"] for st in r["stages"]) + analysis, rel=1e-12)
+        if label in ("scratch", "random-arch"):
+            assert analysis == 0 and len(r["stages"]) == 1
+        if label == "prune-l1":
+            assert analysis > 0  # the pruner's passes through the full model
+    table = (finished / "table.md").read_text()
+    for label in ("random", "scratch"):
+        tmacs = statistics.fmean(r["final"]["train_macs"] for (lab, _), r in res.items() if lab == label) / 1e12
+        assert f"| {tmacs:.3f} |" in _line(table, label)
+
+
+def test_table_confidence_intervals_equal_scipys(finished):
+    from scipy import stats
+
+    search, retrained = _results(finished), _results(finished, "retrain")
+    table = (finished / "table.md").read_text()
+    for label in ("random", "prune-l1", "random-arch"):
+        a = [100 * search[(label, s)]["final"]["test_acc"] for s in (0, 1)]
+        b = [100 * search[("scratch", s)]["final"]["test_acc"] for s in (0, 1)]
+        ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+        d = statistics.fmean(x - y for x, y in zip(a, b, strict=True))
+        cells = [c.strip().strip("*") for c in _line(table, label).split("|")]
+        assert cells[3] == f"{d:+.2f} [{ci.low:+.2f}, {ci.high:+.2f}]"
+        if label != "random-arch":
+            ra = [100 * retrained[(label, s)]["final"]["test_acc"] for s in (0, 1)]
+            ci = stats.ttest_rel(ra, b).confidence_interval(0.95)
+            d = statistics.fmean(x - y for x, y in zip(ra, b, strict=True))
+            assert cells[5] == f"{d:+.2f} [{ci.low:+.2f}, {ci.high:+.2f}]"
+            assert cells[4].startswith(f"{statistics.fmean(ra):.2f} ± ")
+        else:  # trained from scratch: its own retraining
+            assert cells[4] == cells[2]
+    assert _line(table, "scratch").split("|")[3].strip() == "–"
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -25,7 +25,7 @@ from .._io import atomic_torch_save
 from ..errors import ConfigError, NasSplitError, UntrustedFileError
 from .sizes import apply_sizes, feature_entries, layer_sizes
 
-__all__ = ["save_grown", "load_grown", "grown_payload", "build_grown", "build_spec", "timm_spec",
+__all__ = ["save_grown", "load_grown", "read_grown", "grown_payload", "build_grown", "build_spec", "timm_spec",
            "timm_shape_string", "FORMAT"]
 
 FORMAT = "nas-split-grown/1"
@@ -148,14 +148,26 @@ def load_grown(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         NasSplitError: not a nas-split grown-model file, or unreadable.
         UntrustedFileError: the file names a factory that ``factories`` does not allow.
     """
+    return build_grown(read_grown(path, map_location), factories)
+
+
+def read_grown(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The :func:`grown_payload` held by ``path`` (``torch.load(weights_only=True)``, nothing built): a
+    :func:`save_grown` file or a ``nas-split grow`` checkpoint (whose ``model`` entry is one).
+
+    Raises:
+        NasSplitError: unreadable, or neither kind of file.
+    """
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, not a torch file, or an object weights_only refuses
         raise NasSplitError(f"{path}: cannot be read as a grown-model file ({type(e).__name__}: "
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})") from None
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):  # a grow checkpoint
+        payload = payload["model"]
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise NasSplitError(f"{path}: not a nas-split grown-model file")
-    return build_grown(payload, factories)
+    return payload
 
 
 def build_grown(payload: dict[str, Any], factories: Factories | None = None) -> nn.Module:

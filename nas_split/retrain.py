@@ -1,0 +1,129 @@
+"""Search → export → **retrain**: train a found architecture again from fresh weights, with the scratch recipe.
+
+A growth or pruning run (or an NNI stage) ends with a model whose weights carry its history; the NAS protocol
+judges the *architecture* by training it from scratch.  :func:`retrain_config` reads what a source says about
+itself and :func:`retrain` runs the ``retrain`` method (:class:`nas_split.methods.RetrainMethod`) on it.  Sources:
+
+* a ``nas-split run`` / ``compare`` run directory (``model.pt`` and ``results.json``);
+* a ``nas-split grow`` run directory (its newest good checkpoint);
+* a model file: a ``grow`` checkpoint, or a stage exported from the NNI strategy (``export_top_models(
+  formatter="dict")`` gives ``{"checkpoint": path, ...}``; its ``.state.pt`` beside it names the dataset and the
+  recipe), or any :func:`nas_split.save_grown` file (then ``dataset`` must be given);
+* an exported NNI sample (the dict itself).
+
+The recipe is the source's own (optimizer, learning rate, batch size, seed, dataset); the epochs default to as
+many as the source model was trained in all (its last stage's ``epochs_total``), in one stage, like ``scratch``.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import MethodRunConfig, load_config
+from .errors import ConfigError
+
+__all__ = ["retrain_config", "retrain"]
+
+_RUN_KEYS = ("dataset", "dataset_options", "data_dir", "train", "latency")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _source(source: str | Path | Mapping[str, Any]) -> tuple[Path, dict[str, Any], int | None]:
+    """``(architecture file, run settings, epochs the source trained)`` of a source (see the module doc)."""
+    from .experiment import MODEL_FILE
+    from .grow_run import resume_point
+
+    if isinstance(source, Mapping):
+        if "checkpoint" not in source:
+            raise ConfigError("an exported NNI sample must hold 'checkpoint' (export_top_models(formatter='dict'))")
+        source = source["checkpoint"]
+    p = Path(source)
+    if p.is_dir():
+        res = _read_json(p / "results.json")
+        if (p / MODEL_FILE).is_file():
+            if res is None or not isinstance(res.get("config"), dict):
+                raise ConfigError(f"{str(p)!r} holds {MODEL_FILE} but no readable results.json")
+            epochs = res["stages"][-1]["epochs_total"] if res.get("stages") else None
+            return p / MODEL_FILE, res["config"], epochs
+        point = resume_point(p)  # a grow run: its newest good checkpoint (raises naming what is wrong)
+        results = point.checkpoint["results"]
+        return p / "checkpoints" / f"stage{point.stage}.pt", results["config"], \
+            results["stages"][-1]["epochs_total"]
+    if not p.is_file():
+        raise ConfigError(f"{str(p)!r} is neither a run directory nor a model file")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:
+        payload = None  # read_grown gives the reason later
+    if isinstance(payload, dict) and isinstance(payload.get("results"), dict):  # a grow checkpoint
+        res = payload["results"]
+        return p, res.get("config", {}), (res["stages"][-1]["epochs_total"] if res.get("stages") else None)
+    state = p.with_suffix(".state.pt")
+    if state.is_file():  # an NNI stage
+        st = torch.load(state, map_location="cpu", weights_only=True)
+        if isinstance(st, dict) and isinstance(st.get("run"), dict):
+            return p, st["run"], st.get("epochs_total")
+    return p, {}, None
+
+
+def retrain_config(source: str | Path | Mapping[str, Any], overrides: list[str] | None = None,
+                   out: str | None = None) -> MethodRunConfig:
+    """The ``retrain`` run of ``source``: its architecture file, dataset and recipe, one stage of as many epochs as
+    the source model trained (``train.epochs`` in ``overrides`` sets them), written to ``out`` (default: beside
+    the source, ``<name>-retrain``).
+
+    ``overrides`` are ``key=value`` strings of :class:`~nas_split.config.MethodRunConfig` (e.g.
+    ``dataset=digits``, ``train.seed=3``).
+
+    Raises:
+        ConfigError: the source cannot be read, or does not say which dataset it was trained on and
+            ``overrides`` do not either.
+    """
+    from .surgery.export import read_grown
+
+    arch, run, epochs = _source(source)
+    spec = read_grown(arch)["spec"]
+    base: dict[str, Any] = {k: run[k] for k in _RUN_KEYS if k in run}
+    if "space" in spec:
+        base["backbone"] = spec["space"]
+    elif "timm" in spec:
+        base["backbone"] = spec["timm"]
+    train = dict(base.get("train", {}))
+    if epochs is not None:
+        train["epochs"] = epochs
+    base["train"] = train
+    overrides = list(overrides or [])
+    if "dataset" not in base and not any(o.partition("=")[0].strip() == "dataset" for o in overrides):
+        raise ConfigError(f"{str(arch)!r} does not say which dataset it was trained on: pass --dataset")
+    name = Path(source["checkpoint"] if isinstance(source, Mapping) else source)
+    base.update(method="retrain", method_options={"architecture": str(arch)}, rounds=0, seed_options={},
+                out=out or str(name.with_name(f"{name.stem if name.is_file() else name.name}-retrain")))
+    cfg = load_config(MethodRunConfig, None, overrides, base=base)
+    # one stage of train.epochs epochs: the scratch schedule with no rounds
+    return cfg.model_copy(update={"seed_epochs": cfg.train.epochs, "rounds": 0})
+
+
+def retrain(source: str | Path | Mapping[str, Any], overrides: list[str] | None = None, out: str | None = None,
+            overwrite: bool = False) -> dict:
+    """Retrain ``source``'s architecture from scratch (:func:`retrain_config`) and write its run directory;
+    returns its ``results.json``.
+
+    From NNI::
+
+        for sample in exp.export_top_models(top_k=1, formatter="dict"):
+            results = nas_split.retrain(sample, out="runs/best-retrained")
+    """
+    from .experiment import run_method
+
+    return run_method(retrain_config(source, overrides, out), overwrite=overwrite)
