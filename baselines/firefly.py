@@ -32,6 +32,8 @@ from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.splitting.neurons import Neuron, splittable_layers
 from nas_split.surgery import CouplingGraph, NewChannels, SplitScheme, add_channels, split
 
+from .norm_init import calibrate_new_norms
+
 __all__ = ["FireflyCandidates", "firefly_candidates", "select_most_negative", "firefly_grow", "FireflyReport"]
 
 
@@ -203,9 +205,13 @@ def firefly_candidates(model: nn.Module, example_inputs: torch.Tensor, loader: I
 
 def firefly_grow(model: nn.Module, example_inputs: torch.Tensor, loader: Iterable, grow_ratio: float = 0.35,
                  k: int = 8, eps: float = 1.0, optimizer: torch.optim.Optimizer | None = None,
-                 max_macs: float | None = None, **kw) -> FireflyReport:
+                 max_macs: float | None = None, calibrate_norms: bool = True, **kw) -> FireflyReport:
     """Score candidates (:func:`firefly_candidates`), keep the most negative ``⌊grow_ratio x neurons⌋`` and apply
     them in place: new neurons first (fan-in ``eps·A``, fan-out ``B``), then splits (``±eps·D``).
+
+    With ``calibrate_norms`` the new neurons' batch-norm entries are the identity on the data in train mode too
+    (:func:`~baselines.norm_init.calibrate_new_norms`), so training goes on from the function that was scored
+    instead of from new channels rescaled to unit variance.
 
     With ``max_macs`` the negative scores are taken, most negative first, until the next would take the model
     past it."""
@@ -230,6 +236,8 @@ def firefly_grow(model: nn.Module, example_inputs: torch.Tensor, loader: Iterabl
             n: NewChannels(len(js), fan_in=eps * cands[n].new_fan_in[js],
                            fan_out={c: b[js] for c, b in cands[n].new_fan_out.items()}) for n, js in new.items()},
             optimizer=optimizer)
+        if calibrate_norms:  # new channels are the last ones until the splits below
+            calibrate_new_norms(model, example_inputs, {n: len(js) for n, js in new.items()}, loader)
     if splits:
         graph = CouplingGraph(model, example_inputs)
         plan = {}

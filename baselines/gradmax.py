@@ -11,9 +11,13 @@ A linear consumer behind global pooling sees the positions' mean: exact for aver
 (PointNet) the new channel is 0 at every position, all positions tie, and their mean is the symmetric choice.
 
 ReLU-family activations have ``σ'(0) = 0`` in PyTorch, so the new neurons would never leave zero; the new
-channels' norm bias is set to ``bias_offset`` (default 1e-6) to sit in the linear region, which changes the
+channels' norm bias is raised by ``bias_offset`` (default 1e-6) to sit in the linear region, which changes the
 output by at most ``|B| · 1e-6``.  New fan-out columns are unit-norm times ``scale`` x the mean norm of the
 existing columns (``scale_method="mean_norm"``, GradMax's WRN setting) or ``scale`` (``"fixed"``).
+
+Under batch norm (our Conv → BN → act order) the new channels' norm entries are made the identity on the data in
+train mode too (:mod:`baselines.norm_init`), else the norm rescales a channel whose fan-in just left zero to unit
+variance at once (the published MobileNet code places BN after the activation; its WRN runs use no norm).
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ from nas_split.numerics import full_precision, like_model
 from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.splitting.neurons import find_neurons, splittable_layers
 from nas_split.surgery import CouplingGraph, NewChannels, NotGrowableError, SplitReport, add_channels
+
+from .norm_init import calibrate_new_norms
 
 __all__ = ["GradMaxDirections", "gradmax_layers", "gradmax_counts", "gradmax_matrix", "gradmax_directions",
            "gradmax_grow"]
@@ -170,11 +176,17 @@ def gradmax_counts(model: nn.Module, example_inputs: torch.Tensor, grow_ratio: f
 
 def gradmax_grow(model: nn.Module, example_inputs: torch.Tensor, counts: dict[str, int], loader: Iterable,
                  loss_fn: Callable = F.cross_entropy, optimizer: torch.optim.Optimizer | None = None,
-                 bias_offset: float = 1e-6, **kw) -> SplitReport:
-    """Add ``counts[layer]`` GradMax neurons to each layer (zero fan-in, SVD fan-out), in place."""
+                 bias_offset: float = 1e-6, calibrate_norms: bool = True, **kw) -> SplitReport:
+    """Add ``counts[layer]`` GradMax neurons to each layer (zero fan-in, SVD fan-out), in place.
+
+    With ``calibrate_norms`` the new channels' batch-norm entries are the identity on the data in train mode too
+    (:func:`~baselines.norm_init.calibrate_new_norms`: ``γ = √ε`` for a zero fan-in), so the first steps do not
+    rescale them to unit variance."""
     dirs = {n: gradmax_directions(model, example_inputs, n, c, loader, loss_fn, **kw) for n, c in counts.items()}
     additions = {n: NewChannels(d.fan_out.shape[0], fan_out={d.consumer: d.fan_out}) for n, d in dirs.items()}
     report = add_channels(model, example_inputs, additions, optimizer=optimizer)
+    if calibrate_norms:
+        calibrate_new_norms(model, example_inputs, {n: d.fan_out.shape[0] for n, d in dirs.items()}, loader)
     if bias_offset:
         neurons = find_neurons(model, example_inputs, list(dirs))
         for n, d in dirs.items():
@@ -182,5 +194,5 @@ def gradmax_grow(model: nn.Module, example_inputs: torch.Tensor, counts: dict[st
             target = nr.norm.bias if nr.norm is not None and nr.norm.bias is not None else nr.layer.bias
             if target is not None:  # new channels are the last ones of the layer and its norm
                 with torch.no_grad():
-                    target[-d.fan_out.shape[0]:] = bias_offset
+                    target[-d.fan_out.shape[0]:] += bias_offset
     return report

@@ -33,26 +33,26 @@ class _Random(GrowthMethod):
 
 class _Firefly(GrowthMethod):
     def __init__(self, grow_ratio: float = 0.35, k: int = 8, steps: int = 20, eps: float = 1.0, lr: float = 1e-3,
-                 penalty: float = 1e-2, init_scale: float = 0.1):
-        self.grow_ratio, self.k, self.eps = grow_ratio, k, eps
+                 penalty: float = 1e-2, init_scale: float = 0.1, calibrate_norms: bool = True):
+        self.grow_ratio, self.k, self.eps, self.calibrate_norms = grow_ratio, k, eps, calibrate_norms
         self.options = {"steps": steps, "lr": lr, "penalty": penalty, "init_scale": init_scale}
 
     def grow(self, ctx, model, loader, optimizer, stage, max_macs):
         rep = firefly_grow(model, ctx.example_inputs, loader, self.grow_ratio, self.k, self.eps, optimizer,
-                           max_macs=max_macs,
+                           max_macs=max_macs, calibrate_norms=self.calibrate_norms,
                            generator=torch.Generator().manual_seed(stage_seed(ctx.recipe.seed, stage)), **self.options)
         return {"new_neurons": rep.new_neurons, "split": sum(len(v) for v in rep.splits.values()),
                 "new": sum(rep.new.values())}
 
 
 class _GradMax(GrowthMethod):
-    def __init__(self, grow_ratio: float = 0.25, batches: int = 1, scale: float = 0.5):
-        self.grow_ratio, self.batches, self.scale = grow_ratio, batches, scale
+    def __init__(self, grow_ratio: float = 0.25, batches: int = 1, scale: float = 0.5, calibrate_norms: bool = True):
+        self.grow_ratio, self.batches, self.scale, self.calibrate_norms = grow_ratio, batches, scale, calibrate_norms
 
     def grow(self, ctx, model, loader, optimizer, stage, max_macs):
         counts = gradmax_counts(model, ctx.example_inputs, self.grow_ratio, max_macs)
         rep = gradmax_grow(model, ctx.example_inputs, counts, loader, optimizer=optimizer, batches=self.batches,
-                           scale=self.scale)
+                           scale=self.scale, calibrate_norms=self.calibrate_norms)
         return {"new_neurons": rep.new_neurons}
 
 

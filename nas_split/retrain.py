@@ -122,7 +122,7 @@ def retrain(source: str | Path | Mapping[str, Any], overrides: list[str] | None 
     From NNI::
 
         for sample in exp.export_top_models(top_k=1, formatter="dict"):
-            results = nas_split.retrain(sample, out="runs/best-retrained")
+            results = retrain(sample, out="runs/best-retrained")   # from nas_split.retrain import retrain
     """
     from .experiment import run_method
 

@@ -153,6 +153,71 @@ def test_gradmax_preserves_output_at_insertion(name):
     assert _rel(model(x), ref) <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def trained_digits():
+    """The README's digits MobileNet seed (x0.125), trained 6 epochs: where GradMax's loss jumped."""
+    from nas_split.training import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    tr, _, _ = create_dataset("digits", seed=0).loaders(64, 512, 0, 0)
+    model = search_spaces.create("mobilenetv1_cifar_025", 10, in_chans=1, input_size=8, width_mult=0.125)
+    trainer = Trainer(TrainConfig(epochs=6, progress=False, seed=0))
+    trainer.fit(model, tr)
+    return model, tr, trainer
+
+
+def _grow(model, tr, method, calibrate):
+    from baselines.gradmax import gradmax_counts
+
+    x = next(iter(tr))[0][:2]
+    m = copy.deepcopy(model)
+    if method == "gradmax":
+        gradmax_grow(m, x, gradmax_counts(m, x, 0.25), tr, calibrate_norms=calibrate)
+    else:
+        firefly_grow(m, x, tr, 0.35, calibrate_norms=calibrate, generator=torch.Generator().manual_seed(0))
+    return m
+
+
+@pytest.mark.parametrize("method", ["gradmax", "firefly"])
+def test_new_neurons_under_batch_norm_do_not_make_the_loss_jump(trained_digits, method):
+    """Training loss (eval mode, whole training set) after growth and one epoch at lr 0.01 <= 1.05 x before it;
+    without the calibrated norms GradMax's loss more than doubles (the jump this remedies)."""
+    from nas_split.training import TrainConfig, Trainer
+
+    model, tr, trainer = trained_digits
+    before = trainer.evaluate(model, tr).loss
+
+    def after(calibrate):
+        m = _grow(model, tr, method, calibrate)
+        Trainer(TrainConfig(epochs=1, lr=0.01, schedule="constant", progress=False, seed=0)).fit(m, tr)
+        return trainer.evaluate(m, tr).loss
+
+    assert after(True) <= 1.05 * before
+    if method == "gradmax":
+        assert after(False) > 2 * before
+
+
+def test_calibrated_new_norm_entries_are_the_identity_in_train_mode(trained_digits):
+    model, tr, _ = trained_digits
+    m = _grow(model, tr, "gradmax", True)
+    x = next(iter(tr))[0]
+    bns = {n: mod for n, mod in m.named_modules() if isinstance(mod, nn.BatchNorm2d)}
+    old = {n: mod.num_features for n, mod in dict(model.named_modules()).items() if n in bns}
+    grown = [n for n in bns if bns[n].num_features > old[n]]
+    assert any(n.endswith("bn1") for n in grown) and any(n.endswith("bn2") for n in grown)  # dw norms too
+    seen = {}
+    hooks = [bns[n].register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, (i[0], o))) for n in grown]
+    m.train()
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+    for n in grown:
+        z, y = seen[n]
+        new = slice(old[n], None)
+        torch.testing.assert_close(y[:, new], z[:, new] + (1e-6 if n.endswith("bn2") else 0.0), atol=2e-6, rtol=1e-4)
+
+
 def test_scratch_width_matches_target_like_a_scan():
     x = torch.randn(1, 1, 8, 8)
 

@@ -80,6 +80,28 @@ def test_sequential_s3d_export_rebuilds_and_reproduces_accuracy(sequential):
     assert {t["stage"] for t in exp.export_top_models(top_k=3, formatter="dict")} == {0, 1}
 
 
+def test_retrain_an_exported_stage_from_scratch(sequential, tmp_path, capsys):
+    from nas_split.retrain import retrain
+    from nas_split.surgery import layer_sizes, load_grown
+
+    cfg, exp, strategy, _ = sequential
+    (best,) = exp.export_top_models(top_k=1, formatter="dict")
+    rec = next(h for h in strategy.history if h["stage"] == best["stage"])
+    res = retrain(best, overrides=["train.progress=false", "latency=false"], out=str(tmp_path / "py"))
+    (st,) = res["stages"]
+    epochs = cfg.growth.seed_epochs + best["stage"] * cfg.train.epochs  # what the stage had trained in all
+    assert st["kind"] == "retrain" and st["epochs"] == epochs and res["config"]["dataset"] == "digits"
+    assert st["cost"]["macs"] == rec["macs"]
+    model = load_grown(tmp_path / "py" / "model.pt")
+    assert layer_sizes(model) == best["sizes"]
+    searched = load_grown(best["checkpoint"])
+    assert not torch.equal(model.conv_stem.weight, searched.conv_stem.weight)  # fresh weights
+    # the CLI on the stage's file gives the same run (same seed, same recipe)
+    assert main(["retrain", best["checkpoint"], "--out", str(tmp_path / "cli"), "--no-progress", "--no-latency"]) == 0
+    cli = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert cli["stages"][0]["test_acc"] == st["test_acc"] and cli["stages"][0]["widths"] == st["widths"]
+
+
 def test_ts_engine_web_ui_rest_and_same_stages_as_sequential(tmp_path, sequential, monkeypatch):
     from nas_split.nni_strategy import build_experiment
 

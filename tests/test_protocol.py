@@ -128,6 +128,19 @@ def test_fresh_model_keeps_constant_initialised_tensors():
     assert first.weight.abs().max().item() <= bound and first.weight.abs().max().item() > 0.5 * bound
 
 
+def test_fresh_model_is_the_same_in_every_process():
+    import subprocess
+    import sys
+
+    code = ("import torch, search_spaces; from nas_split.surgery.rebuild import *; "
+            "n = search_spaces.create('pointnet_lite', 5, in_chans=3, input_size=32, width_mult=0.125); "
+            "x = torch.randn(2, 3, 32); s = resized_sizes(n, x, {k: v + 3 for k, v in width_groups(n, x).items()}); "
+            "m = fresh_model(n.nas_split_spec, s, 0); print(sum(float(p.double().sum()) for p in m.parameters()))")
+    sums = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
+    assert len(sums) == 1  # set or dict-of-hash orders do not reach the random draws
+
+
 def test_random_widths_log_uniform_around_the_seed_at_the_target():
     from baselines.scratch import random_widths
 

@@ -3,7 +3,8 @@
 Layered one way (each module imports only those before it): :mod:`.handlers` (one handler per layer type, in a
 registry: what a layer is to surgery and how its tensors are edited) < :mod:`.graph` (coupling groups) <
 :mod:`.optim` (optimizer-state carry) < :mod:`.sizes` (widths, ``feature_info``) < :mod:`.split` (split / add) <
-:mod:`.growable` (the growability check) < :mod:`.export` (save / load).
+:mod:`.growable` (the growability check) < :mod:`.export` (save / load) < :mod:`.rebuild` (an architecture from
+widths, freshly initialised).
 """
 from .export import load_grown, save_grown, timm_shape_string
 from .graph import ChannelGroup, CouplingGraph, NotGrowableError, Slot

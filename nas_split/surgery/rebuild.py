@@ -84,7 +84,7 @@ def reinitialize(model: nn.Module, names: set[str] | None = None,
     filled with its constant.  Norm layers' running statistics are reset in both cases.
     """
     modules = dict(model.named_modules())
-    chosen = [modules[n] for n in (names if names is not None else modules)]
+    chosen = [m for n, m in modules.items() if names is None or n in names]  # module order: reproducible draws
     for m in chosen:
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
