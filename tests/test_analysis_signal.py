@@ -4,7 +4,8 @@ the loss more than splitting k random neurons the same way (issue 14, item 4).
 Measured in float64 on the analysis batches, eval mode, with ε = 0.03: small enough for the second-order
 expansion ``ΔL ≈ (ε²/2) Σ G`` to hold (at ε = 0.3 it does not, and the top neurons' splits raise the loss), large
 enough to lift the change above float noise.  k is a tenth of the candidates; the top-k must beat every one of
-three random draws.
+three random draws.  (Checked by hand on 3 training seeds each: these two models win every time; a tiny, underfit
+8-16-channel MobileNet does not, its predicted gains being below the change its ReLU kinks make.)
 """
 import copy
 import itertools
