@@ -223,7 +223,8 @@ def _colors(labels: list[str]) -> dict[str, tuple]:
 
 def pareto_figure(finals: list[Row]):
     """Test top-1 against MMACs, estimated energy, training MACs and wall time: mean ± std over seeds, one line per
-    method; on the MMACs panel, hollow markers give the retrained accuracy."""
+    method; on the MMACs panel, hollow markers give the retrained accuracy (of the methods that do not train from
+    scratch already); one legend below the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +233,7 @@ def pareto_figure(finals: list[Row]):
     s = summary(finals)
     labels = list(dict.fromkeys(lab for _, lab in s))
     colors = _colors(labels)
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 5.2), layout="constrained")
     panels = (("mmacs", "MMACs (counted)"), ("energy", "energy µJ (estimate, Horowitz 2014)"),
               ("train_tmacs", "training TMACs (3 x forward per sample + decisions)"),
               ("seconds", "wall time of the run, s"))
@@ -242,14 +243,15 @@ def pareto_figure(finals: list[Row]):
             xs, ys = [p[0][0] for p in pts], [p[1][0] for p in pts]
             ax.errorbar(xs, ys, xerr=[p[0][1] for p in pts], yerr=[p[1][1] for p in pts], marker="o", capsize=3,
                         color=colors[lab], label=lab)
-            if key == "mmacs" and any(p[2] is not None for p in pts):
+            if key == "mmacs" and any(p[2] is not None and p[2] != p[1] for p in pts):  # not its own retraining
                 re = [(p[0][0], p[2][0]) for p in pts if p[2] is not None]
                 ax.scatter([r[0] for r in re], [r[1] for r in re], facecolors="none", edgecolors=[colors[lab]],
                            s=60, label=f"{lab} (retrained)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test top-1 %")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 7), fontsize=8)
     return fig
 
 
