@@ -14,20 +14,14 @@ from nas_split.surgery.sizes import apply_sizes
 __all__ = ["match_width", "random_widths"]
 
 
-def match_width(build: Callable[[float], nn.Module], example_inputs: torch.Tensor, target_macs: float,
-                lo: float = 0.02, hi: float = 4.0, iters: int = 20) -> tuple[float, int]:
-    """The multiplier ``m`` in ``[lo, hi]`` whose ``build(m)`` has MACs closest to ``target_macs``.
-
-    MACs grow with ``m`` in steps (widths are rounded), so bisection finds the first multiplier at or above the
-    target and the closer of it and the last one below is returned with its MACs.
-    """
-    def macs(m: float) -> int:
-        return count_macs(build(m), example_inputs)[0]
-
+def _closest_scale(macs: Callable[[float], int], target_macs: float, lo: float, hi: float, iters: int,
+                   what: str) -> tuple[float, int]:
+    """The scale in ``[lo, hi]`` whose MACs (non-decreasing in the scale, in steps) are closest to the target:
+    geometric bisection to the first scale at or above it, then the closer of it and the last one below."""
     lo_macs, hi_macs = macs(lo), macs(hi)
     if not lo_macs <= target_macs <= hi_macs:
-        raise ValueError(f"target {target_macs / 1e6:.3f} MMACs is outside what width multipliers {lo}..{hi} "
-                         f"reach ({lo_macs / 1e6:.3f}..{hi_macs / 1e6:.3f} MMACs)")
+        raise ValueError(f"target {target_macs / 1e6:.3f} MMACs is outside what {what} {lo:g}..{hi:g} reach "
+                         f"({lo_macs / 1e6:.3f}..{hi_macs / 1e6:.3f} MMACs)")
     for _ in range(iters):
         mid = (lo * hi) ** 0.5
         m = macs(mid)
@@ -36,6 +30,17 @@ def match_width(build: Callable[[float], nn.Module], example_inputs: torch.Tenso
         else:
             lo, lo_macs = mid, m
     return (lo, lo_macs) if target_macs - lo_macs < hi_macs - target_macs else (hi, hi_macs)
+
+
+def match_width(build: Callable[[float], nn.Module], example_inputs: torch.Tensor, target_macs: float,
+                lo: float = 0.02, hi: float = 4.0, iters: int = 20) -> tuple[float, int]:
+    """The multiplier ``m`` in ``[lo, hi]`` whose ``build(m)`` has MACs closest to ``target_macs``, with its MACs.
+
+    MACs grow with ``m`` in steps (widths are rounded), so bisection finds the first multiplier at or above the
+    target and the closer of it and the last one below is returned.
+    """
+    return _closest_scale(lambda m: count_macs(build(m), example_inputs)[0], target_macs, lo, hi, iters,
+                          "width multipliers")
 
 
 def random_widths(seed: nn.Module, example_inputs: torch.Tensor, target_macs: float, spread: float = 2.0,
@@ -64,16 +69,4 @@ def random_widths(seed: nn.Module, example_inputs: torch.Tensor, target_macs: fl
         apply_sizes(m, resized_sizes(seed, example_inputs, widths(s)))
         return count_macs(m, example_inputs)[0]
 
-    lo, hi = 1 / 64, 64.0
-    lo_macs, hi_macs = macs(lo), macs(hi)
-    if not lo_macs <= target_macs <= hi_macs:
-        raise ValueError(f"target {target_macs / 1e6:.3f} MMACs is outside what scaling the seed's widths reaches "
-                         f"({lo_macs / 1e6:.3f}..{hi_macs / 1e6:.3f} MMACs)")
-    for _ in range(iters):
-        mid = (lo * hi) ** 0.5
-        m = macs(mid)
-        if m >= target_macs:
-            hi, hi_macs = mid, m
-        else:
-            lo, lo_macs = mid, m
-    return widths(lo if target_macs - lo_macs < hi_macs - target_macs else hi)
+    return widths(_closest_scale(macs, target_macs, 1 / 64, 64.0, iters, "scales of the seed's widths")[0])

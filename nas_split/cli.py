@@ -65,10 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--seed", type=int, help="seed of data order and initialisation (default: the source's)")
     rt.add_argument("--data-dir", help="directory of the dataset's files")
     rt.add_argument("--out", help="run directory to create (default: <source>-retrain beside the source)")
-    rt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
-    rt.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    rt.add_argument("--no-progress", action="store_true", help="no progress bars")
-    rt.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    _output_flags(rt)
     sub.add_parser("list", help="list datasets, backbones and methods")
     return p
 
@@ -100,6 +97,10 @@ def _common(t: argparse.ArgumentParser) -> None:
     t.add_argument("--width-mult", type=float, help="backbone width multiplier")
     t.add_argument("--data-dir", help="directory of the dataset's files")
     t.add_argument("--out", help="run directory to create")
+    _output_flags(t)
+
+
+def _output_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.optimizer=adamw (repeatable)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

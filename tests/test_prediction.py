@@ -50,11 +50,9 @@ class MaxPoolPointNet(nn.Module):
         return self.fc(self.a3(self.fc1(h.max(2).values)))  # max over points
 
 
-@pytest.mark.parametrize("model_cls, shape, layers", [
-    (ConvChain, (16, 3, 6, 6), ["c1"]),
-    (MaxPoolPointNet, (16, 3, 20), ["c2", "c1"]),
-])
-def test_second_order_prediction_holds_where_the_consumer_is_linear(model_cls, shape, layers):
+def _with_random_norms(model_cls) -> nn.Module:
+    """The model in float64, eval mode, with random batch-norm statistics and affines (eval mode is then not the
+    identity)."""
     torch.manual_seed(0)
     model = model_cls().double()
     for m in model.modules():
@@ -63,7 +61,15 @@ def test_second_order_prediction_holds_where_the_consumer_is_linear(model_cls, s
             m.running_var.uniform_(0.5, 2)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.normal_(0, 0.3)
-    model.eval()
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_cls, shape, layers", [
+    (ConvChain, (16, 3, 6, 6), ["c1"]),
+    (MaxPoolPointNet, (16, 3, 20), ["c2", "c1"]),
+])
+def test_second_order_prediction_holds_where_the_consumer_is_linear(model_cls, shape, layers):
+    model = _with_random_norms(model_cls)
     x, y = torch.randn(*shape, dtype=torch.double), torch.randint(0, 4, (shape[0],))
     base = F.cross_entropy(model(x), y).item()
     g = Grower(model, x, "s2d", layers=layers)
@@ -77,15 +83,7 @@ def test_second_order_prediction_holds_where_the_consumer_is_linear(model_cls, s
 
 
 def test_through_a_max_pool_the_prediction_fails_once_an_argmax_moves():
-    torch.manual_seed(0)
-    model = MaxPoolPointNet().double()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.3)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.3)
-    model.eval()
+    model = _with_random_norms(MaxPoolPointNet)
     x, y = torch.randn(16, 3, 20, dtype=torch.double), torch.randint(0, 4, (16,))
     base = F.cross_entropy(model(x), y).item()
     g = Grower(model, x, "s2d", layers=["c2"])
