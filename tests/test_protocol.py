@@ -3,6 +3,9 @@ architectures from widths, random architectures at a MAC budget, and ``nas-split
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,11 +15,12 @@ from scipy import stats
 from torch import nn
 
 import search_spaces
+from baselines.scratch import random_widths
 from nas_split.cli import main
 from nas_split.cost import PassCounter, count_macs
 from nas_split.report import paired_ci
 from nas_split.runlog import layer_widths
-from nas_split.surgery import NewChannels, add_channels, layer_sizes
+from nas_split.surgery import NewChannels, add_channels, apply_sizes, layer_sizes, load_grown, save_grown
 from nas_split.surgery.rebuild import fresh_model, resized_sizes, width_groups
 
 
@@ -129,21 +133,16 @@ def test_fresh_model_keeps_constant_initialised_tensors():
 
 
 def test_fresh_model_is_the_same_in_every_process():
-    import subprocess
-    import sys
-
     code = ("import torch, search_spaces; from nas_split.surgery.rebuild import *; "
             "n = search_spaces.create('pointnet_lite', 5, in_chans=3, input_size=32, width_mult=0.125); "
             "x = torch.randn(2, 3, 32); s = resized_sizes(n, x, {k: v + 3 for k, v in width_groups(n, x).items()}); "
             "m = fresh_model(n.nas_split_spec, s, 0); print(sum(float(p.double().sum()) for p in m.parameters()))")
     sums = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**__import__("os").environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
+                           env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
     assert len(sums) == 1  # set or dict-of-hash orders do not reach the random draws
 
 
 def test_random_widths_log_uniform_around_the_seed_at_the_target():
-    from baselines.scratch import random_widths
-
     model, x = _mbv1()
     base = width_groups(model, x)
     target = 4e6
@@ -155,7 +154,6 @@ def test_random_widths_log_uniform_around_the_seed_at_the_target():
     # factors in [1/2, 2] times one scale: the ratio spread is at most 4 (up to rounding of small widths)
     assert max(ratios) / min(ratios) <= 4 * (1 + 1 / min(base.values())) ** 2
     grown = copy.deepcopy(model)
-    from nas_split.surgery import apply_sizes
     apply_sizes(grown, resized_sizes(model, x, w0))
     macs = count_macs(grown, x)[0]
     assert abs(macs / target - 1) < 0.02
@@ -176,7 +174,6 @@ def test_retrain_cli_on_a_grow_run(tmp_path, capsys):
     assert st["epochs"] == grown["stages"][-1]["epochs_total"] == 3
     assert res["config"]["train"]["seed"] == grown["config"]["train"]["seed"]
     assert res["config"]["train"]["lr"] == grown["config"]["train"]["lr"]
-    from nas_split.surgery import load_grown
     model = load_grown(out / "model.pt")
     assert layer_sizes(model) == ckpt["model"]["sizes"]
     # fresh weights: not the grown ones
@@ -190,8 +187,6 @@ def test_retrain_cli_on_a_grow_run(tmp_path, capsys):
 
 
 def test_retrain_refuses_a_bare_model_file_without_a_dataset(tmp_path, capsys):
-    from nas_split.surgery import save_grown
-
     model, _ = _mbv1()
     save_grown(model, tmp_path / "m.pt")
     assert main(["retrain", str(tmp_path / "m.pt")]) == 2
