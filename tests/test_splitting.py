@@ -55,21 +55,40 @@ def tiny(kind, act):
     return net, x.double(), torch.arange(len(x)) % 3
 
 
+def _second_derivative(fn, u):
+    """``fn''(u)`` elementwise by autograd."""
+    u = u.detach().requires_grad_(True)
+    (d1,) = torch.autograd.grad(fn(u).sum(), u, create_graph=True)
+    return torch.autograd.grad(d1.sum(), u)[0]
+
+
 def brute_force_S(net, x, y, idx, act):
-    """S_o = Hessian over θ_o of Σ g · σ(a (θ_o·p) + b), g = ∂L/∂σ from autograd (independent of nas_split)."""
+    """S_o = Hessian over θ_o of Σ g · σ(a (θ_o·p) + b), g = ∂L/∂σ from autograd (independent of nas_split).
+
+    When a depthwise conv -> BN -> activation τ follows (``separable``, idx 0), add the tail's curvature
+    ``Σ_q ∂L/∂y_q τ''(e_q) J_qᵀ J_q`` with ``J = ∂e/∂θ_o`` by autograd through the real network function."""
     layer, bn = net[idx], net[idx + 1]
     smooth = ACTS[act][1]
+    tail = idx + 3 < len(net) and isinstance(net[idx + 3], nn.Conv2d) and net[idx + 3].groups > 1
     store = {}
     h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("x", i[0]))
     h2 = net[idx + 2].register_forward_hook(lambda m, i, o: store.__setitem__("sigma", o))
+    hooks = [h1, h2]
+    if tail:
+        hooks.append(net[idx + 4].register_forward_hook(lambda m, i, o: store.__setitem__("e", o)))
+        hooks.append(net[idx + 5].register_forward_hook(lambda m, i, o: store.__setitem__("y", o)))
     loss = F.cross_entropy(net(x), y)
-    h1.remove()
-    h2.remove()
-    g = torch.autograd.grad(loss, store["sigma"])[0].detach()
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(loss, [store["sigma"], store["y"]] if tail else [store["sigma"]])
+    g = grads[0].detach()
     a = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    if tail:
+        dw, bn2 = net[idx + 3], net[idx + 4]
+        s2 = bn2.weight.detach() / torch.sqrt(bn2.running_var + bn2.eps)
     out = []
     for o in range(layer.weight.shape[0]):
-        def f(theta, o=o):
+        def z_of(theta, o=o):
             w = theta.view(1, *layer.weight.shape[1:])
             if isinstance(layer, nn.Linear):
                 z = store["x"] @ w.T
@@ -78,10 +97,23 @@ def brute_force_S(net, x, y, idx, act):
             else:
                 z = F.conv2d(store["x"], w, None, layer.stride, layer.padding, layer.dilation)
             z = z[:, 0] + (layer.bias[o].detach() if layer.bias is not None else 0)
-            u = a[o] * (z - bn.running_mean[o]) + bn.bias[o].detach()
-            return (g[:, o] * smooth(u)).sum()
+            return a[o] * (z - bn.running_mean[o]) + bn.bias[o].detach()
 
-        hess = torch.autograd.functional.hessian(f, layer.weight[o].detach().flatten())
+        def f(theta, o=o):
+            return (g[:, o] * smooth(z_of(theta, o))).sum()
+
+        theta0 = layer.weight[o].detach().flatten()
+        hess = torch.autograd.functional.hessian(f, theta0)
+        if tail:
+            def e_of(theta, o=o):
+                sig = net[idx + 2](z_of(theta, o).unsqueeze(1))
+                d = F.conv2d(sig, dw.weight[o:o + 1].detach(), dw.bias[o:o + 1].detach(), dw.stride, dw.padding)
+                return (s2[o] * (d[:, 0] - bn2.running_mean[o]) + bn2.bias[o].detach()).flatten()
+
+            gy = grads[1].detach()[:, o].flatten()
+            jac = torch.autograd.functional.jacobian(e_of, theta0)                      # (N·Q, D)
+            tau2 = _second_derivative(smooth, store["e"][:, o].flatten())
+            hess = hess + jac.T @ (gy[:, None] * tau2[:, None] * jac)
         out.append(hess)
     return torch.stack(out)
 

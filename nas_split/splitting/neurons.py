@@ -7,6 +7,12 @@ The norm and the activation are found by tracing one forward pass with hooks: th
 layer's output (a batch norm, possibly timm's ``BatchNormAct2d`` with its own ``act``), then the activation
 module that consumes the norm's output.  An activation applied functionally (``F.relu`` inside a ``forward``)
 cannot be hooked; such layers are reported as not analyzable.
+
+When the activation's only consumer is a depthwise conv (MobileNet blocks: pointwise -> depthwise, MobileNetV2's
+expansion inside an inverted residual) the copies of a split neuron pass through another per-channel
+nonlinearity before the linear consumer: ``e_q = s Σ_k K_k σ(u_{q+k}) + t``, ``y_q = τ(e_q)``.  That depthwise
+conv, its norm and its activation are the neuron's :class:`Tail`; the analysis adds the tail's curvature term.
+A depthwise conv with a channel multiplier (``out_channels != groups``) is not followed: its term is left out.
 """
 from __future__ import annotations
 
@@ -21,11 +27,37 @@ from ..numerics import like_model
 from ..surgery import CouplingGraph, growable_layers
 from .activations import LINEAR, activation_kind
 
-__all__ = ["Neuron", "find_neurons", "splittable_layers", "NotAnalyzableError"]
+__all__ = ["Neuron", "Tail", "find_neurons", "splittable_layers", "NotAnalyzableError"]
 
 
 class NotAnalyzableError(NasSplitError, ValueError):
     """A layer whose neurons have no splitting matrix nas-split can compute; the message says why."""
+
+
+def _fold(layer: nn.Module, norm: nn.modules.batchnorm._BatchNorm | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(a, b)`` with ``u = a * (w·p) + b``: ``layer``'s bias and ``norm`` in eval mode."""
+    w = layer.weight
+    bias = layer.bias.detach() if layer.bias is not None else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
+    if norm is None:
+        return torch.ones_like(bias), bias
+    gamma = norm.weight.detach() if norm.weight is not None else torch.ones_like(norm.running_var)
+    beta = norm.bias.detach() if norm.bias is not None else torch.zeros_like(norm.running_var)
+    a = gamma / torch.sqrt(norm.running_var + norm.eps)
+    return a, beta + a * (bias - norm.running_mean)
+
+
+@dataclass
+class Tail:
+    """A depthwise conv (one kernel per channel), its norm and its nonlinear activation after a neuron."""
+
+    conv: nn.Module
+    norm: nn.modules.batchnorm._BatchNorm | None
+    act: nn.Module
+    kind: str
+
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel ``(s, t)`` with ``e = s * (K ⋆ σ) + t``, the norm taken in eval mode."""
+        return _fold(self.conv, self.norm)
 
 
 @dataclass
@@ -37,6 +69,7 @@ class Neuron:
     norm: nn.modules.batchnorm._BatchNorm | None
     act: nn.Module | None
     kind: str
+    tail: Tail | None = None
 
     @property
     def is_linear(self) -> bool:
@@ -45,16 +78,7 @@ class Neuron:
 
     def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel ``(a, b)`` with ``u = a * (w·p) + b``, the norm taken in eval mode."""
-        w = self.layer.weight
-        bias = self.layer.bias.detach() if self.layer.bias is not None else torch.zeros(w.shape[0], device=w.device,
-                                                                                          dtype=w.dtype)
-        if self.norm is None:
-            return torch.ones_like(bias), bias
-        n = self.norm
-        gamma = n.weight.detach() if n.weight is not None else torch.ones_like(n.running_var)
-        beta = n.bias.detach() if n.bias is not None else torch.zeros_like(n.running_var)
-        a = gamma / torch.sqrt(n.running_var + n.eps)
-        return a, beta + a * (bias - n.running_mean)
+        return _fold(self.layer, self.norm)
 
 
 def _is_norm_act(m: nn.Module) -> bool:
@@ -93,34 +117,54 @@ def find_neurons(model: nn.Module, example_inputs: torch.Tensor, layers: list[st
     def consumers(tid: int, after: int) -> list[tuple[int, str, int]]:
         return [(k, n, out) for k, (n, ins, out) in enumerate(events) if k > after and tid in ins]
 
-    out = {}
-    for name in layers:
-        pos = [k for k, e in enumerate(events) if e[0] == name]
-        if not pos:
-            raise NotAnalyzableError(f"layer {name!r} is not used in the forward pass")
-        k0, (_, _, tid) = pos[0], events[pos[0]]
+    def norm_and_act(name: str, k0: int, tid: int) -> tuple[nn.Module | None, nn.Module | None, int, int]:
+        """The norm and activation consuming the output ``tid`` of event ``k0``, and the activation's event and
+        output (``k0``, ``tid`` of the last module found when there is no activation)."""
         norm, act = None, None
         nxt = consumers(tid, k0)
         if len(nxt) == 1 and isinstance(modules[nxt[0][1]], nn.modules.batchnorm._BatchNorm):
             k0, nname, tid = nxt[0]
             norm = modules[nname]
             if _is_norm_act(norm):
-                act = norm.act
-                out[name] = _neuron(name, modules[name], norm, act)
-                continue
+                return norm, norm.act, k0, tid
             nxt = consumers(tid, k0)
         if nxt:
             first = modules[nxt[0][1]]
             sole_or_inplace = len(nxt) == 1 or nxt[0][2] == tid  # an in-place activation returns its input
             kind = activation_kind(first)
             if sole_or_inplace and kind not in (None, LINEAR):
-                act = first
-            elif sole_or_inplace and kind is None and not list(first.children()) \
+                return norm, first, nxt[0][0], nxt[0][2]
+            if sole_or_inplace and kind is None and not list(first.children()) \
                     and not isinstance(first, nn.modules.conv._ConvNd | nn.Linear | nn.Dropout):
                 raise NotAnalyzableError(f"layer {name!r}: activation {type(first).__name__} has no σ'' in "
                                          "nas_split.splitting.activations")
-        out[name] = _neuron(name, modules[name], norm, act)
+        return norm, act, k0, tid
+
+    out = {}
+    for name in layers:
+        pos = [k for k, e in enumerate(events) if e[0] == name]
+        if not pos:
+            raise NotAnalyzableError(f"layer {name!r} is not used in the forward pass")
+        norm, act, k_act, t_act = norm_and_act(name, pos[0], events[pos[0]][2])
+        nr = _neuron(name, modules[name], norm, act)
+        nxt = consumers(t_act, k_act) if act is not None else []
+        if len(nxt) == 1 and _is_depthwise(modules[nxt[0][1]]) and isinstance(nr.layer, nn.modules.conv._ConvNd):
+            k_dw, dw_name, t_dw = nxt[0]
+            norm2, act2, _, _ = norm_and_act(dw_name, k_dw, t_dw)
+            kind2 = activation_kind(act2)
+            if kind2 is None:
+                raise NotAnalyzableError(f"layer {dw_name!r}: activation {type(act2).__name__} has no σ'' in "
+                                         "nas_split.splitting.activations")
+            if kind2 != LINEAR:
+                nr.tail = Tail(modules[dw_name], norm2, act2, kind2)
+        out[name] = nr
     return out
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    """A dense-padded Conv1d/Conv2d with one kernel per channel (channel multiplier 1)."""
+    return isinstance(m, nn.Conv1d | nn.Conv2d) and m.groups == m.in_channels == m.out_channels \
+        and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
 def _neuron(name: str, layer: nn.Module, norm, act) -> Neuron:
