@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from nas_split.numerics import full_precision, model_device
+from nas_split.distributed import all_reduce_sum, world_size
+from nas_split.numerics import full_precision, like_model, model_device
 from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.splitting.neurons import Neuron, splittable_layers
 from nas_split.surgery import CouplingGraph, NewChannels, SplitScheme, add_channels, split
@@ -166,7 +167,7 @@ def firefly_candidates(model: nn.Module, example_inputs: torch.Tensor, loader: I
         p.requires_grad_()
     base = {name: p.detach() for name, p in cand.named_parameters()}
     device = model_device(model)
-    batches = [(x.to(device), y.to(device)) for x, y in itertools.islice(loader, steps)]
+    batches = [(like_model(model, x), y.to(device)) for x, y in itertools.islice(loader, steps)]
 
     def forward(x):
         weights = dict(base)
@@ -188,14 +189,19 @@ def firefly_candidates(model: nn.Module, example_inputs: torch.Tensor, loader: I
             loss = loss_fn(forward(x), y) + penalty * sum(h.params[f"{n}.D"].pow(2).sum()
                                                           + 1e-2 * h.params[f"{n}.A"].pow(2).sum() for n in neurons)
             loss.backward()
+            if world_size() > 1:  # the gradient of the whole batch: shards' means weighted by their samples
+                n_all = all_reduce_sum(torch.tensor(float(len(y)), device=device))
+                for p in h.params.values():
+                    p.grad = all_reduce_sum(p.grad * len(y)) / n_all
             opt.step()
         for n in neurons:
             h.gates[n] = torch.ones(widths[n] + k, device=device, requires_grad=True)
         scores = {n: torch.zeros(widths[n] + k, device=device) for n in neurons}
         for x, y in batches:
             grads = torch.autograd.grad(loss_fn(forward(x), y), [h.gates[n] for n in neurons])
+            n_all = all_reduce_sum(torch.tensor(float(len(y)), device=device)) if world_size() > 1 else None
             for n, g in zip(neurons, grads, strict=True):
-                scores[n] += g / len(batches)
+                scores[n] += (g if n_all is None else all_reduce_sum(g * len(y)) / n_all) / len(batches)
     finally:
         h.close()
     return {n: FireflyCandidates(n, h.params[f"{n}.D"].detach(), h.params[f"{n}.A"].detach(),

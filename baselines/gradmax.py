@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas_split.distributed import all_reduce_sum, world_size
 from nas_split.numerics import full_precision, like_model
 from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.splitting.neurons import find_neurons, splittable_layers
@@ -98,7 +99,8 @@ def _patch_map(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @full_precision()
 def gradmax_matrix(model: nn.Module, example_inputs: torch.Tensor, layer: str, loader: Iterable,
                    loss_fn: Callable = F.cross_entropy, batches: int = 1) -> tuple[torch.Tensor, str]:
-    """``G`` of ``layer`` as a ``(fan-out size, fan-in size)`` matrix, summed over ``batches`` (mean loss each)."""
+    """``G`` of ``layer`` as a ``(fan-out size, fan-in size)`` matrix, summed over ``batches`` (mean loss each; under
+    several processes, of the whole batch: the processes' shares are added)."""
     graph = CouplingGraph(model, example_inputs)
     root, dw, consumer = _path(graph, layer)
     cons = consumer.module
@@ -132,12 +134,14 @@ def gradmax_matrix(model: nn.Module, example_inputs: torch.Tensor, layer: str, l
                 g = torch.nn.grad.conv2d_weight(pmap, (cons.out_channels, pmap.shape[1], *cons.kernel_size), grad,
                                                 cons.stride, cons.padding, cons.dilation)
             g = g.movedim(1, -1).reshape(-1, pmap.shape[1])  # (out * kernel, D): fan-out coordinates x fan-in
+            if world_size() > 1:  # this process's share of the whole batch's mean-loss gradient
+                g = g * (len(y) / all_reduce_sum(torch.tensor(float(len(y)), device=g.device)))
             g_total = g if g_total is None else g_total + g
     finally:
         for h in hooks:
             h.remove()
         model.train(was)
-    return g_total, consumer.name
+    return all_reduce_sum(g_total), consumer.name
 
 
 def gradmax_directions(model: nn.Module, example_inputs: torch.Tensor, layer: str, k: int, loader: Iterable,

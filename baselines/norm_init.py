@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from nas_split.distributed import all_reduce_sum, world_size
 from nas_split.numerics import full_precision, like_model
 from nas_split.surgery import CouplingGraph
 
@@ -35,6 +36,7 @@ def calibrate_new_norms(model: nn.Module, example_inputs: torch.Tensor, new: Map
     of ``loader`` (see the module docstring): the layer's own norm and the norms its channels pass through before
     their consumer (after a depthwise conv, MobileNet); returns ``{norm: (μ_b, σ_b²)}`` of the new entries.
 
+    Under several processes the statistics are those of the whole batch (the processes' shards together).
     The model is run once in eval mode (running statistics untouched, new entries still the eval-mode identity)
     without gradients; every norm's input is read from that pass.
     """
@@ -66,7 +68,10 @@ def calibrate_new_norms(model: nn.Module, example_inputs: torch.Tensor, new: Map
         for n, idx in entries.items():
             bn, i = modules[n], torch.as_tensor(idx, device=captured[n].device)
             z = captured[n].transpose(0, 1).reshape(captured[n].shape[1], -1)[i]  # (k, samples x positions)
-            mean, var = z.mean(1), z.var(1, unbiased=False)
+            # first and second moments summed over the processes' shards of the batch (the identity alone)
+            sums = all_reduce_sum(torch.stack([z.sum(1), z.pow(2).sum(1), torch.full_like(z[:, 0], z.shape[1])]))
+            mean = sums[0] / sums[2]
+            var = (sums[1] / sums[2] - mean * mean).clamp_min(0) if world_size() > 1 else z.var(1, unbiased=False)
             bn.running_mean[i] = mean
             bn.running_var[i] = var
             if bn.affine:

@@ -21,6 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from nas_split.cost import count_macs
+from nas_split.distributed import all_reduce_sum, rank, world_size
 from nas_split.numerics import like_model
 from nas_split.surgery import growable_layers
 from nas_split.surgery.handlers import is_depthwise
@@ -65,17 +66,43 @@ class PruneReport:
 
 
 def _gradients(model: nn.Module, criterion: str, imp, batches: list, loss_fn: Callable) -> None:
+    """Fill what ``imp`` reads: ``.grad`` = Σ over batches of the batch-mean gradient (Taylor), or the mean squared
+    per-sample gradient of the first 8 samples of every batch (Hessian / OBD).
+
+    Under several processes each holds its rows ``rank::world`` of every batch; the sums are added over the
+    processes, so each holds what one process would compute on the whole batches.  For OBD the squares are
+    accumulated here rather than by Torch-Pruning's ``HessianImportance.accumulate_grad``, whose accumulator
+    keeps only the last sample (its membership test compares a name with parameter keys; ``tests/test_baselines``
+    shows it), and handed to the importance through the ``_accu_grad`` / ``_counter`` it reads."""
+    world, r = world_size(), rank()
+    params = [p for p in model.parameters() if p.requires_grad]
     if criterion == "taylor":
         model.zero_grad()
         for x, y in batches:
-            loss_fn(model(x), y).backward()
+            scale = len(y) / all_reduce_sum(torch.tensor(float(len(y)), device=y.device)).item() if world > 1 else 1.0
+            (loss_fn(model(x), y) * scale).backward()
+        for p in params:
+            if p.grad is not None:
+                all_reduce_sum(p.grad)
     elif criterion == "hessian":
         imp.zero_grad()
+        squares = [torch.zeros_like(p) for p in params]
+        count = 0
         for x, y in batches:
-            for i in range(min(len(y), 8)):  # OBD: per-sample gradients
+            # global samples 0..7 of the batch: local row i of process r is global row i * world + r
+            for i in range((8 - r + world - 1) // world if world > 1 else min(len(y), 8)):
+                if i >= len(y):
+                    break
                 model.zero_grad()
                 loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
-                imp.accumulate_grad(model)
+                for sq, p in zip(squares, params, strict=True):
+                    if p.grad is not None:
+                        sq += p.grad.detach() ** 2
+                count += 1
+        n = all_reduce_sum(torch.tensor(float(count), device=squares[0].device)).item() if world > 1 else count
+        for sq, p in zip(squares, params, strict=True):
+            imp._accu_grad[p] = all_reduce_sum(sq)
+            imp._counter[p] = max(n, 1)
 
 
 def prune_to_macs(model: nn.Module, example_inputs: torch.Tensor, target_macs: float, criterion: str = "l1",

@@ -14,11 +14,15 @@ from typing import Any
 
 import torch
 
+from .distributed import is_main
+
 __all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "output_lock", "remove_path"]
 
 
 def _atomic(path: str | os.PathLike, write) -> Path:
     path = Path(path)
+    if not is_main():  # files are written by process 0 of a multi-process run only
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -88,7 +92,7 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
     from .errors import ConfigError, RunLockedError
 
     out = Path(out).absolute()
-    if out in _HELD:
+    if out in _HELD or not is_main():  # process 0 of a multi-process run holds the lock for all
         yield out.with_name(f".{out.name}.lock")
         return
     lock = out.with_name(f".{out.name}.lock")

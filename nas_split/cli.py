@@ -142,12 +142,16 @@ def _overrides(a: argparse.Namespace) -> list[str]:
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from .config import RunConfig, load_config
+    from .distributed import is_main, launch
     from .experiment import check_out_dir, prepare, run_train
 
     cfg = load_config(RunConfig, a.config, _overrides(a))
     check_out_dir(cfg.out, a.overwrite)
     prepared = prepare(cfg)
+    launch(cfg.train)
     res = run_train(cfg, overwrite=a.overwrite, prepared=prepared)
+    if not is_main():
+        return 0
     f = res["final"]
     print(f"test top-1 {100 * f['test_acc']:.2f} % | {f['mmacs']:.3f} MMACs | {f['params'] / 1e6:.3f} M params | "
           f"{f['energy_uj_est']:.1f} uJ (estimate) | {f['latency_ms'] or float('nan'):.2f} ms (measured) | "
@@ -158,6 +162,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _cmd_grow(a: argparse.Namespace) -> int:
     from .config import ConfigError, GrowRunConfig, load_config
+    from .distributed import launch
     from .experiment import check_out_dir, prepare
     from .grow_run import RESUME_KEYS, latest_checkpoint, resume_config, run_grow, validate_growth
 
@@ -176,12 +181,17 @@ def _cmd_grow(a: argparse.Namespace) -> int:
     prepared = prepare(cfg)
     if not a.resume:
         validate_growth(cfg.growth, prepared.model, prepared.example_inputs)
+    launch(cfg.train)
     _print_stages(run_grow(cfg, resume=bool(a.resume), overwrite=a.overwrite, prepared=prepared), cfg.out)
     return 0
 
 
 def _print_stages(results: dict, out: str) -> None:
+    from .distributed import is_main
     from .records import RunResult
+
+    if not is_main():  # one table from a multi-process run
+        return
 
     print(f"{'stage':>5} {'kind':>9} {'test top-1':>10} {'MMACs':>9} {'params':>9} {'new':>5} {'analysis s':>10} "
           f"{'train s':>8}")
@@ -193,12 +203,14 @@ def _print_stages(results: dict, out: str) -> None:
 
 def _cmd_run(a: argparse.Namespace) -> int:
     from .config import MethodRunConfig, load_config
+    from .distributed import launch
     from .experiment import check_out_dir, method_context, prepare, run_method
 
     cfg = load_config(MethodRunConfig, a.config, _overrides(a))
     check_out_dir(cfg.out, a.overwrite)
     prepared = prepare(cfg)
     method_context(cfg, prepared)  # refuses bad methods, options and targets before training
+    launch(cfg.train)
     _print_stages(run_method(cfg, overwrite=a.overwrite, prepared=prepared), cfg.out)
     return 0
 
@@ -206,19 +218,25 @@ def _cmd_run(a: argparse.Namespace) -> int:
 def _cmd_compare(a: argparse.Namespace) -> int:
     from ._io import output_lock
     from .compare import CompareConfig, validate_compare
-    from .config import load_config
+    from .config import ConfigError, load_config
+    from .distributed import launch, multi_process
     from .experiment import check_out_dir
 
     cfg = load_config(CompareConfig, a.config, _overrides(a))
     if a.overwrite:
         check_out_dir(cfg.out, True)
     runs = validate_compare(cfg)
+    if multi_process(cfg.train) and (cfg.jobs > 1 or a.engine == "nni"):
+        raise ConfigError("a multi-process recipe (train.devices / train.num_nodes) runs each run across the "
+                          "processes: use jobs: 1 and the local engine")
+    launch(cfg.train)
     with output_lock(cfg.out):
         return _compare(a, cfg, runs)
 
 
 def _compare(a: argparse.Namespace, cfg, runs) -> int:
     from .compare import describe, gpus_shared, log
+    from .distributed import is_main
     from .report import write_report
 
     log(f"{len(runs)} runs ({len(cfg.entries())} methods x {len(cfg.targets_mmacs) or 1} targets x "
@@ -237,6 +255,8 @@ def _compare(a: argparse.Namespace, cfg, runs) -> int:
         from .compare import run_compare
 
         pairs = run_compare(cfg, overwrite=a.overwrite, runs=runs, on_done=lambda r, res, sk: log(describe(r, res, sk)))
+    if not is_main():
+        return 0
     paths = write_report(cfg.out, pairs, cfg.tolerance, cfg.baseline)
     print(paths["table"].read_text())
     print(f"table: {paths['table']}  csv: {paths['csv']}")

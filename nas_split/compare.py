@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._io import atomic_write_json, output_lock
 from .config import ConfigError, MethodRunConfig, RunConfig
+from .distributed import broadcast_object, is_main
 from .errors import DivergedError, NasSplitError
 
 __all__ = ["MethodEntry", "CompareConfig", "PlannedRun", "plan_runs", "retrain_runs",
@@ -258,27 +259,28 @@ def run_compare(cfg: CompareConfig, overwrite: bool = False,
 def _run_compare(cfg: CompareConfig, overwrite: bool, on_done: Callable[[PlannedRun, dict, bool], None],
                  runs: list[PlannedRun]) -> list[tuple[PlannedRun, dict]]:
     out = Path(cfg.out)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if out.exists() and any(out.iterdir()) and not (out / "compare.json").is_file():
-        raise ConfigError(f"output directory {str(out)!r} exists and holds no comparison; choose another --out "
-                          "or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("runs/*/*/.*.partial-*"):  # runs killed mid-way (never published)
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in out.glob("retrain/*/*/.*.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if runs and runs[0].phase == "search":
-        atomic_write_json(out / "compare.json", {"config": cfg.model_dump(), "runs": [r.key for r in runs]})
+    if is_main():  # process 0 of a multi-process comparison prepares the directory and says what is left to run
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        if out.exists() and any(out.iterdir()) and not (out / "compare.json").is_file():
+            raise ConfigError(f"output directory {str(out)!r} exists and holds no comparison; choose another "
+                              "--out or pass --overwrite")
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("runs/*/*/.*.partial-*"):  # runs killed mid-way (never published)
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in out.glob("retrain/*/*/.*.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if runs and runs[0].phase == "search":
+            atomic_write_json(out / "compare.json", {"config": cfg.model_dump(), "runs": [r.key for r in runs]})
+    left = broadcast_object([r.key for r in runs if finished_result(r) is None] if is_main() else None)
     results: dict[str, dict] = {}
     todo = []
     for run in runs:
-        res = finished_result(run)
-        if res is None:
+        if run.key in left:
             todo.append(run)
         else:
-            results[run.key] = res
-            on_done(run, res, True)
+            results[run.key] = finished_result(run)
+            on_done(run, results[run.key], True)
     threads = worker_threads(cfg.jobs, len(todo))
     try:
         if cfg.jobs == 1 or len(todo) <= 1:
@@ -330,5 +332,6 @@ def timestamp() -> str:
 
 
 def log(msg: str) -> None:
-    """Progress line on stderr."""
-    print(f"[{timestamp()}] {msg}", file=sys.stderr, flush=True)
+    """Progress line on stderr (from process 0 of a multi-process comparison)."""
+    if is_main():
+        print(f"[{timestamp()}] {msg}", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .cost import PassCounter
+from .distributed import ShardedBatches, all_reduce_sum, world_size
 from .errors import ConfigError
 from .stages import StageRunner
 
@@ -66,7 +67,8 @@ def grow_rounds(runner: StageRunner, model: nn.Module, method: GrowStep, *, seed
     round until ``rounds`` or the target; ``on_stage(k, model, optimizer)`` after every stage (checkpoints).
 
     Stage ``k`` draws its data with ``runner.loaders(k)`` (every random source reseeded from ``(seed, k)``), so a
-    resumed run repeats the choices of an uninterrupted one.  The passes each growth step makes through ``model``
+    resumed run repeats the choices of an uninterrupted one.  Under several processes each analyses its rows of
+    every global batch (:mod:`nas_split.distributed`).  The passes each growth step makes through ``model``
     are recorded as the next stage's ``analysis_macs`` (at the MACs before the growth,
     :class:`~nas_split.cost.PassCounter`), with its ``analysis_seconds`` (the method's own figure, or the wall time
     of the whole step for a method that gives none).  Returns the last optimizer.
@@ -82,11 +84,16 @@ def grow_rounds(runner: StageRunner, model: nn.Module, method: GrowStep, *, seed
         train, _, _ = runner.loaders(r)
         t0 = time.perf_counter()
         with PassCounter(model) as passes:
-            info = method.grow(runner, model, train, optimizer if carry_optimizer else None, r, cap)
+            info = method.grow(runner, model, ShardedBatches(train), optimizer if carry_optimizer else None, r, cap)
         if not carry_optimizer:
             optimizer = None
         optimizer = runner.stage(model, "round", epochs, optimizer, growth=info,
                                  analysis_seconds=info.get("analysis_seconds", time.perf_counter() - t0),
-                                 analysis_macs=passes.macs(runner.records[-1].macs))
+                                 analysis_macs=_summed(passes.macs(runner.records[-1].macs)))
         on_stage(r, model, optimizer)
     return optimizer
+
+
+def _summed(x: float) -> float:
+    """``x`` added over the processes (each counted the passes over its own shard)."""
+    return float(all_reduce_sum(torch.tensor(x, dtype=torch.float64)).item()) if world_size() > 1 else x

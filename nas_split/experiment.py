@@ -19,6 +19,7 @@ import search_spaces
 from ._io import output_lock, remove_path
 from .config import ConfigError, MethodRunConfig, RunConfig
 from .data import DataSplits, create_dataset
+from .distributed import is_main
 from .errors import DivergedError, NasSplitError
 from .runlog import RunWriter
 from .stages import StageRunner
@@ -85,9 +86,10 @@ def _opts(options: dict, what: str) -> dict:
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing non-empty output directory unless ``overwrite``."""
+    """Refuse an existing non-empty output directory unless ``overwrite`` (process 0 checks for a multi-process
+    run: the others may already see the directory it made)."""
     p = Path(out)
-    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
+    if is_main() and p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
         raise ConfigError(f"output directory {str(p)!r} already exists and is not empty; "
                           "choose another --out or pass --overwrite")
     return p
@@ -109,6 +111,9 @@ def _publish_run(cfg: RunConfig, overwrite: bool, meta: dict, body) -> dict:
     The output is locked for the whole run (:func:`nas_split._io.output_lock`); a run that fails leaves nothing
     behind (its temporary directory is removed), so ``cfg.out`` holds a complete run or what it held before.
     """
+    if not is_main():  # the other processes of a multi-process run compute along and write nothing
+        writer = RunWriter(cfg.out, meta, enabled=False)
+        return writer.finish(body(writer))
     with output_lock(cfg.out):
         out = check_out_dir(cfg.out, overwrite)
         tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")

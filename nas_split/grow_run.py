@@ -22,6 +22,7 @@ import torch
 from ._io import atomic_torch_save, output_lock
 from .config import ConfigError, GrowRunConfig, GrowthConfig
 from .cost import measure_cost
+from .distributed import is_main
 from .engine import check_target, grow_rounds
 from .errors import DivergedError, UntrustedFileError
 from .experiment import Prepared, check_out_dir, prepare
@@ -171,7 +172,7 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
     p = prepared or prepare(cfg)
     if not resume:
         validate_growth(g, p.model, p.example_inputs)
-        if overwrite and run_dir.exists():
+        if overwrite and run_dir.exists() and is_main():
             shutil.rmtree(run_dir)
     info = p.data.info
     method = growth_method(g)
@@ -207,7 +208,7 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
                               "energy_aware": g.energy_aware})
     except FloatingPointError as e:  # a diverged stage: say what was kept and how to go on
         writer.fail(f"{type(e).__name__}: {e}")
-        if latest_checkpoint(run_dir) is None:
+        if latest_checkpoint(run_dir) is None and is_main():
             shutil.rmtree(run_dir, ignore_errors=True)
             raise DivergedError(f"{e}; nothing was kept: lower the learning rate (--lr) and run again") from e
         raise DivergedError(f"{e}; {str(run_dir)!r} keeps the stages completed before it: continue with a lower "

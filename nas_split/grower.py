@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cost import EnergyModel, count_macs
+from .distributed import broadcast_object, world_size
 from .errors import ConfigError
 from .splitting.analysis import Spectrum
 from .splitting.channel_cost import channel_costs, prefix_within_macs
@@ -214,7 +215,11 @@ class Grower:
         spectra = self.analyze(loader)
         analysis_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        chosen = self.select(self.candidates(spectra))
+        candidates = self.candidates(spectra)
+        chosen = self.select(candidates)
+        if world_size() > 1:  # process 0 decides (the spectra agree, so this only guards against float ties)
+            by_key = {(s.layer, s.channel, s.kind): s for s in candidates}
+            chosen = [by_key[k] for k in broadcast_object([(s.layer, s.channel, s.kind) for s in chosen])]
         by_layer: dict[str, list] = {}
         for s in sorted(chosen, key=lambda s: s.gain):
             by_layer.setdefault(s.layer, []).append((s.channel, s.scheme))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write_json
+from .distributed import is_main
 from .records import RESULTS_SCHEMA_VERSION, StageRecord
 
 __all__ = ["Tags", "RunWriter", "RESULTS_SCHEMA_VERSION", "layer_widths"]
@@ -48,15 +49,18 @@ class RunWriter:
     Args:
         run_dir: the directory (created).
         meta: top-level fields of ``results.json`` (command, config, dataset, backbone, ...).
+        enabled: write files (default: in process 0 only); disabled, the writer only keeps ``results``.
     """
 
     def __init__(self, run_dir: str | Path, meta: dict[str, Any], resume: dict[str, Any] | None = None,
-                 purge_step: int | None = None):
+                 purge_step: int | None = None, enabled: bool | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.tb = SummaryWriter(str(self.run_dir), purge_step=purge_step)
+        self.enabled = is_main() if enabled is None else enabled
+        if self.enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tb = SummaryWriter(str(self.run_dir), purge_step=purge_step) if self.enabled else _NoEvents()
         self.t0 = time.time() - (resume or {}).get("wall_seconds", 0.0)
         self.results: dict[str, Any] = resume or {"schema_version": RESULTS_SCHEMA_VERSION, **meta, "stages": [],
                                                   "final": None}
@@ -115,4 +119,12 @@ class RunWriter:
     def flush(self) -> None:
         """Rewrite ``results.json`` atomically."""
         self.results["wall_seconds"] = time.time() - self.t0
-        atomic_write_json(self.run_dir / "results.json", self.results)
+        if self.enabled:
+            atomic_write_json(self.run_dir / "results.json", self.results)
+
+
+class _NoEvents:
+    """A stand-in for ``SummaryWriter`` that writes nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None

@@ -52,10 +52,15 @@ class StageRunner:
         return sum(r.epochs for r in self.records)
 
     def loaders(self, stage: int):
-        """Train / val / test loaders of stage ``stage``, every random source reseeded with :func:`stage_seed`."""
+        """Train / val / test loaders of stage ``stage``, every random source reseeded with :func:`stage_seed`.
+
+        Under several processes the loaders draw global batches (``world ×`` the recipe's batch sizes), the same
+        in every process; the trainer and the growth analysis take each process's rows of them."""
         seed = stage_seed(self.recipe.seed, stage)
         self.trainer.fabric.seed_everything(seed, verbose=False)
-        return self.data.loaders(self.recipe.batch_size, self.recipe.eval_batch_size, self.recipe.num_workers, seed)
+        world = self.trainer.fabric.world_size
+        return self.data.loaders(self.recipe.batch_size * world, self.recipe.eval_batch_size * world,
+                                 self.recipe.num_workers, seed)
 
     def stage(self, model: nn.Module, kind: str, epochs: int, optimizer: torch.optim.Optimizer | None = None,
               regularizer: Callable[[nn.Module], torch.Tensor] | None = None,

@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
+from .distributed import ShardedBatches
 from .errors import ConfigError, DivergedError
+from .numerics import like_model
 
 __all__ = ["TrainConfig", "Trainer", "FitResult", "EvalResult", "DeviceBatches", "make_optimizer", "lr_factor",
            "check_devices"]
@@ -231,21 +233,27 @@ class Trainer:
 
     def batches(self, loader: DataLoader, fmt: torch.memory_format = torch.contiguous_format) -> Iterable:
         """The training batches of ``loader`` on the device: :class:`DeviceBatches` when the dataset is a tensor
-        dataset that may live there (``cfg.device_data``, one process), else Fabric's wrapped loader."""
+        dataset that may live there (``cfg.device_data``, one process), else the loader's batches moved there.
+
+        Under several processes ``loader`` draws *global* batches (``world × batch_size``, the same seeded order
+        in every process) and this process trains on its rows ``rank::world``
+        (:class:`~nas_split.distributed.ShardedBatches`): the processes together see exactly the batches one
+        process with the global batch size would."""
         if self.cfg.device_data and self.fabric.world_size == 1 and DeviceBatches.supports(loader):
             return DeviceBatches(loader, self.device, fmt)
-        return _Formatted(self.fabric.setup_dataloaders(loader), fmt)
+        return _Formatted(ShardedBatches(loader) if self.fabric.world_size > 1 else loader, fmt, self.device)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> EvalResult:
-        """Loss and top-1 accuracy of ``model`` on ``loader`` (eval mode; summed over all processes)."""
+        """Loss and top-1 accuracy of ``model`` on ``loader`` (eval mode; under several processes each evaluates
+        its rows of every batch and the sums are added)."""
         model.to(self.device)  # in the layout it has (channels_last inside a fit)
         was = model.training
         model.eval()
         crit = nn.CrossEntropyLoss(reduction="sum")
         stats = torch.zeros(3, device=self.device, dtype=torch.float64)
-        for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device)
+        for x, y in (ShardedBatches(loader) if self.fabric.world_size > 1 else loader):
+            x, y = like_model(model, x), y.to(self.device)
             out = model(x)
             stats += torch.stack([crit(out, y).double(), (out.argmax(1) == y).sum().double(),
                                   torch.tensor(len(y), device=self.device, dtype=torch.float64)])
@@ -261,17 +269,17 @@ def _to(x: torch.Tensor, device: torch.device, fmt: torch.memory_format) -> torc
 
 
 class _Formatted:
-    """Batches of a (Fabric-wrapped) loader in the given memory format."""
+    """Batches of a loader on ``device`` in the given memory format."""
 
-    def __init__(self, loader: Iterable, fmt: torch.memory_format):
-        self.loader, self.fmt = loader, fmt
+    def __init__(self, loader: Iterable, fmt: torch.memory_format, device: torch.device):
+        self.loader, self.fmt, self.device = loader, fmt, device
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator:
         for x, y in self.loader:
-            yield (_to(x, x.device, self.fmt), y)
+            yield (_to(x, self.device, self.fmt), y.to(self.device, non_blocking=True))
 
 
 class DeviceBatches:

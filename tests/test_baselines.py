@@ -50,6 +50,35 @@ def test_pruning_lands_within_3_percent_and_trains(name, shape, criterion):
         assert torch.isfinite(loss)
 
 
+def test_obd_importance_uses_every_sample_where_torch_pruning_keeps_the_last():
+    """Torch-Pruning 1.6's ``HessianImportance.accumulate_grad`` tests a parameter *name* against a dict keyed by
+    parameters, so every call restarts the accumulator: after 3 samples it holds the last squared gradient with a
+    count of 1.  nas-split's OBD accumulation gives the mean over the samples (computed here independently)."""
+    import torch_pruning as tp
+
+    from baselines.pruning import _gradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    per_sample = []
+    for i in range(3):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        per_sample.append(model[0].weight.grad.detach().clone() ** 2)
+    lib = tp.importance.HessianImportance()
+    for i in range(3):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        lib.accumulate_grad(model)
+    assert lib._counter[model[0].weight] == 1
+    torch.testing.assert_close(lib._accu_grad[model[0].weight], per_sample[-1])
+    ours = tp.importance.HessianImportance()
+    _gradients(model, "hessian", ours, [(x, y)], F.cross_entropy)
+    assert ours._counter[model[0].weight] == 3
+    torch.testing.assert_close(ours._accu_grad[model[0].weight] / 3, sum(per_sample) / 3)
+
+
 def test_pruning_refuses_bad_targets_and_criteria():
     model = search_spaces.create("test_mobilenetv1", num_classes=4, in_chans=3, input_size=16)
     x = torch.randn(2, 3, 16, 16)
