@@ -17,6 +17,7 @@ from .gradmax import gradmax_counts, gradmax_grow
 from .pruning import CRITERIA, bn_l1_penalty, prune_to_macs
 from .random_growth import random_grow
 from .scratch import match_width, random_widths
+from .variance_transfer import SliceRates, lra_factors, vt_counts, vt_grow
 
 __all__ = ["PruneMethod", "ScratchMethod", "RandomArchMethod"]
 
@@ -54,6 +55,30 @@ class _GradMax(GrowthMethod):
         rep = gradmax_grow(model, ctx.example_inputs, counts, loader, optimizer=optimizer, batches=self.batches,
                            scale=self.scale, calibrate_norms=self.calibrate_norms)
         return {"new_neurons": rep.new_neurons}
+
+
+class _VarianceTransfer(GrowthMethod):
+    """``vt``: paired new neurons, variance transfer and learning-rate adaptation (:mod:`.variance_transfer`)."""
+
+    def __init__(self, grow_ratio: float = 0.2, variance_transfer: bool = True, lra: bool = True):
+        self.grow_ratio, self.variance_transfer, self.lra = grow_ratio, variance_transfer, lra
+        self.stages: dict[str, list[int]] = {}  # the growth stage that added each output channel, per layer
+        self.rates = SliceRates()
+
+    def grow(self, ctx, model, loader, optimizer, stage, max_macs):
+        modules = dict(model.named_modules())
+        pairs = vt_counts(model, ctx.example_inputs, self.grow_ratio, max_macs)
+        widths = {n: modules[n].weight.shape[0] for n in pairs}
+        rep = vt_grow(model, ctx.example_inputs, pairs, optimizer,
+                      torch.Generator().manual_seed(stage_seed(ctx.recipe.seed, stage)), self.variance_transfer)
+        for n, k in rep.added.items():
+            self.stages[n] = self.stages.get(n, [0] * widths[n]) + [stage] * k
+        info = {"new_neurons": rep.new_neurons, "variance_transfer": rep.beta}
+        if self.lra:
+            factors = lra_factors(model, self.stages)
+            self.rates.set(model, ctx.example_inputs, self.stages, factors)
+            info["lra"] = {n: {str(t): f for t, f in fs.items()} for n, fs in factors.items()}
+        return info
 
 
 class PruneMethod(Method):
@@ -142,6 +167,7 @@ class RandomArchMethod(FromScratch):
 register_method("random")(_Random)
 register_method("firefly")(_Firefly)
 register_method("gradmax")(_GradMax)
+register_method("vt")(_VarianceTransfer)
 register_method("scratch")(ScratchMethod)
 register_method("random-arch")(RandomArchMethod)
 for _c in CRITERIA:

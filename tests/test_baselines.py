@@ -271,7 +271,7 @@ def test_random_growth_count_and_preservation():
     assert rep.new_neurons == int(0.3 * total) and _rel(model(x), ref) <= 1e-5
 
 
-BASELINES = ["random", "firefly", "gradmax", "scratch"] + [f"prune-{c}" for c in CRITERIA]
+BASELINES = ["random", "firefly", "gradmax", "vt", "scratch"] + [f"prune-{c}" for c in CRITERIA]
 
 
 def test_registry_lists_growth_methods_and_baselines():

@@ -1,0 +1,174 @@
+"""Variance-transfer growth with learning-rate adaptation (Yuan, Savarese & Maire, NeurIPS 2023), as ``vt``.
+
+Growth of layer ℓ adds ``Δ`` pairs of neurons with the same fan-in and opposite fan-out (algorithms.md §6.2):
+
+    W_ℓ ← [W_ℓ ; V ; V],      W_{ℓ+1} ← [β W_{ℓ+1}, Z, −Z],
+
+so the new neurons cancel (``Z σ(Vx) − Z σ(Vx) = 0``) and the network function is kept.
+
+**Variance transfer** (§6.3; of the sources' variants nas-split takes the empirical one, gromo's reading of the
+paper's App. A, because a trained layer's weights no longer have their initial variance): a consumer whose
+fan-in grew from ``F`` to ``F'`` has its old columns (and bias) scaled by ``β = sqrt(F / F')`` and its new
+columns drawn with the variance of the rescaled old ones, ``Var Z = β² Var W_old``; so ``fan_in × Var W`` — a
+layer's output variance for independent unit-variance inputs — is the same before and after growth once the new
+neurons carry their own signal.  The new fan-ins ``V`` have the variance of the layer's old rows.  The
+consumer's batch norm absorbs β (running mean × β, running variance and ε × β²), so the function is kept
+exactly, in eval and in train mode.  A consumer without a norm after it (a classifier) is not rescaled (nothing
+would absorb the scale); its new columns get its old columns' variance.
+
+**Learning-rate adaptation** (§6.4, the growing_wiki statement, not checked against the paper): the weights of
+a layer are partitioned by the growth stage that added them, ``W = {W_0, W_Δ1, ...}``, and stage ``t``'s slice
+learns at ``η_t = η_0 ‖W_Δt‖_F / ‖W_0‖_F`` (the norms when it is set, after each growth).  nas-split applies it
+as a gradient scale on the slice's rows of the layer and its norm and on its columns in the consumers (with
+SGD, the same as a learning-rate factor except on weight decay).  Optional batch-size adaptation (§6.5) is not
+implemented.  The MAC schedule is the engine's, as for every growth method: each round grows every layer by
+the same fraction of its width, in pairs, until the round's cap.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nas_split.numerics import model_device
+from nas_split.splitting.channel_cost import prefix_within_macs
+from nas_split.splitting.neurons import find_neurons, splittable_layers
+from nas_split.surgery import CouplingGraph, NewChannels, add_channels
+from nas_split.surgery.handlers import handler_for
+
+__all__ = ["VTReport", "vt_counts", "vt_grow", "lra_factors", "SliceRates"]
+
+
+@dataclass
+class VTReport:
+    """Neurons added per layer (pairs × 2) and the variance-transfer factor β applied to each consumer."""
+
+    added: dict[str, int]
+    beta: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def new_neurons(self) -> int:
+        """Neurons added in all layers."""
+        return sum(self.added.values())
+
+
+def vt_counts(model: nn.Module, example_inputs: torch.Tensor, grow_ratio: float,
+              max_macs: float | None = None) -> dict[str, int]:
+    """Pairs to add per layer: ``⌊grow_ratio × width / 2⌋`` (at least 1), or, with ``max_macs``, every layer grown
+    by the same fraction of its width, a pair at a time, until the next pair would pass the budget."""
+    modules = dict(model.named_modules())
+    widths = {n: modules[n].weight.shape[0] for n in splittable_layers(model, example_inputs)}
+    if max_macs is None:
+        return {n: max(1, int(grow_ratio * w / 2)) for n, w in widths.items()}
+    order = sorted((2 * (j + 1) / w, n) for n, w in widths.items() for j in range(w))
+    k = prefix_within_macs(model, example_inputs, [(n, 2) for _, n in order], max_macs)
+    return dict(Counter(n for _, n in order[:k]))
+
+
+def vt_grow(model: nn.Module, example_inputs: torch.Tensor, pairs: Mapping[str, int],
+            optimizer: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None,
+            variance_transfer: bool = True) -> VTReport:
+    """Add ``2 × pairs[layer]`` neurons to each layer in place (see the module docstring); returns what was done."""
+    gen = generator or torch.Generator().manual_seed(0)
+    graph = CouplingGraph(model, example_inputs)
+    modules = dict(model.named_modules())
+    grows: dict[str, int] = {}  # consumer -> new input channels
+    for layer, k in pairs.items():
+        for s in graph.group(layer).slots:
+            if s.role == "consumer" and len(s.positions[0]) == 1:
+                grows[s.name] = grows.get(s.name, 0) + 2 * k
+    norms = {n: nr.norm for n, nr in find_neurons(model, example_inputs, list(grows)).items()} \
+        if variance_transfer else {}
+    beta = {n: math.sqrt(modules[n].weight.shape[1] / (modules[n].weight.shape[1] + g)) for n, g in grows.items()
+            if norms.get(n) is not None and norms[n].track_running_stats}
+    additions = {}
+    for layer, k in pairs.items():
+        root = graph.modules[layer]
+        row = tuple(root.weight.shape[1:])
+        v = torch.randn((k, *row), generator=gen) * root.weight.detach().float().std().cpu()
+        fan_out = {}
+        for s in graph.group(layer).slots:
+            if s.role != "consumer" or len(s.positions[0]) != 1:
+                continue  # a consumer reading a channel at several positions (after a flatten) gets zero columns
+            w = s.module.weight
+            std = w.detach().float().flatten(1).std(1).cpu() * beta.get(s.name, 1.0)  # per output row
+            z = torch.randn((k, w.shape[0], *w.shape[2:]), generator=gen) * std.view(1, -1, *[1] * (w.dim() - 2))
+            fan_out[s.name] = torch.cat([z, -z]).to(w)
+        additions[layer] = NewChannels(2 * k, fan_in=torch.cat([v, v]).to(root.weight), fan_out=fan_out)
+    old_in = {n: modules[n].weight.shape[1] for n in grows}
+    old_out = {n: modules[n].weight.shape[0] for n in pairs}
+    add_channels(model, example_inputs, additions, optimizer=optimizer, graph=graph)
+    modules = dict(model.named_modules())
+    for n in set(pairs) & set(old_in):  # new rows x new columns (zero after surgery): drawn too, the same per pair
+        w, k = modules[n].weight, pairs[n]
+        block = torch.randn((k, w.shape[1] - old_in[n], *w.shape[2:]), generator=gen) * additions[n].fan_in.std()
+        with torch.no_grad():
+            w[old_out[n]:old_out[n] + 2 * k, old_in[n]:] = torch.cat([block, block]).to(w)
+    for n, b in beta.items():
+        m, norm = modules[n], norms[n]
+        with torch.no_grad():
+            m.weight[:, :old_in[n]] *= b
+            if m.bias is not None:
+                m.bias *= b
+            norm.running_mean *= b  # the norm sees β z: the same normalised values in train and eval mode
+            norm.running_var *= b * b
+        norm.eps *= b * b
+    return VTReport({n: 2 * k for n, k in pairs.items()}, beta)
+
+
+def lra_factors(model: nn.Module, stages: Mapping[str, list[int]]) -> dict[str, dict[int, float]]:
+    """``{layer: {stage: ‖W_Δt‖_F / ‖W_0‖_F}}`` from the rows each stage added (``stages[layer][c]``: the stage
+    that added output channel ``c``); stage 0 is 1."""
+    modules = dict(model.named_modules())
+    out = {}
+    for layer, labels in stages.items():
+        w = modules[layer].weight.detach()
+        lab = torch.as_tensor(labels, device=w.device)
+        base = w[lab == 0].norm().clamp_min(1e-12)
+        out[layer] = {int(t): float(w[lab == t].norm() / base) for t in sorted(set(labels))}
+    return out
+
+
+class SliceRates:
+    """Gradient scales per (layer, growth stage) slice: rows of the layer and its norm, columns in its
+    consumers.  ``set`` replaces the hooks (after each growth; surgery replaces the parameters anyway)."""
+
+    def __init__(self):
+        self.handles: list = []
+
+    def set(self, model: nn.Module, example_inputs: torch.Tensor, stages: Mapping[str, list[int]],
+            factors: Mapping[str, Mapping[int, float]]) -> None:
+        self.remove()
+        graph = CouplingGraph(model, example_inputs)
+        scales: dict[tuple[int, int], tuple[torch.nn.Parameter, int, torch.Tensor]] = {}
+        for layer, labels in stages.items():
+            per_channel = torch.tensor([factors[layer][t] for t in labels])
+            for s in graph.group(layer).slots:
+                for attr, axis in handler_for(s.module).tensors(s.module, s.dim):
+                    p = getattr(s.module, attr)
+                    if not isinstance(p, nn.Parameter):
+                        continue
+                    key = (id(p), axis)
+                    if key not in scales:
+                        scales[key] = (p, axis, torch.ones(p.shape[axis]))
+                    t = scales[key][2]
+                    for c, pos in enumerate(s.positions):
+                        for i in pos:
+                            t[i] = per_channel[c]
+        for p, axis, t in scales.values():
+            if torch.all(t == 1):
+                continue
+            shape = [1] * p.dim()
+            shape[axis] = -1
+            t = t.view(shape).to(model_device(model), p.dtype)
+            self.handles.append(p.register_hook(lambda g, t=t: g * t))
+
+    def remove(self) -> None:
+        """Drop every hook."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []

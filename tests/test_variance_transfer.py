@@ -1,0 +1,87 @@
+"""``vt`` growth (Yuan, Savarese & Maire 2023): function kept at insertion, variance transfer keeps each
+consumer's output variance for independent unit-variance inputs, learning-rate adaptation scales each growth
+stage's slice by the stated factor."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import search_spaces
+from baselines.variance_transfer import SliceRates, lra_factors, vt_counts, vt_grow
+
+
+def _model(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor]:
+    """A backbone with batch-norm statistics from one batch (eval mode is then not the identity)."""
+    torch.manual_seed(0)
+    if name == "pointnet_lite":
+        m = search_spaces.create(name, num_classes=5, in_chans=3, width_mult=0.25, dropout=0.0)
+    else:
+        m = search_spaces.create(name, num_classes=10, in_chans=1, input_size=8, width_mult=0.125)
+    x = torch.randn(*shape)
+    m.train()
+    with torch.no_grad():
+        m(x)
+    return m.eval(), x
+
+
+@pytest.mark.parametrize("name, shape", [("mobilenetv1_cifar_025", (32, 1, 8, 8)), ("pointnet_lite", (16, 3, 40))])
+def test_vt_growth_keeps_the_function_in_eval_and_train_mode(name, shape):
+    m, x = _model(name, shape)
+    ref, ref_train = m(x).detach(), copy.deepcopy(m).train()(x).detach()
+    rep = vt_grow(m, x[:2], vt_counts(m, x[:2], 0.3))
+    assert rep.new_neurons > 0 and rep.beta and all(k % 2 == 0 for k in rep.added.values())
+    out, out_train = m(x).detach(), copy.deepcopy(m).train()(x).detach()
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (out_train - ref_train).abs().max() <= 1e-5 * ref_train.abs().max()
+
+
+@pytest.mark.parametrize("transfer", [True, False])
+def test_variance_transfer_keeps_each_consumers_output_variance(transfer):
+    """A random unit-variance batch through each rescaled consumer's weights: the output variance after growth
+    (new columns included, as when the new neurons carry their own signal) is within 10 % of before; without
+    variance transfer it grows by about F'/F."""
+    m, x = _model("mobilenetv1_cifar_025", (32, 1, 8, 8))
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if n.endswith("weight") and p.dim() == 4}
+    vt_grow(m, x[:2], vt_counts(m, x[:2], 0.3), variance_transfer=transfer)
+    mods = dict(m.named_modules())
+    # dense consumers whose fan-in grew, with at least 16 old inputs (the new columns' own sampling noise on an
+    # 8-input layer is about ±7 % of its output variance)
+    grown = [n[:-7] for n, w in before.items() if mods[n[:-7]].groups == 1 and w.shape[1] >= 16
+             and mods[n[:-7]].weight.shape[1] > w.shape[1]]
+    assert len(grown) >= 5
+    g = torch.Generator().manual_seed(1)
+    ratios = []
+    for n in grown:
+        w0, w1 = before[n + ".weight"], mods[n].weight.detach()
+        x0 = torch.randn(256, w0.shape[1], 4, 4, generator=g)
+        x1 = torch.cat([x0, torch.randn(256, w1.shape[1] - w0.shape[1], 4, 4, generator=g)], 1)
+        ratios.append((F.conv2d(x1, w1).var() / F.conv2d(x0, w0).var()).item())
+    if transfer:
+        assert all(abs(r - 1) < 0.1 for r in ratios), ratios
+    else:
+        assert np.median(ratios) > 1.1, ratios
+
+
+def test_lra_scales_each_stage_slice_by_its_norm_ratio():
+    m, x = _model("mobilenetv1_cifar_025", (32, 1, 8, 8))
+    layer = "blocks.2.0.conv_pw"
+    width = m.get_submodule(layer).weight.shape[0]
+    vt_grow(m, x[:2], {layer: 2})
+    vt_grow(m, x[:2], {layer: 1})
+    stages = {layer: [0] * width + [1] * 4 + [2] * 2}
+    w = m.get_submodule(layer).weight.detach().numpy().reshape(width + 6, -1)
+    expect = {0: 1.0, 1: np.linalg.norm(w[width:width + 4]) / np.linalg.norm(w[:width]),
+              2: np.linalg.norm(w[width + 4:]) / np.linalg.norm(w[:width])}
+    factors = lra_factors(m, stages)
+    assert factors[layer] == pytest.approx(expect, rel=1e-5)
+    y = torch.randint(0, 10, (32,))
+    plain = torch.autograd.grad(F.cross_entropy(m.train()(x), y), m.get_submodule(layer).weight)[0]
+    rates = SliceRates()
+    rates.set(m, x[:2], stages, factors)
+    scaled = torch.autograd.grad(F.cross_entropy(m(x), y), m.get_submodule(layer).weight)[0]
+    rates.remove()
+    scale = torch.tensor([expect[t] for t in stages[layer]], dtype=torch.float32).view(-1, 1, 1, 1)
+    torch.testing.assert_close(scaled, plain * scale)
