@@ -10,6 +10,7 @@ from nas_split.cost import PassCounter
 from nas_split.errors import ConfigError
 from nas_split.methods import FromScratch, GrowthMethod, Method, MethodContext, register_method
 from nas_split.stages import stage_seed
+from nas_split.surgery.rates import SliceRates, lra_factors
 from nas_split.surgery.rebuild import fresh_model, resized_sizes
 
 from .firefly import firefly_grow
@@ -17,7 +18,7 @@ from .gradmax import gradmax_counts, gradmax_grow
 from .pruning import CRITERIA, bn_l1_penalty, prune_to_macs
 from .random_growth import random_grow
 from .scratch import match_width, random_widths
-from .variance_transfer import SliceRates, lra_factors, vt_counts, vt_grow
+from .variance_transfer import vt_counts, vt_grow
 
 __all__ = ["PruneMethod", "ScratchMethod", "RandomArchMethod"]
 

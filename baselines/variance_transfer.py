@@ -16,11 +16,8 @@ consumer's batch norm absorbs β (running mean × β, running variance and ε ×
 exactly, in eval and in train mode.  A consumer without a norm after it (a classifier) is not rescaled (nothing
 would absorb the scale); its new columns get its old columns' variance.
 
-**Learning-rate adaptation** (§6.4, the growing_wiki statement, not checked against the paper): the weights of
-a layer are partitioned by the growth stage that added them, ``W = {W_0, W_Δ1, ...}``, and stage ``t``'s slice
-learns at ``η_t = η_0 ‖W_Δt‖_F / ‖W_0‖_F`` (the norms when it is set, after each growth).  nas-split applies it
-as a gradient scale on the slice's rows of the layer and its norm and on its columns in the consumers (with
-SGD, the same as a learning-rate factor except on weight decay).  Optional batch-size adaptation (§6.5) is not
+**Learning-rate adaptation** (§6.4): :mod:`nas_split.surgery.rates`, shared with the splitting methods' ``lra``
+option.  Optional batch-size adaptation (§6.5) is not
 implemented.  The MAC schedule is the engine's, as for every growth method: each round grows every layer by
 the same fraction of its width, in pairs, until the round's cap.
 """
@@ -34,13 +31,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nas_split.numerics import model_device
 from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.splitting.neurons import find_neurons, splittable_layers
 from nas_split.surgery import CouplingGraph, NewChannels, add_channels
-from nas_split.surgery.handlers import handler_for
 
-__all__ = ["VTReport", "vt_counts", "vt_grow", "lra_factors", "SliceRates"]
+__all__ = ["VTReport", "vt_counts", "vt_grow"]
 
 
 @dataclass
@@ -118,57 +113,3 @@ def vt_grow(model: nn.Module, example_inputs: torch.Tensor, pairs: Mapping[str, 
             norm.running_var *= b * b
         norm.eps *= b * b
     return VTReport({n: 2 * k for n, k in pairs.items()}, beta)
-
-
-def lra_factors(model: nn.Module, stages: Mapping[str, list[int]]) -> dict[str, dict[int, float]]:
-    """``{layer: {stage: ‖W_Δt‖_F / ‖W_0‖_F}}`` from the rows each stage added (``stages[layer][c]``: the stage
-    that added output channel ``c``); stage 0 is 1."""
-    modules = dict(model.named_modules())
-    out = {}
-    for layer, labels in stages.items():
-        w = modules[layer].weight.detach()
-        lab = torch.as_tensor(labels, device=w.device)
-        base = w[lab == 0].norm().clamp_min(1e-12)
-        out[layer] = {int(t): float(w[lab == t].norm() / base) for t in sorted(set(labels))}
-    return out
-
-
-class SliceRates:
-    """Gradient scales per (layer, growth stage) slice: rows of the layer and its norm, columns in its
-    consumers.  ``set`` replaces the hooks (after each growth; surgery replaces the parameters anyway)."""
-
-    def __init__(self):
-        self.handles: list = []
-
-    def set(self, model: nn.Module, example_inputs: torch.Tensor, stages: Mapping[str, list[int]],
-            factors: Mapping[str, Mapping[int, float]]) -> None:
-        self.remove()
-        graph = CouplingGraph(model, example_inputs)
-        scales: dict[tuple[int, int], tuple[torch.nn.Parameter, int, torch.Tensor]] = {}
-        for layer, labels in stages.items():
-            per_channel = torch.tensor([factors[layer][t] for t in labels])
-            for s in graph.group(layer).slots:
-                for attr, axis in handler_for(s.module).tensors(s.module, s.dim):
-                    p = getattr(s.module, attr)
-                    if not isinstance(p, nn.Parameter):
-                        continue
-                    key = (id(p), axis)
-                    if key not in scales:
-                        scales[key] = (p, axis, torch.ones(p.shape[axis]))
-                    t = scales[key][2]
-                    for c, pos in enumerate(s.positions):
-                        for i in pos:
-                            t[i] = per_channel[c]
-        for p, axis, t in scales.values():
-            if torch.all(t == 1):
-                continue
-            shape = [1] * p.dim()
-            shape[axis] = -1
-            t = t.view(shape).to(model_device(model), p.dtype)
-            self.handles.append(p.register_hook(lambda g, t=t: g * t))
-
-    def remove(self) -> None:
-        """Drop every hook."""
-        for h in self.handles:
-            h.remove()
-        self.handles = []

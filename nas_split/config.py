@@ -46,6 +46,8 @@ class GrowthConfig(BaseModel):
     eps: float = Field(1e-2, gt=0)
     c: float = Field(3.0, ge=1, description="S3D mass budget sum|w_i| <= c")
     max_copies: Literal[3, 4] = 4
+    lra: bool = Field(False, description="learning-rate adaptation per growth stage for the copies "
+                                         "(nas_split.surgery.rates)")
     only_negative: bool = True
     energy_aware: bool = False
     cost: Literal["macs", "energy"] = "macs"

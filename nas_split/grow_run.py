@@ -124,7 +124,7 @@ def resume_config(run_dir: str | Path) -> dict:
 def growth_method(g: GrowthConfig) -> SplittingMethod:
     """The registered splitting method a growth configuration describes (its Grower options included)."""
     return create_method(g.method, grow_ratio=g.grow_ratio, eps=g.eps, c=g.c, max_copies=g.max_copies,
-                         only_negative=g.only_negative, energy_aware=g.energy_aware, cost=g.cost,
+                         only_negative=g.only_negative, energy_aware=g.energy_aware, cost=g.cost, lra=g.lra,
                          max_width=g.max_width, round_to=g.round_to, beta=g.beta,
                          analysis_batches=g.analysis_batches, fast_passes=g.fast_passes, fast_lr=g.fast_lr)
 
@@ -144,10 +144,11 @@ def validate_growth(g: GrowthConfig, model, example_inputs) -> None:
                           f"{c.energy_uj:.1f} uJ (estimate)")
 
 
-def _save(run_dir: Path, stage: int, model, optimizer, spectra: dict[str, Spectrum], results: dict) -> None:
+def _save(run_dir: Path, stage: int, model, optimizer, spectra: dict[str, Spectrum], results: dict,
+          stages: dict[str, list[int]]) -> None:
     payload = {"stage": stage, "model": grown_payload(model),
                "optimizer": optimizer.state_dict() if optimizer is not None else None,
-               "spectra": {k: vars(v) for k, v in spectra.items()}, "results": results}
+               "spectra": {k: vars(v) for k, v in spectra.items()}, "results": results, "stages": stages}
     atomic_torch_save(run_dir / "checkpoints" / f"stage{stage}.pt", payload)
 
 
@@ -188,6 +189,11 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
             for grp, hyper in zip(optimizer.param_groups, recipe, strict=True):  # a changed recipe applies from here
                 grp.update(hyper)
         method.spectra = {k: Spectrum(**v) for k, v in ckpt["spectra"].items()}
+        method.stages = {k: list(v) for k, v in ckpt.get("stages", {}).items()}
+        if method.lra and method.stages:  # the rates of the stage the run stopped in
+            from .surgery.rates import lra_factors
+
+            method.rates.set(model, p.example_inputs, method.stages, lra_factors(model, method.stages))
         results = ckpt["results"]
         results["config"] = cfg.model_dump()
     writer = RunWriter(run_dir, {"command": "grow", "config": cfg.model_dump(),
@@ -202,7 +208,8 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
         grow_rounds(runner, model, method, seed_epochs=g.seed_epochs if g.seed_epochs is not None else
                     cfg.train.epochs, epochs=cfg.train.epochs, rounds=g.rounds, target_mmacs=g.budget_mmacs,
                     budget_energy_uj=g.budget_energy_uj, carry_optimizer=g.carry_optimizer, optimizer=optimizer,
-                    on_stage=lambda k, m, opt: _save(run_dir, k, m, opt, method.spectra, writer.results))
+                    on_stage=lambda k, m, opt: _save(run_dir, k, m, opt, method.spectra, writer.results,
+                                                     method.stages))
         return writer.finish({"method": g.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
                               "rounds": g.rounds, "grow_ratio": g.grow_ratio, "eps": g.eps, "seed": cfg.train.seed,
                               "energy_aware": g.energy_aware})

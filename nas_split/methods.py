@@ -211,12 +211,18 @@ class SplittingMethod(GrowthMethod):
     """A splitting variant (:data:`~nas_split.splitting.variants.VARIANTS`) as a growth method: each round a
     :class:`~nas_split.Grower` analyses, selects and splits.  With a round cap the cap alone sets how many neurons
     split (``grow_ratio`` applies to rounds without one); the fast analysis warm-starts from the previous round's
-    directions (:attr:`spectra`, kept in ``grow``'s checkpoints)."""
+    directions (:attr:`spectra`, kept in ``grow``'s checkpoints).  ``lra=True`` gives each round's copies their
+    own learning rate (:mod:`nas_split.surgery.rates`, as ``vt`` does)."""
 
-    def __init__(self, variant: Variant, grow_ratio: float = 0.3, eps: float = 1e-2, **options: Any):
-        self.variant, self.grow_ratio, self.eps, self.options = variant, grow_ratio, eps, options
+    def __init__(self, variant: Variant, grow_ratio: float = 0.3, eps: float = 1e-2, lra: bool = False,
+                 **options: Any):
+        from .surgery.rates import SliceRates
+
+        self.variant, self.grow_ratio, self.eps, self.lra, self.options = variant, grow_ratio, eps, lra, options
         self.max_round_factor = variant.max_round_factor
         self.spectra: dict[str, Spectrum] = {}
+        self.stages: dict[str, list[int]] = {}  # with lra: the growth stage that added each channel, per layer
+        self.rates = SliceRates()
 
     def grower(self, model: nn.Module, example_inputs, optimizer, seed: int, max_macs: float | None) -> Grower:
         """The :class:`~nas_split.Grower` of one round (raises ``NotGrowableError`` for a model without a
@@ -230,7 +236,16 @@ class SplittingMethod(GrowthMethod):
         g.spectra = self.spectra
         report = g.step(loader)
         self.spectra = g.spectra
-        return report.to_dict()
+        info = report.to_dict()
+        if self.lra:  # the copies a round appends are that stage's slice (nas_split.surgery.rates)
+            from .surgery.rates import lra_factors
+
+            for layer, (old, new) in report.widths.items():
+                self.stages[layer] = self.stages.get(layer, [0] * old) + [stage] * (new - old)
+            factors = lra_factors(model, self.stages)
+            self.rates.set(model, ctx.example_inputs, self.stages, factors)
+            info["lra"] = {n: {str(t): f for t, f in fs.items()} for n, fs in factors.items()}
+        return info
 
 
 for _variant in VARIANTS.values():

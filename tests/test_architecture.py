@@ -95,7 +95,7 @@ def test_the_core_never_imports_its_plugins_or_the_nni_adapter():
 
 
 def test_surgery_is_layered_one_way():
-    order = ["handlers", "graph", "optim", "sizes", "split", "growable", "export", "rebuild"]
+    order = ["handlers", "graph", "optim", "sizes", "split", "growable", "export", "rebuild", "rates"]
     edges = graph()
     for i, low in enumerate(order):
         for high in order[i + 1:]:

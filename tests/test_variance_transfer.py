@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import search_spaces
-from baselines.variance_transfer import SliceRates, lra_factors, vt_counts, vt_grow
+from baselines.variance_transfer import vt_counts, vt_grow
+from nas_split.surgery.rates import SliceRates, lra_factors
 
 
 def _model(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor]:
@@ -85,3 +86,32 @@ def test_lra_scales_each_stage_slice_by_its_norm_ratio():
     rates.remove()
     scale = torch.tensor([expect[t] for t in stages[layer]], dtype=torch.float32).view(-1, 1, 1, 1)
     torch.testing.assert_close(scaled, plain * scale)
+
+
+def test_splitting_with_lra_labels_each_rounds_copies_and_scales_them():
+    """``lra=True`` on a splitting method: a round's copies (appended channels) are its stage, the factor of each
+    stage is ‖W_Δt‖ / ‖W_0‖ of the grown rows (numpy), and the copies' gradients are scaled by it."""
+    from types import SimpleNamespace
+
+    from nas_split.methods import create_method
+
+    m, x = _model("mobilenetv1_cifar_025", (32, 1, 8, 8))
+    y = torch.randint(0, 10, (32,))
+    method = create_method("s2d", lra=True, grow_ratio=0.3)
+    ctx = SimpleNamespace(example_inputs=x[:2], recipe=SimpleNamespace(seed=0))
+    widths = {n: mod.weight.shape[0] for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)}
+    info = method.grow(ctx, m, [(x, y)], None, 1, None)
+    assert method.stages and info["lra"]
+    for layer, labels in method.stages.items():
+        w = m.get_submodule(layer).weight.detach().numpy().reshape(len(labels), -1)
+        lab = np.array(labels)
+        assert (lab == 0).sum() == widths[layer] and (lab == 1).sum() == w.shape[0] - widths[layer] > 0
+        expect = np.linalg.norm(w[lab == 1]) / np.linalg.norm(w[lab == 0])
+        assert info["lra"][layer]["1"] == pytest.approx(expect, rel=1e-5)
+    layer = next(iter(method.stages))
+    weight = m.get_submodule(layer).weight
+    scaled = torch.autograd.grad(F.cross_entropy(m.train()(x), y), weight)[0]
+    method.rates.remove()
+    plain = torch.autograd.grad(F.cross_entropy(m(x), y), weight)[0]
+    factor = torch.tensor([info["lra"][layer][str(t)] for t in method.stages[layer]]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(scaled, plain * factor)
