@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nas_split.cost import PassCounter
+from nas_split.distributed import ShardedBatches, summed
 from nas_split.errors import ConfigError
 from nas_split.methods import FromScratch, GrowthMethod, Method, MethodContext, register_method
 from nas_split.stages import stage_seed
@@ -103,11 +104,11 @@ class PruneMethod(Method):
         ctx.stage(model, "full", ctx.seed_epochs, regularizer=reg)
         tr, _, _ = ctx.loaders(len(ctx.records))
         with PassCounter(model) as passes:
-            rep = prune_to_macs(model, ctx.example_inputs, ctx.target_mmacs * 1e6, self.criterion, loader=tr,
-                                round_to=self.round_to)
+            rep = prune_to_macs(model, ctx.example_inputs, ctx.target_mmacs * 1e6, self.criterion,
+                                loader=ShardedBatches(tr), round_to=self.round_to)
         ctx.stage(model, "pruned", 0, pruning={"macs_before": rep.macs_before, "macs_after": rep.macs_after,
                                               "target_error": rep.error, "steps": rep.steps},
-                  analysis_macs=passes.macs(rep.macs_before))
+                  analysis_macs=summed(passes.macs(rep.macs_before)))
         ctx.stage(model, "finetune", ctx.epochs * ctx.rounds)
         return model
 

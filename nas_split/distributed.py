@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_size", "rank", "is_main", "all_reduce_sum", "broadcast_object", "barrier", "shard",
+__all__ = ["world_size", "rank", "is_main", "all_reduce_sum", "summed", "broadcast_object", "barrier", "shard",
            "ShardedBatches", "multi_process", "launch"]
 
 T = TypeVar("T")
@@ -58,6 +58,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if _active():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def summed(x: float) -> float:
+    """A number added over the processes (e.g. MACs each counted on its own shard); ``x`` alone."""
+    if not _active():
+        return x
+    return float(all_reduce_sum(torch.tensor(x, dtype=torch.float64)).item())
 
 
 def broadcast_object(obj: T) -> T:

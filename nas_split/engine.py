@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .cost import PassCounter
-from .distributed import ShardedBatches, all_reduce_sum, world_size
+from .distributed import ShardedBatches, summed
 from .errors import ConfigError
 from .stages import StageRunner
 
@@ -89,11 +89,7 @@ def grow_rounds(runner: StageRunner, model: nn.Module, method: GrowStep, *, seed
             optimizer = None
         optimizer = runner.stage(model, "round", epochs, optimizer, growth=info,
                                  analysis_seconds=info.get("analysis_seconds", time.perf_counter() - t0),
-                                 analysis_macs=_summed(passes.macs(runner.records[-1].macs)))
+                                 analysis_macs=summed(passes.macs(runner.records[-1].macs)))
         on_stage(r, model, optimizer)
     return optimizer
 
-
-def _summed(x: float) -> float:
-    """``x`` added over the processes (each counted the passes over its own shard)."""
-    return float(all_reduce_sum(torch.tensor(x, dtype=torch.float64)).item()) if world_size() > 1 else x
