@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_size", "rank", "is_main", "all_reduce_sum", "summed", "broadcast_object", "barrier", "shard",
+__all__ = ["world_size", "rank", "is_main", "all_reduce_sum", "summed", "broadcast_object", "shard",
            "ShardedBatches", "multi_process", "launch"]
 
 T = TypeVar("T")
@@ -74,12 +74,6 @@ def broadcast_object(obj: T) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def barrier() -> None:
-    """Wait for every process (no-op alone)."""
-    if _active():
-        dist.barrier()
 
 
 def shard(batch: Any, r: int | None = None, world: int | None = None) -> Any:
