@@ -25,13 +25,17 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-PRUNE_MODELS = [("mobilenetv1_100", (3, 32, 32)), ("mobilenetv2_050", (3, 32, 32)),
-                ("mobilenetv1_cifar_025", (3, 32, 32)), ("pointnet_lite", (3, 64))]
+PRUNE_MODELS = {"mobilenetv1_100": (3, 32, 32), "mobilenetv2_050": (3, 32, 32),
+                "mobilenetv1_cifar_025": (3, 32, 32), "pointnet_lite": (3, 64)}
+# every criterion on the two small backbones; on the two large ones (residual streams, timm's full MobileNetV1)
+# one magnitude and one gradient criterion: landing on the target is the stepping loop's, whatever ranks channels
+PRUNE_CASES = [(n, c) for n in ("mobilenetv1_cifar_025", "pointnet_lite") for c in CRITERIA] + \
+    [(n, c) for n in ("mobilenetv1_100", "mobilenetv2_050") for c in ("l1", "taylor")]
 
 
-@pytest.mark.parametrize("criterion", CRITERIA)
-@pytest.mark.parametrize("name, shape", PRUNE_MODELS, ids=[m for m, _ in PRUNE_MODELS])
-def test_pruning_lands_within_3_percent_and_trains(name, shape, criterion):
+@pytest.mark.parametrize("name, criterion", PRUNE_CASES, ids=[f"{n}-{c}" for n, c in PRUNE_CASES])
+def test_pruning_lands_within_3_percent_and_trains(name, criterion):
+    shape = PRUNE_MODELS[name]
     torch.manual_seed(0)
     base = search_spaces.create(name, num_classes=10, in_chans=3, input_size=32)
     x = torch.randn(2, *shape)
