@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from nas_split.distributed import all_reduce_sum, world_size
+from nas_split.distributed import all_reduce_sum, batch_share, world_size
 from nas_split.numerics import full_precision, like_model, model_device
 from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.splitting.neurons import Neuron, splittable_layers
@@ -190,18 +190,18 @@ def firefly_candidates(model: nn.Module, example_inputs: torch.Tensor, loader: I
                                                           + 1e-2 * h.params[f"{n}.A"].pow(2).sum() for n in neurons)
             loss.backward()
             if world_size() > 1:  # the gradient of the whole batch: shards' means weighted by their samples
-                n_all = all_reduce_sum(torch.tensor(float(len(y)), device=device))
+                share = batch_share(len(y), device)
                 for p in h.params.values():
-                    p.grad = all_reduce_sum(p.grad * len(y)) / n_all
+                    p.grad = all_reduce_sum(p.grad * share)
             opt.step()
         for n in neurons:
             h.gates[n] = torch.ones(widths[n] + k, device=device, requires_grad=True)
         scores = {n: torch.zeros(widths[n] + k, device=device) for n in neurons}
         for x, y in batches:
             grads = torch.autograd.grad(loss_fn(forward(x), y), [h.gates[n] for n in neurons])
-            n_all = all_reduce_sum(torch.tensor(float(len(y)), device=device)) if world_size() > 1 else None
+            share = batch_share(len(y), device) if world_size() > 1 else None
             for n, g in zip(neurons, grads, strict=True):
-                scores[n] += (g if n_all is None else all_reduce_sum(g * len(y)) / n_all) / len(batches)
+                scores[n] += (g if share is None else all_reduce_sum(g * share)) / len(batches)
     finally:
         h.close()
     return {n: FireflyCandidates(n, h.params[f"{n}.D"].detach(), h.params[f"{n}.A"].detach(),

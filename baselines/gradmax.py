@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas_split.distributed import all_reduce_sum, world_size
+from nas_split.distributed import all_reduce_sum, batch_share, world_size
 from nas_split.numerics import full_precision, like_model
 from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.splitting.neurons import find_neurons, splittable_layers
@@ -135,7 +135,7 @@ def gradmax_matrix(model: nn.Module, example_inputs: torch.Tensor, layer: str, l
                                                 cons.stride, cons.padding, cons.dilation)
             g = g.movedim(1, -1).reshape(-1, pmap.shape[1])  # (out * kernel, D): fan-out coordinates x fan-in
             if world_size() > 1:  # this process's share of the whole batch's mean-loss gradient
-                g = g * (len(y) / all_reduce_sum(torch.tensor(float(len(y)), device=g.device)))
+                g = g * batch_share(len(y), g.device)
             g_total = g if g_total is None else g_total + g
     finally:
         for h in hooks:

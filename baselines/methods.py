@@ -11,7 +11,7 @@ from nas_split.distributed import ShardedBatches, summed
 from nas_split.errors import ConfigError
 from nas_split.methods import FromScratch, GrowthMethod, Method, MethodContext, register_method
 from nas_split.stages import stage_seed
-from nas_split.surgery.rates import SliceRates, lra_factors
+from nas_split.surgery.rates import SliceRates
 from nas_split.surgery.rebuild import fresh_model, resized_sizes
 
 from .firefly import firefly_grow
@@ -64,7 +64,6 @@ class _VarianceTransfer(GrowthMethod):
 
     def __init__(self, grow_ratio: float = 0.2, variance_transfer: bool = True, lra: bool = True):
         self.grow_ratio, self.variance_transfer, self.lra = grow_ratio, variance_transfer, lra
-        self.stages: dict[str, list[int]] = {}  # the growth stage that added each output channel, per layer
         self.rates = SliceRates()
 
     def grow(self, ctx, model, loader, optimizer, stage, max_macs):
@@ -73,13 +72,10 @@ class _VarianceTransfer(GrowthMethod):
         widths = {n: modules[n].weight.shape[0] for n in pairs}
         rep = vt_grow(model, ctx.example_inputs, pairs, optimizer,
                       torch.Generator().manual_seed(stage_seed(ctx.recipe.seed, stage)), self.variance_transfer)
-        for n, k in rep.added.items():
-            self.stages[n] = self.stages.get(n, [0] * widths[n]) + [stage] * k
         info = {"new_neurons": rep.new_neurons, "variance_transfer": rep.beta}
         if self.lra:
-            factors = lra_factors(model, self.stages)
-            self.rates.set(model, ctx.example_inputs, self.stages, factors)
-            info["lra"] = {n: {str(t): f for t, f in fs.items()} for n, fs in factors.items()}
+            info["lra"] = self.rates.record(model, ctx.example_inputs,
+                                            {n: (widths[n], widths[n] + k) for n, k in rep.added.items()}, stage)
         return info
 
 

@@ -21,7 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from nas_split.cost import count_macs
-from nas_split.distributed import all_reduce_sum, rank, world_size
+from nas_split.distributed import all_reduce_sum, batch_share, rank, summed, world_size
 from nas_split.numerics import like_model
 from nas_split.surgery import growable_layers
 from nas_split.surgery.handlers import is_depthwise
@@ -79,8 +79,7 @@ def _gradients(model: nn.Module, criterion: str, imp, batches: list, loss_fn: Ca
     if criterion == "taylor":
         model.zero_grad()
         for x, y in batches:
-            scale = len(y) / all_reduce_sum(torch.tensor(float(len(y)), device=y.device)).item() if world > 1 else 1.0
-            (loss_fn(model(x), y) * scale).backward()
+            (loss_fn(model(x), y) * batch_share(len(y), y.device)).backward()
         for p in params:
             if p.grad is not None:
                 all_reduce_sum(p.grad)
@@ -90,16 +89,14 @@ def _gradients(model: nn.Module, criterion: str, imp, batches: list, loss_fn: Ca
         count = 0
         for x, y in batches:
             # global samples 0..7 of the batch: local row i of process r is global row i * world + r
-            for i in range((8 - r + world - 1) // world if world > 1 else min(len(y), 8)):
-                if i >= len(y):
-                    break
+            for i in range(min(len(y), (8 - r + world - 1) // world)):
                 model.zero_grad()
                 loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
                 for sq, p in zip(squares, params, strict=True):
                     if p.grad is not None:
                         sq += p.grad.detach() ** 2
                 count += 1
-        n = all_reduce_sum(torch.tensor(float(count), device=squares[0].device)).item() if world > 1 else count
+        n = summed(count)
         for sq, p in zip(squares, params, strict=True):
             imp._accu_grad[p] = all_reduce_sum(sq)
             imp._counter[p] = max(n, 1)

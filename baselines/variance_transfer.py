@@ -97,8 +97,7 @@ def vt_grow(model: nn.Module, example_inputs: torch.Tensor, pairs: Mapping[str, 
     old_in = {n: modules[n].weight.shape[1] for n in grows}
     old_out = {n: modules[n].weight.shape[0] for n in pairs}
     add_channels(model, example_inputs, additions, optimizer=optimizer, graph=graph)
-    modules = dict(model.named_modules())
-    for n in set(pairs) & set(old_in):  # new rows x new columns (zero after surgery): drawn too, the same per pair
+    for n in [n for n in pairs if n in old_in]:  # new rows x new columns (zero after surgery): drawn too, per pair
         w, k = modules[n].weight, pairs[n]
         block = torch.randn((k, w.shape[1] - old_in[n], *w.shape[2:]), generator=gen) * additions[n].fan_in.std()
         with torch.no_grad():

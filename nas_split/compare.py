@@ -272,14 +272,15 @@ def _run_compare(cfg: CompareConfig, overwrite: bool, on_done: Callable[[Planned
             shutil.rmtree(stale, ignore_errors=True)
         if runs and runs[0].phase == "search":
             atomic_write_json(out / "compare.json", {"config": cfg.model_dump(), "runs": [r.key for r in runs]})
-    left = broadcast_object([r.key for r in runs if finished_result(r) is None] if is_main() else None)
+    found = {r.key: finished_result(r) for r in runs} if is_main() else {}
+    left = broadcast_object([k for k, res in found.items() if res is None] if is_main() else None)
     results: dict[str, dict] = {}
     todo = []
     for run in runs:
         if run.key in left:
             todo.append(run)
-        else:
-            results[run.key] = finished_result(run)
+        else:  # the other processes read what process 0 found finished
+            results[run.key] = found.get(run.key) or finished_result(run)
             on_done(run, results[run.key], True)
     threads = worker_threads(cfg.jobs, len(todo))
     try:

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_size", "rank", "is_main", "all_reduce_sum", "summed", "broadcast_object", "shard",
+__all__ = ["world_size", "rank", "is_main", "all_reduce_sum", "batch_share", "summed", "broadcast_object", "shard",
            "ShardedBatches", "multi_process", "launch"]
 
 T = TypeVar("T")
@@ -58,6 +58,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if _active():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def batch_share(n: int, device: torch.device | str = "cpu") -> float:
+    """This process's fraction ``n / Σ n`` of a batch whose shards hold ``n`` samples each (1.0 alone): the
+    weight that turns a shard's mean into its part of the whole batch's mean."""
+    if not _active():
+        return 1.0
+    return n / all_reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=device)).item()
 
 
 def summed(x: float) -> float:

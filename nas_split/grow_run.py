@@ -189,11 +189,8 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
             for grp, hyper in zip(optimizer.param_groups, recipe, strict=True):  # a changed recipe applies from here
                 grp.update(hyper)
         method.spectra = {k: Spectrum(**v) for k, v in ckpt["spectra"].items()}
-        method.stages = {k: list(v) for k, v in ckpt.get("stages", {}).items()}
-        if method.lra and method.stages:  # the rates of the stage the run stopped in
-            from .surgery.rates import lra_factors
-
-            method.rates.set(model, p.example_inputs, method.stages, lra_factors(model, method.stages))
+        if method.lra and ckpt.get("stages"):  # the rates of the stage the run stopped in
+            method.rates.restore(model, p.example_inputs, ckpt["stages"])
         results = ckpt["results"]
         results["config"] = cfg.model_dump()
     writer = RunWriter(run_dir, {"command": "grow", "config": cfg.model_dump(),
@@ -209,7 +206,7 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
                     cfg.train.epochs, epochs=cfg.train.epochs, rounds=g.rounds, target_mmacs=g.budget_mmacs,
                     budget_energy_uj=g.budget_energy_uj, carry_optimizer=g.carry_optimizer, optimizer=optimizer,
                     on_stage=lambda k, m, opt: _save(run_dir, k, m, opt, method.spectra, writer.results,
-                                                     method.stages))
+                                                     method.rates.stages))
         return writer.finish({"method": g.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
                               "rounds": g.rounds, "grow_ratio": g.grow_ratio, "eps": g.eps, "seed": cfg.train.seed,
                               "energy_aware": g.energy_aware})

@@ -34,6 +34,7 @@ from .grower import Grower
 from .splitting.analysis import Spectrum
 from .splitting.variants import VARIANTS, Variant
 from .stages import StageRunner, stage_seed
+from .surgery.rates import SliceRates
 
 __all__ = ["MethodContext", "Method", "FromScratch", "RetrainMethod", "trains_from_scratch", "GrowthMethod",
            "SplittingMethod", "register_method", "create_method", "list_methods", "load_plugins", "UnknownMethodError"]
@@ -216,13 +217,10 @@ class SplittingMethod(GrowthMethod):
 
     def __init__(self, variant: Variant, grow_ratio: float = 0.3, eps: float = 1e-2, lra: bool = False,
                  **options: Any):
-        from .surgery.rates import SliceRates
-
         self.variant, self.grow_ratio, self.eps, self.lra, self.options = variant, grow_ratio, eps, lra, options
         self.max_round_factor = variant.max_round_factor
         self.spectra: dict[str, Spectrum] = {}
-        self.stages: dict[str, list[int]] = {}  # with lra: the growth stage that added each channel, per layer
-        self.rates = SliceRates()
+        self.rates = SliceRates()  # with lra: the growth stage of each channel and its learning rate
 
     def grower(self, model: nn.Module, example_inputs, optimizer, seed: int, max_macs: float | None) -> Grower:
         """The :class:`~nas_split.Grower` of one round (raises ``NotGrowableError`` for a model without a
@@ -238,13 +236,7 @@ class SplittingMethod(GrowthMethod):
         self.spectra = g.spectra
         info = report.to_dict()
         if self.lra:  # the copies a round appends are that stage's slice (nas_split.surgery.rates)
-            from .surgery.rates import lra_factors
-
-            for layer, (old, new) in report.widths.items():
-                self.stages[layer] = self.stages.get(layer, [0] * old) + [stage] * (new - old)
-            factors = lra_factors(model, self.stages)
-            self.rates.set(model, ctx.example_inputs, self.stages, factors)
-            info["lra"] = {n: {str(t): f for t, f in fs.items()} for n, fs in factors.items()}
+            info["lra"] = self.rates.record(model, ctx.example_inputs, report.widths, stage)
         return info
 
 

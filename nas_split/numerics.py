@@ -75,8 +75,7 @@ def model_device(model: nn.Module) -> torch.device:
 def like_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` on ``model``'s device, a floating ``x`` in the floating dtype of its parameters (float64 under
     Fabric's ``64-true`` precision); a no-op when it is like that already."""
-    for t in model.parameters():
-        if t.is_floating_point() and x.is_floating_point():
-            return x.to(t.device, t.dtype)
-        return x.to(t.device)
+    p = next(model.parameters(), None)
+    if p is not None and p.is_floating_point() and x.is_floating_point():
+        return x.to(p.device, p.dtype)
     return x.to(model_device(model))

@@ -241,7 +241,7 @@ class Trainer:
         process with the global batch size would."""
         if self.cfg.device_data and self.fabric.world_size == 1 and DeviceBatches.supports(loader):
             return DeviceBatches(loader, self.device, fmt)
-        return _Formatted(ShardedBatches(loader) if self.fabric.world_size > 1 else loader, fmt, self.device)
+        return _Formatted(ShardedBatches(loader), fmt, self.device)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> EvalResult:
@@ -252,7 +252,7 @@ class Trainer:
         model.eval()
         crit = nn.CrossEntropyLoss(reduction="sum")
         stats = torch.zeros(3, device=self.device, dtype=torch.float64)
-        for x, y in (ShardedBatches(loader) if self.fabric.world_size > 1 else loader):
+        for x, y in ShardedBatches(loader):
             x, y = like_model(model, x), y.to(self.device)
             out = model(x)
             stats += torch.stack([crit(out, y).double(), (out.argmax(1) == y).sum().double(),

@@ -101,17 +101,17 @@ def test_splitting_with_lra_labels_each_rounds_copies_and_scales_them():
     ctx = SimpleNamespace(example_inputs=x[:2], recipe=SimpleNamespace(seed=0))
     widths = {n: mod.weight.shape[0] for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)}
     info = method.grow(ctx, m, [(x, y)], None, 1, None)
-    assert method.stages and info["lra"]
-    for layer, labels in method.stages.items():
+    assert method.rates.stages and info["lra"]
+    for layer, labels in method.rates.stages.items():
         w = m.get_submodule(layer).weight.detach().numpy().reshape(len(labels), -1)
         lab = np.array(labels)
         assert (lab == 0).sum() == widths[layer] and (lab == 1).sum() == w.shape[0] - widths[layer] > 0
         expect = np.linalg.norm(w[lab == 1]) / np.linalg.norm(w[lab == 0])
         assert info["lra"][layer]["1"] == pytest.approx(expect, rel=1e-5)
-    layer = next(iter(method.stages))
+    layer = next(iter(method.rates.stages))
     weight = m.get_submodule(layer).weight
     scaled = torch.autograd.grad(F.cross_entropy(m.train()(x), y), weight)[0]
     method.rates.remove()
     plain = torch.autograd.grad(F.cross_entropy(m(x), y), weight)[0]
-    factor = torch.tensor([info["lra"][layer][str(t)] for t in method.stages[layer]]).view(-1, 1, 1, 1)
+    factor = torch.tensor([info["lra"][layer][str(t)] for t in method.rates.stages[layer]]).view(-1, 1, 1, 1)
     torch.testing.assert_close(scaled, plain * factor)

@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_reduce_sum, world_size
+from ..distributed import all_reduce_sum, batch_share, world_size
 from ..errors import DivergedError
-from ..numerics import full_precision, like_model
+from ..numerics import full_precision, like_model, model_device
 from .activations import first_derivative, second_derivative
 from .neurons import Neuron, NotAnalyzableError
 
@@ -207,7 +207,7 @@ class _Capture:
 def _passes(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss_fn: LossFn,
             max_batches: int | None) -> Iterator[tuple[int, dict[str, dict[str, torch.Tensor]]]]:
     """For each batch: forward + backward (eval mode), yield the batch size and the captured tensors."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     cap = _Capture(neurons)
     was = model.training
     model.eval()
@@ -257,12 +257,8 @@ def splitting_matrices(model: nn.Module, loader: Iterable, neurons: dict[str, Ne
                 s[i:i + step] += (cp.transpose(1, 2) @ p).double() * n_b   # batch mean -> weight by batch size
             if nr.tail is not None:
                 s += _tail_matrices(_tail_term(nr, d, beta), p, chunk_bytes) * n_b
-    n = all_reduce_sum(torch.tensor(float(total), dtype=torch.float64, device=_device(model)))
+    n = all_reduce_sum(torch.tensor(float(total), dtype=torch.float64, device=model_device(model)))
     return {k: all_reduce_sum(v) / n.clamp_min(1) for k, v in acc.items()}
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def exact_spectrum(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss_fn: LossFn,
@@ -346,14 +342,13 @@ def fast_spectrum(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron]
     for _ in range(passes):
         for n_b, data in _passes(model, loader, neurons, loss_fn, max_batches):
             opt.zero_grad(set_to_none=False)
-            weight = all_reduce_sum(torch.tensor(float(n_b), dtype=torch.float64, device=_device(model))) \
-                if world_size() > 1 else None
+            share = batch_share(n_b, model_device(model)) if world_size() > 1 else None
             for (name, end), v in vs.items():
                 nr, d = neurons[name], data[name]
                 with torch.no_grad():
                     sv = _sv(nr, d, beta, v)
-                    if weight is not None:  # the batch mean over every process's shard
-                        sv = all_reduce_sum(sv * n_b) / weight.to(sv.dtype)
+                    if share is not None:  # the batch mean over every process's shard
+                        sv = all_reduce_sum(sv * share)
                     vv = v.flatten(1).pow(2).sum(1)
                     r = (sv * v).flatten(1).sum(1) / vv
                     grad = 2 * (sv - r.view(-1, *[1] * (v.dim() - 1)) * v) / vv.view(-1, *[1] * (v.dim() - 1))
@@ -371,7 +366,7 @@ def fast_spectrum(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron]
                 nr, d = neurons[name], data[name]
                 sv = _sv(nr, d, beta, v)
                 lam[(name, end)] += (sv * v).flatten(1).sum(1).double() * n_b
-    total = all_reduce_sum(torch.tensor(float(total), dtype=torch.float64, device=_device(model))).item()
+    total = all_reduce_sum(torch.tensor(float(total), dtype=torch.float64, device=model_device(model))).item()
     for t in lam.values():
         all_reduce_sum(t)
     out = {}

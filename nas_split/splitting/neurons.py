@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import NasSplitError
 from ..numerics import like_model
 from ..surgery import CouplingGraph, growable_layers
+from ..surgery.handlers import is_depthwise
 from .activations import LINEAR, activation_kind
 
 __all__ = ["Neuron", "Tail", "find_neurons", "splittable_layers", "NotAnalyzableError"]
@@ -148,31 +149,33 @@ def find_neurons(model: nn.Module, example_inputs: torch.Tensor, layers: list[st
         norm, act, k_act, t_act = norm_and_act(name, pos[0], events[pos[0]][2])
         nr = _neuron(name, modules[name], norm, act)
         nxt = consumers(t_act, k_act) if act is not None else []
-        if len(nxt) == 1 and _is_depthwise(modules[nxt[0][1]]) and isinstance(nr.layer, nn.modules.conv._ConvNd):
+        if len(nxt) == 1 and _follows(modules[nxt[0][1]]) and isinstance(nr.layer, nn.modules.conv._ConvNd):
             k_dw, dw_name, t_dw = nxt[0]
             norm2, act2, _, _ = norm_and_act(dw_name, k_dw, t_dw)
-            kind2 = activation_kind(act2)
-            if kind2 is None:
-                raise NotAnalyzableError(f"layer {dw_name!r}: activation {type(act2).__name__} has no σ'' in "
-                                         "nas_split.splitting.activations")
+            kind2 = _kind(dw_name, act2)
             if kind2 != LINEAR:
                 nr.tail = Tail(modules[dw_name], norm2, act2, kind2)
         out[name] = nr
     return out
 
 
-def _is_depthwise(m: nn.Module) -> bool:
-    """A dense-padded Conv1d/Conv2d with one kernel per channel (channel multiplier 1)."""
-    return isinstance(m, nn.Conv1d | nn.Conv2d) and m.groups == m.in_channels == m.out_channels \
-        and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+def _follows(m: nn.Module) -> bool:
+    """A depthwise conv the analysis follows: Conv1d / Conv2d with numeric zero padding, channel multiplier 1."""
+    return is_depthwise(m) and isinstance(m, nn.Conv1d | nn.Conv2d) and m.padding_mode == "zeros" \
+        and not isinstance(m.padding, str)
 
 
-def _neuron(name: str, layer: nn.Module, norm, act) -> Neuron:
+def _kind(name: str, act: nn.Module | None) -> str:
+    """The activation kind of ``act`` after layer ``name``; refuses an activation without a known σ''."""
     kind = activation_kind(act)
     if kind is None:
         raise NotAnalyzableError(f"layer {name!r}: activation {type(act).__name__} has no σ'' in "
                                  "nas_split.splitting.activations")
-    return Neuron(name, layer, norm, act, kind)
+    return kind
+
+
+def _neuron(name: str, layer: nn.Module, norm, act) -> Neuron:
+    return Neuron(name, layer, norm, act, _kind(name, act))
 
 
 def splittable_layers(model: nn.Module, example_inputs: torch.Tensor, layers: list[str] | None = None,

@@ -37,10 +37,30 @@ def lra_factors(model: nn.Module, stages: Mapping[str, list[int]]) -> dict[str, 
 
 class SliceRates:
     """Gradient scales per (layer, growth stage) slice: rows of the layer and its norm, columns in its
-    consumers.  ``set`` replaces the hooks (after each growth; surgery replaces the parameters anyway)."""
+    consumers.  ``stages[layer][c]`` is the growth stage that added output channel ``c``; :meth:`record` labels a
+    growth's appended channels and sets the rates, :meth:`set` replaces the hooks (surgery replaces the
+    parameters anyway)."""
 
     def __init__(self):
         self.handles: list = []
+        self.stages: dict[str, list[int]] = {}
+
+    def record(self, model: nn.Module, example_inputs: torch.Tensor, widths: Mapping[str, tuple[int, int]],
+               stage: int) -> dict[str, dict[str, float]]:
+        """Label the channels a growth appended (``{layer: (old width, new width)}``) with ``stage`` and set the
+        rates of every slice; returns the factors, JSON-ready."""
+        for layer, (old, new) in widths.items():
+            self.stages[layer] = self.stages.get(layer, [0] * old) + [stage] * (new - old)
+        return {n: {str(t): f for t, f in fs.items()} for n, fs in self.restore(model, example_inputs).items()}
+
+    def restore(self, model: nn.Module, example_inputs: torch.Tensor,
+                stages: Mapping[str, list[int]] | None = None) -> dict[str, dict[int, float]]:
+        """Set the rates from ``stages`` (default: the ones recorded), e.g. those a checkpoint kept."""
+        if stages is not None:
+            self.stages = {k: list(v) for k, v in stages.items()}
+        factors = lra_factors(model, self.stages)
+        self.set(model, example_inputs, self.stages, factors)
+        return factors
 
     def set(self, model: nn.Module, example_inputs: torch.Tensor, stages: Mapping[str, list[int]],
             factors: Mapping[str, Mapping[int, float]]) -> None:
