@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ._io import atomic_write_json, output_lock
 from .config import ConfigError, MethodRunConfig, RunConfig
@@ -91,6 +91,14 @@ class CompareConfig(RunConfig):
             raise ValueError(f"seed {next(s for s in v if v.count(s) > 1)} is listed twice; each seed is one run")
         return v
 
+    @model_validator(mode="after")
+    def _timing_alone(self) -> CompareConfig:
+        if self.jobs > 1 and self.cost_model.startswith("latency"):
+            raise ValueError(f"cost_model {self.cost_model} times layers on this machine while the runs train, and "
+                             f"jobs: {self.jobs} workers would time each other: use jobs: 1, or measure the table "
+                             "first and give its file as cost_model")
+        return self
+
     def entries(self) -> list[MethodEntry]:
         """The methods as :class:`MethodEntry`, labels unique."""
         out = list(self.methods)
@@ -124,7 +132,7 @@ class PlannedRun:
 def plan_runs(cfg: CompareConfig) -> list[PlannedRun]:
     """Every method x target x seed, in that order, as a :class:`MethodRunConfig` each."""
     common = cfg.model_dump(include={"dataset", "dataset_options", "data_dir", "backbone", "backbone_options",
-                                     "latency", "seed_options", "rounds", "seed_epochs"})
+                                     "latency", "cost_model", "seed_options", "rounds", "seed_epochs"})
     runs = []
     for e in cfg.entries():
         for target in cfg.targets_mmacs or [None]:

@@ -32,6 +32,17 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     out: str = "runs/train"
     latency: bool = Field(True, description="measure forward latency for the records")
+    cost_model: str = Field("horowitz-45nm", description="what prices layers for the records, the reports and "
+                            "energy-aware growth: a name of nas_split.cost_models.COST_MODELS or a profile file")
+
+    @field_validator("cost_model")
+    @classmethod
+    def _cost_model(cls, v: str) -> str:
+        from .cost_models import COST_MODELS
+
+        if v not in COST_MODELS and not Path(v).expanduser().is_file():
+            raise ValueError(f"neither a known cost model ({', '.join(COST_MODELS)}) nor a profile file")
+        return v
 
 
 class GrowthConfig(BaseModel):
@@ -50,7 +61,8 @@ class GrowthConfig(BaseModel):
                                          "(nas_split.surgery.rates)")
     only_negative: bool = True
     energy_aware: bool = False
-    cost: Literal["macs", "energy"] = "macs"
+    cost: Literal["macs", "model"] = Field("macs", description="what the energy-aware LP prices: MACs or "
+                                           "the run's cost_model")
     budget_mmacs: float | None = Field(None, gt=0, allow_inf_nan=False,
                                        description="MAC target of the engine's geometric round schedule")
     budget_energy_uj: float | None = Field(None, gt=0, allow_inf_nan=False,

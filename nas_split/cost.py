@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .cost_models import CostModel, EnergyModel, LayerShape, layer_shape
+from .cost_models import cost_model as _cost_model
 from .numerics import like_model
 
 __all__ = ["EnergyModel", "LayerCost", "CostReport", "count_macs", "measure_cost", "measure_latency",
@@ -43,33 +45,10 @@ _LEAF_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BYTES = 4  # float32
 
 
-@dataclass(frozen=True)
-class EnergyModel:
-    """Per-layer energy model ``E = MACs * e_mac_pj + bytes * e_mem_pj_per_byte`` (picojoules).
-
-    Attributes:
-        e_mac_pj: energy of one multiply-accumulate.
-        e_mem_pj_per_byte: energy of moving one byte of weights or activations.
-        source: citation of the constants.
-    """
-
-    e_mac_pj: float = 3.7 + 0.9
-    e_mem_pj_per_byte: float = 640.0 / 4
-    source: str = "Horowitz ISSCC 2014, 45 nm fp32: MAC 4.6 pJ (mult 3.7 + add 0.9), DRAM 640 pJ / 32-bit"
-
-    @classmethod
-    def sram(cls) -> EnergyModel:
-        """Data in on-chip 8 KB SRAM: 5 pJ per 32-bit read (Horowitz 2014)."""
-        return cls(e_mem_pj_per_byte=5.0 / 4, source="Horowitz ISSCC 2014, 45 nm fp32: MAC 4.6 pJ, SRAM 5 pJ / 32-bit")
-
-    def layer_energy_pj(self, macs: float, nbytes: float) -> float:
-        """Energy of one layer in pJ."""
-        return macs * self.e_mac_pj + nbytes * self.e_mem_pj_per_byte
-
-
 @dataclass
 class LayerCost:
-    """Cost of one conv/linear layer for one sample."""
+    """Cost of one conv/linear layer for one sample: counted figures, the analytic energy and the layer's cost
+    under the report's cost model (``priced``, in its unit); ``shape`` is what the cost model priced."""
 
     name: str
     type: str
@@ -79,6 +58,8 @@ class LayerCost:
     input_bytes: int
     output_bytes: int
     energy_pj: float
+    priced: float = 0.0
+    shape: LayerShape | None = None
 
 
 @dataclass
@@ -92,10 +73,13 @@ class CostReport:
     latency_ms: float | None
     layers: list[LayerCost]
     energy_model: EnergyModel = field(default_factory=EnergyModel)
+    priced: float = 0.0
+    cost_model: dict = field(default_factory=lambda: EnergyModel().describe())
     provenance: dict[str, str] = field(default_factory=lambda: {
         "macs": "counted (FlopCounterMode / 2, conv + matmul)", "params": "counted",
         "peak_activation_bytes": "estimated (max input+output bytes of one layer, float32)",
         "energy_uj": "estimated (per-layer model, see energy_model.source)",
+        "priced": "the cost model's sum over layers (see cost_model: label, unit, measured, source)",
         "latency_ms": "measured (median, torch.utils.benchmark, batch 1)"})
 
     @property
@@ -107,9 +91,10 @@ class CostReport:
         """JSON-ready summary (``layers=True`` adds the per-layer breakdown)."""
         d = {"macs": self.macs, "mmacs": self.mmacs, "params": self.params,
              "peak_activation_bytes": self.peak_activation_bytes, "energy_uj_est": self.energy_uj,
-             "latency_ms": self.latency_ms, "energy_model": asdict(self.energy_model), "provenance": self.provenance}
+             "latency_ms": self.latency_ms, "energy_model": asdict(self.energy_model), "priced": self.priced,
+             "cost_model": self.cost_model, "provenance": self.provenance}
         if layers:
-            d["layers"] = [asdict(lc) for lc in self.layers]
+            d["layers"] = [{k: v for k, v in asdict(lc).items() if k != "shape"} for lc in self.layers]
         return d
 
 
@@ -174,12 +159,15 @@ def measure_latency(model: nn.Module, example_inputs: torch.Tensor, min_run_time
 
 
 def measure_cost(model: nn.Module, example_inputs: torch.Tensor, energy_model: EnergyModel | None = None,
-                 latency: bool = True) -> CostReport:
-    """Count MACs and params, estimate activation memory and energy, and (optionally) measure latency."""
+                 latency: bool = True, cost_model: CostModel | str | None = None) -> CostReport:
+    """Count MACs and params, estimate activation memory and energy, price the layers with ``cost_model`` (a
+    :class:`~nas_split.cost_models.CostModel` or its name; default: the energy model) and (optionally) measure
+    latency."""
     em = energy_model or EnergyModel()
+    priced_by = em if cost_model is None else _cost_model(cost_model)
     x = like_model(model, first_sample(example_inputs))
     total, own = count_macs(model, x)
-    io: dict[str, tuple[int, int]] = {}
+    io: dict[str, tuple[int, int, tuple[int, ...], int]] = {}
     peak = 0
 
     def hook(name):
@@ -189,7 +177,7 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, energy_model: E
             ob = (out.numel() if torch.is_tensor(out) else 0) * _BYTES
             peak = max(peak, ib + ob)
             if isinstance(mod, _LEAF_TYPES):
-                io[name] = (ib, ob)
+                io[name] = (ib, ob, tuple(inp[0].shape[1:]), out.numel())
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if not list(m.children())]
@@ -201,19 +189,23 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, energy_model: E
             h.remove()
     modules = dict(model.named_modules())
     layers = []
-    for name, (ib, ob) in io.items():
+    for name, (ib, ob, size, out_numel) in io.items():
         mod = modules[name]
         params = sum(p.numel() for p in mod.parameters(recurse=False))
         macs = own.get(name, 0)
+        shape = layer_shape(mod, size, out_numel, macs)
         layers.append(LayerCost(name, type(mod).__name__, macs, params, params * _BYTES, ib, ob,
-                                em.layer_energy_pj(macs, params * _BYTES + ib + ob)))
+                                em.layer_energy_pj(macs, params * _BYTES + ib + ob), priced_by.layer_cost(shape),
+                                shape))
     other = total - sum(lc.macs for lc in layers)
     if other > 0:
-        layers.append(LayerCost("(other)", "functional", other, 0, 0, 0, 0, em.layer_energy_pj(other, 0)))
+        layers.append(LayerCost("(other)", "functional", other, 0, 0, 0, 0, em.layer_energy_pj(other, 0),
+                                priced_by.other_cost(other)))
     return CostReport(
         macs=total, params=sum(p.numel() for p in model.parameters()), peak_activation_bytes=peak,
         energy_uj=sum(lc.energy_pj for lc in layers) / 1e6,
-        latency_ms=measure_latency(model, x) if latency else None, layers=layers, energy_model=em)
+        latency_ms=measure_latency(model, x) if latency else None, layers=layers, energy_model=em,
+        priced=sum(lc.priced for lc in layers), cost_model=priced_by.describe())
 
 
 def training_macs(macs: float, samples: int) -> float:

@@ -18,6 +18,7 @@ import search_spaces
 
 from ._io import output_lock, remove_path
 from .config import ConfigError, MethodRunConfig, RunConfig
+from .cost_models import CostModel, cost_model
 from .data import DataSplits, create_dataset
 from .distributed import is_main
 from .errors import DivergedError, NasSplitError
@@ -45,6 +46,7 @@ class Prepared:
     data: DataSplits
     model: nn.Module
     example_inputs: torch.Tensor
+    cost_model: CostModel
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -76,7 +78,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise BackboneMismatchError(f"backbone {cfg.backbone!r} does not fit dataset {info.name!r} "
                                     f"(samples {info.input_shape}): {str(e).splitlines()[0]}") from None
     model.train()
-    return Prepared(data, model, x)
+    return Prepared(data, model, x, cost_model(cfg.cost_model))
 
 
 def _opts(options: dict, what: str) -> dict:
@@ -162,8 +164,8 @@ def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
             raise
         raise ConfigError(f"options of {cfg.method!r} or seed_options: {str(e).splitlines()[0]}") from None
     ctx = MethodContext(data=p.data, recipe=cfg.train, example_inputs=p.example_inputs, record=record,
-                        latency=cfg.latency, build_seed=lambda: build(**cfg.seed_options), build_full=build,
-                        build_width=build_width,
+                        latency=cfg.latency, cost_model=p.cost_model, build_seed=lambda: build(**cfg.seed_options),
+                        build_full=build, build_width=build_width,
                         seed_epochs=cfg.seed_epochs if cfg.seed_epochs is not None else cfg.train.epochs,
                         epochs=cfg.train.epochs, rounds=cfg.rounds, target_mmacs=cfg.target_mmacs)
     method.check(ctx, count_macs(seed, p.example_inputs)[0], count_macs(p.model, p.example_inputs)[0])
@@ -200,7 +202,7 @@ def run_train(cfg: RunConfig, overwrite: bool = False, prepared: Prepared | None
 
     def body(writer):
         runner = StageRunner(data=p.data, recipe=cfg.train, example_inputs=p.example_inputs, record=writer.stage,
-                             epoch_hook=writer.epoch, latency=cfg.latency)
+                             epoch_hook=writer.epoch, latency=cfg.latency, cost_model=p.cost_model)
         runner.stage(p.model, "train", cfg.train.epochs)
         return {"method": "train", "dataset": cfg.dataset, "backbone": cfg.backbone, "epochs": cfg.train.epochs,
                 "lr": cfg.train.lr, "seed": cfg.train.seed}

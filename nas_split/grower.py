@@ -10,7 +10,8 @@ Drive it from any training loop::
 Methods: the splitting variants of :data:`nas_split.splitting.variants.VARIANTS` (``s2d`` exact matrices + S2D
 splits, ``fast`` Rayleigh-quotient analysis + S2D, ``s3d`` fast analysis of both spectrum ends + signed splits,
 ``s3d-exact``, ``energy`` = ``fast`` with the LP); ``energy_aware=True`` replaces the grow-ratio selection by the
-linear program over MAC (or energy) costs for any of them.
+linear program over MAC costs, or over a cost model's prices (``cost="model"``: an analytic energy model, a
+measured latency table, a device profile; :mod:`nas_split.cost_models`), for any of them.
 
 The coupling graph and the splittable layers are traced once per architecture (cached by the layer widths), and
 the trial split that verifies a layer is growable runs once per layer in the Grower's lifetime.
@@ -25,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cost import EnergyModel, count_macs
+from .cost import count_macs
+from .cost_models import CostModel
+from .cost_models import cost_model as build_cost_model
 from .distributed import broadcast_object, world_size
 from .errors import ConfigError
 from .splitting.analysis import Spectrum
@@ -82,7 +85,8 @@ class Grower:
         max_copies: 3 or 4 (S3D's 4-copy scheme).
         only_negative: split only neurons whose predicted loss change is negative.
         energy_aware: select with the LP over costs instead of the ratio.
-        cost: ``"macs"`` or ``"energy"`` as the LP's cost.
+        cost: the LP's cost: ``"macs"`` or ``"model"`` (``cost_model``'s price of a new channel).
+        cost_model: a :class:`~nas_split.cost_models.CostModel` or its name (default ``horowitz-45nm``).
         budget_scale: multiplies the LP's default budgets.
         groups, quotas: ``{layer: group}`` and ``{group: ratio}`` for per-group quotas / budgets.
         max_width, round_to: per-layer cap and width rounding, as in :func:`nas_split.split`.
@@ -101,7 +105,7 @@ class Grower:
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, method: str = "s2d", *,
                  grow_ratio: float | None = 0.3, eps: float = 1e-2, c: float = 3.0, max_copies: int = 4,
                  only_negative: bool = True, energy_aware: bool = False, cost: str = "macs",
-                 energy_model: EnergyModel | None = None, budget_scale: float = 1.0,
+                 cost_model: CostModel | str | None = None, budget_scale: float = 1.0,
                  groups: Mapping[str, str] | None = None, quotas: Mapping[str, float] | None = None,
                  max_width: int | Mapping[str, int] | None = None, round_to: int | None = None,
                  max_macs: float | None = None, layers: list[str] | None = None,
@@ -117,8 +121,8 @@ class Grower:
             raise ConfigError(f"the S3D mass budget c must be >= 1, got {c}")
         if max_copies not in (3, 4):
             raise ConfigError(f"max_copies must be 3 or 4, got {max_copies}")
-        if cost not in ("macs", "energy"):
-            raise ConfigError(f"cost must be 'macs' or 'energy', got {cost!r}")
+        if cost not in ("macs", "model"):
+            raise ConfigError(f"cost must be 'macs' or 'model', got {cost!r}")
         if grow_ratio is None and max_macs is None:
             raise ConfigError("grow_ratio=None needs max_macs (the budget then sets the count)")
         if grow_ratio is not None and grow_ratio < 0:
@@ -128,7 +132,7 @@ class Grower:
         self.grow_ratio, self.eps, self.c, self.max_copies = grow_ratio, eps, c, max_copies
         self.only_negative, self.cost, self.budget_scale = only_negative, cost, budget_scale
         self.energy_aware = energy_aware or self.variant.energy_aware
-        self.energy_model = energy_model or EnergyModel()
+        self.cost_model = build_cost_model(cost_model)
         self.groups, self.quotas = dict(groups or {}), dict(quotas or {})
         self.max_width, self.round_to, self.max_macs = max_width, round_to, max_macs
         self.requested_layers = layers
@@ -183,8 +187,8 @@ class Grower:
             chosen = select_ratio(cands, widths, self.grow_ratio, self.only_negative, self.quotas, groups)
         else:
             per = channel_costs(self.model, self.example_inputs, {n: graph.group(n) for n in layers},
-                                self.energy_model)
-            unit = {n: (per[n].macs if self.cost == "macs" else per[n].energy_pj) for n in layers}
+                                self.cost_model)
+            unit = {n: (per[n].macs if self.cost == "macs" else per[n].priced) for n in layers}
             ratio = 1.0 if self.grow_ratio is None else self.grow_ratio  # no ratio: quotas only share the budget
             budgets: dict[str, float] = {}
             for n in layers:

@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import nn
 
+from .cost_models import CostModel
 from .engine import check_target, grow_rounds
 from .errors import NasSplitError
 from .grower import Grower
@@ -222,15 +223,17 @@ class SplittingMethod(GrowthMethod):
         self.spectra: dict[str, Spectrum] = {}
         self.rates = SliceRates()  # with lra: the growth stage of each channel and its learning rate
 
-    def grower(self, model: nn.Module, example_inputs, optimizer, seed: int, max_macs: float | None) -> Grower:
+    def grower(self, model: nn.Module, example_inputs, optimizer, seed: int, max_macs: float | None,
+               cost_model: CostModel | None = None) -> Grower:
         """The :class:`~nas_split.Grower` of one round (raises ``NotGrowableError`` for a model without a
-        layer to split)."""
+        layer to split); ``cost_model`` prices channels for the LP (with ``cost="model"``)."""
         return Grower(model, example_inputs, self.variant.name, eps=self.eps,
                       grow_ratio=self.grow_ratio if max_macs is None else None, optimizer=optimizer, seed=seed,
-                      max_macs=max_macs, **self.options)
+                      max_macs=max_macs, cost_model=cost_model, **self.options)
 
     def grow(self, ctx, model, loader, optimizer, stage, max_macs):
-        g = self.grower(model, ctx.example_inputs, optimizer, stage_seed(ctx.recipe.seed, stage), max_macs)
+        g = self.grower(model, ctx.example_inputs, optimizer, stage_seed(ctx.recipe.seed, stage), max_macs,
+                        ctx.cost_model)
         g.spectra = self.spectra
         report = g.step(loader)
         self.spectra = g.spectra

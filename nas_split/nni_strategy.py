@@ -44,6 +44,7 @@ with warnings.catch_warnings():  # NNI 3.0 warns about torch's Buffer at import
 from ._io import atomic_torch_save, atomic_write_json
 from .config import ConfigError, GrowthConfig, NniRunConfig, validation_message
 from .cost import PassCounter, count_macs
+from .cost_models import cost_model
 from .engine import reached, round_cap
 from .records import RunResult, StageRecord
 from .runlog import RunWriter, layer_widths
@@ -89,7 +90,8 @@ def _environment(run: dict[str, Any], stages_before: int):
     seed_epochs = run.get("seed_epochs") if run.get("seed_epochs") is not None else cfg.train.epochs
     epochs = [seed_epochs if k == 0 else cfg.train.epochs for k in range(stages_before)]
     records = [StageRecord.elsewhere(k, e, sum(epochs[:k + 1])) for k, e in enumerate(epochs)]
-    runner = StageRunner(data=data, recipe=cfg.train, example_inputs=x, latency=cfg.latency, records=records)
+    runner = StageRunner(data=data, recipe=cfg.train, example_inputs=x, latency=cfg.latency, records=records,
+                         cost_model=cost_model(cfg.cost_model))
     return cfg, x, runner, seed_epochs
 
 
@@ -163,19 +165,20 @@ def train_stage(model: nn.Module, run: dict[str, Any], stage: int = 0, checkpoin
 
 def stage_evaluator(dataset: str = "digits", train: dict[str, Any] | None = None, seed_epochs: int | None = None,
                     dataset_options: dict[str, Any] | None = None, data_dir: str | None = None,
-                    latency: bool = False) -> FunctionalEvaluator:
+                    latency: bool = False, cost_model: str = "horowitz-45nm") -> FunctionalEvaluator:
     """The evaluator :class:`SplittingDescent` expects: trains each stage with nas-split's loop.
 
     Args:
         train: :class:`nas_split.training.TrainConfig` fields (``epochs`` per growth stage).
         seed_epochs: epochs of stage 0 (default ``train["epochs"]``).
+        cost_model: what prices the records and energy-aware growth (:func:`nas_split.cost_models.cost_model`).
     """
     from .training import TrainConfig
 
     recipe = TrainConfig.model_validate({"progress": False, **(train or {})}).model_dump()
     return FunctionalEvaluator(train_stage, run={"dataset": dataset, "dataset_options": dataset_options or {},
                                                  "data_dir": data_dir, "train": recipe, "seed_epochs": seed_epochs,
-                                                 "latency": latency})
+                                                 "latency": latency, "cost_model": cost_model})
 
 
 class _Stage:
@@ -353,7 +356,7 @@ def build_experiment(cfg: NniRunConfig, exp_id: str | None = None, check: bool =
     space = BackboneSpace(p.model.nas_split_spec)
     space.net.load_state_dict(p.model.state_dict())
     evaluator = stage_evaluator(cfg.dataset, cfg.train.model_dump(), cfg.growth.seed_epochs, cfg.dataset_options,
-                                cfg.data_dir, cfg.latency)
+                                cfg.data_dir, cfg.latency, cfg.cost_model)
     if check:
         check_experiment(space, evaluator, strategy)
         if cfg.engine == "ts":

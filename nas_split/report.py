@@ -26,7 +26,8 @@ __all__ = ["CSV_FIELDS", "Row", "PairedCI", "paired_ci", "paired_to", "collect",
 
 #: Columns of ``results.csv`` (one row per method x seed x target x phase x stage).
 CSV_FIELDS = ["label", "method", "phase", "seed", "target_mmacs", "stage", "kind", "epochs", "epochs_total",
-              "test_acc", "val_acc", "mmacs", "params", "energy_uj_est", "latency_ms", "train_seconds",
+              "test_acc", "val_acc", "mmacs", "params", "energy_uj_est", "priced", "cost_model", "latency_ms",
+              "train_seconds",
               "analysis_seconds", "new_neurons", "train_macs", "analysis_macs", "run_seconds", "run_dir"]
 
 
@@ -41,13 +42,14 @@ class Row:
     target: float | None
     test_acc: float
     mmacs: float
-    energy_uj: float
+    priced: float
     seconds: float
     analysis_seconds: float
     epochs: int
     widths: dict[str, int]
     train_macs: float = 0.0
     retrained_acc: float | None = None
+    cost_model: str = "horowitz-45nm µJ (estimated)"
 
 
 def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row]]:
@@ -70,6 +72,7 @@ def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row]]:
                          "epochs_total": st.epochs_total, "test_acc": st.test_acc,
                          "val_acc": st.val_acc if st.val_acc is not None else "",
                          "mmacs": c["mmacs"], "params": c["params"], "energy_uj_est": c["energy_uj_est"],
+                         "priced": _priced(c), "cost_model": cost_label(c),
                          "latency_ms": c["latency_ms"] if c.get("latency_ms") is not None else "",
                          "train_seconds": st.train_seconds, "analysis_seconds": st.analysis_seconds,
                          "new_neurons": st.extra["growth"]["new_neurons"] if "growth" in st.extra else "",
@@ -82,12 +85,29 @@ def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row]]:
         own = trains_from_scratch(res.config.get("method", ""), res.config.get("method_options")) \
             if res.config.get("method") else False
         finals.append(Row(run.label, run.seed, run.target_mmacs, last.test_acc, last.mmacs,
-                          last.cost["energy_uj_est"], res.wall_seconds,
+                          _priced(last.cost), res.wall_seconds,
                           sum(s.analysis_seconds for s in res.stages), last.epochs_total, last.widths,
-                          res.train_macs, last.test_acc if own else None))
+                          res.train_macs, last.test_acc if own else None, cost_label(last.cost)))
     finals = [replace(r, retrained_acc=retrained.get((r.label, r.target, r.seed), r.retrained_acc))
               for r in finals]
     return rows, finals
+
+
+def _priced(cost: dict) -> float:
+    """A stage's total under its cost model (results written before cost models: the energy estimate)."""
+    return cost.get("priced", cost["energy_uj_est"])
+
+
+def cost_label(cost: dict) -> str:
+    """How a stage's cost was priced, e.g. ``horowitz-45nm µJ (estimated)`` or ``latency-... ms (measured)``."""
+    m = cost.get("cost_model") or {"label": "horowitz-45nm", "unit": "uJ", "measured": False}
+    unit = "µJ" if m["unit"] == "uJ" else m["unit"]
+    return f"{m['label']} {unit} ({'measured' if m['measured'] else 'estimated'})"
+
+
+def _cost_axis(finals: list[Row]) -> str:
+    labels = list(dict.fromkeys(r.cost_model for r in finals))
+    return labels[0] if len(labels) == 1 else "cost, mixed models: " + "; ".join(labels)
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:
@@ -165,7 +185,7 @@ def summary(finals: list[Row]) -> dict[tuple[float | None, str], dict]:
     for k, rs in groups.items():
         re = [100 * r.retrained_acc for r in rs if r.retrained_acc is not None]
         out[k] = {"top1": _ms([100 * r.test_acc for r in rs]), "retrained": _ms(re) if re else None,
-                  "mmacs": _ms([r.mmacs for r in rs]), "energy": _ms([r.energy_uj for r in rs]),
+                  "mmacs": _ms([r.mmacs for r in rs]), "priced": _ms([r.priced for r in rs]),
                   "seconds": _ms([r.seconds for r in rs]), "analysis": _ms([r.analysis_seconds for r in rs]),
                   "train_tmacs": _ms([r.train_macs / 1e12 for r in rs]), "epochs": rs[0].epochs, "n": len(rs)}
     return out
@@ -180,8 +200,9 @@ def _delta(ci: PairedCI | None) -> str:
 
 def markdown_table(finals: list[Row], tolerance: float = 0.05, baseline: str = "scratch") -> str:
     """One Markdown table per MAC target: in-run and retrained top-1 (mean ± std over seeds), each with its paired
-    difference to ``baseline`` and 95 % CI (bold where the interval excludes 0), MACs, training MACs, energy,
-    epochs and wall time.  A method whose mean MACs are further than ``tolerance`` from the target is marked ``†``.
+    difference to ``baseline`` and 95 % CI (bold where the interval excludes 0), MACs, training MACs, the cost
+    model's price (the header names the model, its unit and whether it was measured), epochs and wall time.  A
+    method whose mean MACs are further than ``tolerance`` from the target is marked ``†``.
     """
     s = summary(finals)
     d_run, d_re = paired_to(finals, baseline), paired_to(finals, baseline, retrained=True)
@@ -192,7 +213,7 @@ def markdown_table(finals: list[Row], tolerance: float = 0.05, baseline: str = "
         title = "growth rounds only" if target is None else f"target {target:g} MMACs"
         out += [f"**{title}** (mean ± std over seeds; wall time = the whole run: training, analysis, surgery)", "",
                 f"| method | in-run top-1 % | Δ vs {baseline} | retrained top-1 % | Δ retrained vs {baseline} | "
-                "MMACs | training TMACs | energy µJ (est.) | epochs | wall time s | analysis s | seeds |",
+                f"MMACs | training TMACs | {_cost_axis(finals)} | epochs | wall time s | analysis s | seeds |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for lab, v in rows.items():
             top = f"{v['top1'][0]:.2f} ± {v['top1'][1]:.2f}"
@@ -200,7 +221,7 @@ def markdown_table(finals: list[Row], tolerance: float = 0.05, baseline: str = "
             off = target is not None and abs(v["mmacs"][0] / target - 1) > tolerance
             out.append(f"| {lab} | {top} | {_delta(d_run.get((target, lab)))} | {re} | "
                        f"{_delta(d_re.get((target, lab)))} | {v['mmacs'][0]:.3f}{' †' if off else ''} | "
-                       f"{v['train_tmacs'][0]:.3f} | {v['energy'][0]:.1f} | {v['epochs']} | "
+                       f"{v['train_tmacs'][0]:.3f} | {v['priced'][0]:.4g} | {v['epochs']} | "
                        f"{v['seconds'][0]:.0f} ± {v['seconds'][1]:.0f} | {v['analysis'][0]:.1f} | {v['n']} |")
         out.append("")
     if has_ref:
@@ -222,9 +243,10 @@ def _colors(labels: list[str]) -> dict[str, tuple]:
 
 
 def pareto_figure(finals: list[Row]):
-    """Test top-1 against MMACs, estimated energy, training MACs and wall time: mean ± std over seeds, one line per
-    method; on the MMACs panel, hollow markers give the retrained accuracy (of the methods that do not train from
-    scratch already); one legend below the panels."""
+    """Test top-1 against MMACs, the cost model's price (the axis names the model, its unit and whether it was
+    measured), training MACs and wall time: mean ± std over seeds, one line per method; on the MMACs panel, hollow
+    markers give the retrained accuracy (of the methods that do not train from scratch already); one legend below
+    the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,7 +256,7 @@ def pareto_figure(finals: list[Row]):
     labels = list(dict.fromkeys(lab for _, lab in s))
     colors = _colors(labels)
     fig, axes = plt.subplots(1, 4, figsize=(20, 5.2), layout="constrained")
-    panels = (("mmacs", "MMACs (counted)"), ("energy", "energy µJ (estimate, Horowitz 2014)"),
+    panels = (("mmacs", "MMACs (counted)"), ("priced", _cost_axis(finals)),
               ("train_tmacs", "training TMACs (3 x forward per sample + decisions)"),
               ("seconds", "wall time of the run, s"))
     for ax, (key, xlabel) in zip(axes, panels, strict=True):
@@ -287,6 +309,7 @@ LAYOUT = {"nas-split: methods overlaid": {
     "training loss per epoch": ["Multiline", [f"^{Tags.TRAIN_LOSS}$"]],
     "MMACs after each stage": ["Multiline", [f"^{Tags.MMACS}$"]],
     "energy estimate after each stage": ["Multiline", [f"^{Tags.ENERGY}$"]],
+    "cost model's price after each stage": ["Multiline", [f"^{Tags.PRICED}$"]],
     "training and analysis seconds per stage": ["Multiline", [f"^{Tags.TRAIN_SECONDS}$",
                                                               f"^{Tags.ANALYSIS_SECONDS}$"]],
 }}

@@ -29,6 +29,7 @@ class Tags:
     MMACS = "cost/mmacs"               # counted
     PARAMS = "cost/params"             # counted
     ENERGY = "cost/energy_uj_est"      # estimated (see results.json cost.energy_model)
+    PRICED = "cost/priced"             # the run's cost model (see results.json cost.cost_model)
     LATENCY = "cost/latency_ms"        # measured
     PEAK_MEM = "cost/peak_activation_kb_est"
     TRAIN_SECONDS = "time/train_s"
@@ -85,6 +86,7 @@ class RunWriter:
         self.tb.add_scalar(Tags.MMACS, c["mmacs"], s)
         self.tb.add_scalar(Tags.PARAMS, c["params"], s)
         self.tb.add_scalar(Tags.ENERGY, c["energy_uj_est"], s)
+        self.tb.add_scalar(Tags.PRICED, c["priced"], s)
         self.tb.add_scalar(Tags.PEAK_MEM, c["peak_activation_bytes"] / 1024, s)
         if c.get("latency_ms") is not None:
             self.tb.add_scalar(Tags.LATENCY, c["latency_ms"], s)
@@ -100,7 +102,8 @@ class RunWriter:
         last = self.results["stages"][-1]
         c = last["cost"]
         final = {"test_acc": last["test_acc"], "mmacs": c["mmacs"], "params": c["params"],
-                 "energy_uj_est": c["energy_uj_est"], "latency_ms": c["latency_ms"],
+                 "energy_uj_est": c["energy_uj_est"], "priced": c["priced"],
+                 "latency_ms": c["latency_ms"],
                  "train_macs": sum(s.get("train_macs", 0.0) + s.get("analysis_macs", 0.0)
                                    for s in self.results["stages"])}
         self.results.update(final=final, status="done", wall_seconds=time.time() - self.t0)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .cost import measure_cost, training_macs
+from .cost_models import CostModel
 from .data import DataSplits
 from .numerics import model_device
 from .records import StageRecord
@@ -40,6 +41,7 @@ class StageRunner:
     record: Callable[[StageRecord], None] = lambda rec: None
     epoch_hook: Callable[[int, dict], None] = lambda epoch, rec: None
     latency: bool = True
+    cost_model: CostModel | None = None
     trainer: Trainer | None = None
     records: list[StageRecord] = field(default_factory=list)
 
@@ -81,7 +83,7 @@ class StageRunner:
         test = self.trainer.evaluate(model, te)
         # costs (and CPU latency) on a CPU copy: the live model stays on its device for the growth that follows
         on_cpu = model if model_device(model).type == "cpu" else copy.deepcopy(model).cpu()
-        cost = measure_cost(on_cpu, self.example_inputs, latency=self.latency)
+        cost = measure_cost(on_cpu, self.example_inputs, latency=self.latency, cost_model=self.cost_model)
         extra = {"train_samples": fit.samples if fit else 0,
                  "train_macs": training_macs(cost.macs, fit.samples) if fit else 0.0, **extra}
         rec = StageRecord(stage, kind, epochs, done + epochs, test.acc, test.loss,

@@ -2,9 +2,10 @@
 
 Adding a channel to layer ℓ grows every slot of its coupling group by one position: the producing layers'
 rows, depthwise filters in between and each consumer's input columns (once per position the channel occupies).
-A conv/linear layer's MACs and weight bytes are proportional to ``out x in`` and its activations to ``in`` and
-``out``, so the increase follows from the layer's own figures (:func:`nas_split.cost.measure_cost`) scaled by
-the width ratios — exact, not a hand table.
+Each affected conv/linear layer's :class:`~nas_split.cost_models.LayerShape` (from
+:func:`nas_split.cost.measure_cost`) is grown by those positions and priced by the cost model
+(:meth:`~nas_split.cost_models.CostModel.channel_cost`): the increase in MACs is exact (MACs scale with
+``out x in``), and so is an analytic energy model's; a measured table gives its measured slope.
 """
 from __future__ import annotations
 
@@ -15,59 +16,49 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..cost import EnergyModel, count_macs, measure_cost
+from ..cost import count_macs, measure_cost
+from ..cost_models import CostModel
+from ..cost_models import cost_model as build_cost_model
 from ..numerics import full_precision
 from ..surgery import ChannelGroup, CouplingGraph
 from ..surgery.handlers import is_depthwise
 
 __all__ = ["ChannelCost", "channel_costs", "macs_after_growth", "prefix_within_macs"]
 
-_BYTES = 4
-
 
 @dataclass(frozen=True)
 class ChannelCost:
-    """Increase per new output channel: MACs (counted) and energy in pJ (estimated)."""
+    """Increase per new output channel: MACs (counted) and the cost model's price (in its unit)."""
 
     macs: float
-    energy_pj: float
+    priced: float
 
 
 @full_precision()
 def channel_costs(model: nn.Module, example_inputs: torch.Tensor, groups: Mapping[str, ChannelGroup],
-                  energy_model: EnergyModel | None = None) -> dict[str, ChannelCost]:
-    """``{layer: ChannelCost}`` for the root layer of each group.
+                  cost_model: CostModel | str | None = None) -> dict[str, ChannelCost]:
+    """``{layer: ChannelCost}`` for the root layer of each group, priced by ``cost_model`` (default: the analytic
+    energy model).
 
     A dense layer's MACs and weights scale with ``out x in``; one that both reads and writes the channels (a
     residual stream it belongs to) grows in both factors, so the increase is computed per layer, exactly.
     """
-    em = energy_model or EnergyModel()
-    layers = {lc.name: lc for lc in measure_cost(model, example_inputs, em, latency=False).layers}
+    priced_by = build_cost_model(cost_model)
+    report = measure_cost(model, example_inputs, latency=False, cost_model=priced_by)
+    layers = {lc.name: lc for lc in report.layers}
     out = {}
     for layer, group in groups.items():
         grow: dict[str, dict[str, int]] = {}
         for s in group.slots:
             if s.role != "norm" and s.name in layers:
                 grow.setdefault(s.name, {})[s.dim] = 1 if s.dim == "out" else len(s.positions[0])
-        macs = nbytes = 0.0
-        modules = {s.name: s.module for s in group.slots}
+        macs = priced = 0.0
         for name, dims in grow.items():
-            lc, m = layers[name], modules[name]
-            if is_depthwise(m):  # in = out = C
-                f = (m.weight.shape[0] + 1) / m.weight.shape[0]
-                fo = fi = f
-                fw = f
-            else:
-                n_out, n_in = m.weight.shape[0], m.weight.shape[1]
-                fo = (n_out + dims.get("out", 0)) / n_out
-                fi = (n_in + dims.get("in", 0)) / n_in
-                fw = fo * fi
-            w_bytes = m.weight.numel() * _BYTES
-            b_bytes = m.bias.numel() * _BYTES if getattr(m, "bias", None) is not None else 0
-            macs += lc.macs * (fw - 1)
-            nbytes += w_bytes * (fw - 1) + b_bytes * (fo - 1) + lc.input_bytes * (fi - 1) + \
-                lc.output_bytes * (fo - 1)
-        out[layer] = ChannelCost(macs, em.layer_energy_pj(macs, nbytes))
+            shape = layers[name].shape
+            d_out, d_in = dims.get("out", 0), dims.get("in", 0)
+            macs += shape.grown(d_out, d_in).macs - shape.macs
+            priced += priced_by.channel_cost(shape, d_out, d_in)
+        out[layer] = ChannelCost(macs, priced)
     return out
 
 

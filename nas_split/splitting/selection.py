@@ -91,9 +91,10 @@ def select_lp(cands: Sequence[Candidate], budgets: Mapping[str, float],
         return [], LPResult(np.zeros(0), 0.0, dict(budgets))
     gains = np.array([c.gain for c in cands], dtype=float)
     rows, rhs = [], []
-    for g, tau in budgets.items():
-        rows.append([c.cost if c.group == g else 0.0 for c in cands])
-        rhs.append(tau)
+    for g, tau in budgets.items():  # each row divided by its budget: costs in µJ or ms stay well above tolerances
+        scale = tau if tau > 0 else 1.0
+        rows.append([c.cost / scale if c.group == g else 0.0 for c in cands])
+        rhs.append(tau / scale)
     for layer, r in (room or {}).items():
         rows.append([float(c.new) if c.layer == layer else 0.0 for c in cands])
         rhs.append(max(0.0, float(r)))

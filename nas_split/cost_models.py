@@ -1,0 +1,466 @@
+"""Cost models: what one conv/linear layer of a given shape costs on a device, in one unit.
+
+The energy-aware LP (:mod:`nas_split.splitting.channel_cost`), the per-stage records, the comparison tables and
+the Pareto plots price a network with one :class:`CostModel`.  A network's cost is the sum of its conv/linear
+layers' :meth:`CostModel.layer_cost` plus :meth:`CostModel.other_cost` of the MACs issued outside them (a T-Net's
+``bmm``).  Three kinds:
+
+* :class:`EnergyModel` (estimated): ``E = MACs x e_mac + bytes x e_mem``, Horowitz ISSCC 2014 constants by
+  default.  Names ``horowitz-45nm`` (DRAM traffic) and ``horowitz-45nm-sram``.
+* :class:`LatencyTable` (measured): the median batch-1 forward time of each layer shape on this machine, timed
+  with ``torch.utils.benchmark`` the first time the shape is priced and cached in a JSON file keyed by the device
+  name, the torch version and the thread count (:func:`latency_cache_path`).  Names ``latency`` (the device runs
+  train on: ``cuda`` when there is one) and ``latency-cpu`` / ``latency-cuda``.
+* :class:`ProfileModel` (measured or estimated, as its file says): a file the user supplies for their device,
+  YAML or JSON (format below).  A :class:`LatencyTable`'s cache file is such a file, so a table measured on one
+  machine prices runs on another.
+
+Profile file format (every key but ``name`` and ``unit`` optional; ``coefficients`` or ``layers`` required)::
+
+    name: my-npu            # the label tables and plots show
+    unit: uJ                # of every figure in the file, per sample
+    measured: true          # true: figures measured on the device; false: estimated
+    source: power meter on the board's 5 V rail, batch 1, 2026-11
+    coefficients:           # linear model: mac x MACs + weight_byte x weight bytes + activation_byte x (in + out)
+      mac: 1.2e-6
+      weight_byte: 2.0e-5
+      activation_byte: 4.0e-7
+      per_op:               # optional overrides for one kind of layer: conv, depthwise, linear
+        depthwise: {mac: 3.0e-6}
+    layers:                 # optional measured entries; an entry whose shape matches a layer exactly wins
+      - {op: Conv2d, in_channels: 16, out_channels: 32, input_size: [16, 8, 8], kernel_size: [3, 3],
+         stride: [1, 1], padding: [1, 1], dilation: [1, 1], groups: 1, bias: false, cost: 0.0123}
+
+A layer absent from ``layers`` is priced by ``coefficients``; with neither, loading the run fails naming the
+shape.  Bytes are float32.  ``docs/profiles/weights_dram_activations_sram.yaml`` is a worked example.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import re
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = ["LayerShape", "layer_shape", "CostModel", "EnergyModel", "ProfileModel", "LatencyTable",
+           "latency_cache_path", "device_name", "cost_model", "COST_MODELS"]
+
+_BYTES = 4  # float32
+_BLOCK_S = 2e-3  # seconds per timing block of a latency table
+_OPS = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One conv/linear layer as it runs on one sample: its configuration, its input's shape (batch dim dropped)
+    and its counted figures (MACs, float32 bytes of weight, bias, input and output)."""
+
+    op: str
+    in_channels: int
+    out_channels: int
+    input_size: tuple[int, ...]
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    bias: bool = False
+    macs: int = field(default=0, compare=False)
+    weight_bytes: int = field(default=0, compare=False)
+    bias_bytes: int = field(default=0, compare=False)
+    input_bytes: int = field(default=0, compare=False)
+    output_bytes: int = field(default=0, compare=False)
+
+    @property
+    def kind(self) -> str:
+        """``linear``, ``depthwise`` (a conv with one input channel per group) or ``conv``."""
+        if self.op == "Linear":
+            return "linear"
+        return "depthwise" if self.groups == self.in_channels == self.out_channels > 1 else "conv"
+
+    def key(self) -> str:
+        """A canonical text of the configuration and input shape (the cache and profile key)."""
+        return json.dumps(self.config(), sort_keys=True, separators=(",", ":"))
+
+    def config(self) -> dict[str, Any]:
+        """The fields that identify the shape (no counted figures), JSON-ready."""
+        counted = {"macs", "weight_bytes", "bias_bytes", "input_bytes", "output_bytes"}
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in fields(self) if f.name not in counted}
+
+    def grown(self, d_out: int, d_in: int) -> LayerShape:
+        """The layer with ``d_out`` more output channels and ``d_in`` more input features (a flatten position
+        counts once per position); a depthwise conv grows its channels and groups together by ``max(d_out,
+        d_in)``.  Counted figures scale exactly: weights and MACs with ``out x in`` (depthwise: with ``C``)."""
+        if self.kind == "depthwise":
+            d = max(d_out, d_in)
+            f = (self.out_channels + d) / self.out_channels
+            fo = fi = fw = f
+            new = {"in_channels": self.in_channels + d, "out_channels": self.out_channels + d,
+                   "groups": self.groups + d}
+            d_in = d
+        else:
+            fo = (self.out_channels + d_out) / self.out_channels
+            fi = (self.in_channels + d_in) / self.in_channels
+            fw = fo * fi
+            new = {"in_channels": self.in_channels + d_in, "out_channels": self.out_channels + d_out}
+        size = list(self.input_size)
+        size[-1 if self.op == "Linear" else 0] += d_in
+        return replace(self, **new, input_size=tuple(size), macs=round(self.macs * fw),
+                       weight_bytes=round(self.weight_bytes * fw), bias_bytes=round(self.bias_bytes * fo),
+                       input_bytes=round(self.input_bytes * fi), output_bytes=round(self.output_bytes * fo))
+
+    def build(self) -> tuple[nn.Module, torch.Tensor]:
+        """A freshly initialised module of this configuration and a random input batch of one."""
+        if self.op == "Linear":
+            module = nn.Linear(self.in_channels, self.out_channels, bias=self.bias)
+        else:
+            pad = self.padding if isinstance(self.padding, str) else tuple(self.padding)
+            module = _OPS[self.op](self.in_channels, self.out_channels, tuple(self.kernel_size), tuple(self.stride),
+                                   pad, tuple(self.dilation), self.groups, self.bias)
+        return module, torch.randn(1, *self.input_size)
+
+    @classmethod
+    def from_config(cls, d: dict[str, Any]) -> LayerShape:
+        """The shape a profile entry describes (extra keys such as ``cost`` are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+
+def layer_shape(module: nn.Module, input_size: tuple[int, ...], output_numel: int, macs: int) -> LayerShape:
+    """The :class:`LayerShape` of a conv/linear ``module`` that read an input of ``input_size`` (per sample)."""
+    bias = getattr(module, "bias", None) is not None
+    common = {"input_size": tuple(input_size), "bias": bias, "macs": macs,
+              "weight_bytes": module.weight.numel() * _BYTES,
+              "bias_bytes": module.bias.numel() * _BYTES if bias else 0,
+              "input_bytes": math.prod(input_size) * _BYTES, "output_bytes": output_numel * _BYTES}
+    if isinstance(module, nn.Linear):
+        return LayerShape("Linear", module.in_features, module.out_features, **common)
+    return LayerShape(type(module).__name__ if type(module).__name__ in _OPS else
+                      next(n for n, c in _OPS.items() if isinstance(module, c)),
+                      module.in_channels, module.out_channels, kernel_size=tuple(module.kernel_size),
+                      stride=tuple(module.stride),
+                      padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+                      dilation=tuple(module.dilation), groups=module.groups, **common)
+
+
+class CostModel(ABC):
+    """Prices conv/linear layers in :attr:`unit` per sample.
+
+    Attributes:
+        label: the name tables and plots show.
+        unit: unit of every figure (``uJ``, ``ms``, ...).
+        measured: whether the figures were measured on a device (else estimated from a model).
+        source: where the figures come from.
+    """
+
+    label: str
+    unit: str
+    measured: bool
+    source: str
+
+    @abstractmethod
+    def layer_cost(self, shape: LayerShape) -> float:
+        """Cost of one layer of this shape for one sample."""
+
+    def other_cost(self, macs: float) -> float:
+        """Cost of ``macs`` MACs issued outside conv/linear layers (0 unless the model says otherwise)."""
+        return 0.0
+
+    def channel_cost(self, shape: LayerShape, d_out: int, d_in: int) -> float:
+        """Increase of the layer's cost per new channel of a coupled group that adds ``d_out`` outputs and ``d_in``
+        input features to it: ``cost(shape.grown(d_out, d_in)) - cost(shape)``, exact for one channel."""
+        return self.layer_cost(shape.grown(d_out, d_in)) - self.layer_cost(shape)
+
+    def describe(self) -> dict[str, Any]:
+        """``{label, unit, measured, source}``, as records and reports show it."""
+        return {"label": self.label, "unit": self.unit, "measured": self.measured, "source": self.source}
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """A linear cost per sample: ``mac x MACs + weight_byte x weight bytes + activation_byte x (in + out) bytes``
+    (bias bytes count as weight bytes)."""
+
+    mac: float = 0.0
+    weight_byte: float = 0.0
+    activation_byte: float = 0.0
+
+    def __call__(self, shape: LayerShape) -> float:
+        return (shape.macs * self.mac + (shape.weight_bytes + shape.bias_bytes) * self.weight_byte
+                + (shape.input_bytes + shape.output_bytes) * self.activation_byte)
+
+
+@dataclass(frozen=True)
+class EnergyModel(CostModel):
+    """Analytic per-layer energy ``E = MACs x e_mac + bytes x e_mem`` (weights + input + output, float32), in µJ.
+
+    Attributes:
+        e_mac_pj: energy of one multiply-accumulate, pJ.
+        e_mem_pj_per_byte: energy of moving one byte of weights or activations, pJ.
+        source: citation of the constants.
+    """
+
+    e_mac_pj: float = 3.7 + 0.9
+    e_mem_pj_per_byte: float = 640.0 / 4
+    source: str = "Horowitz ISSCC 2014, 45 nm fp32: MAC 4.6 pJ (mult 3.7 + add 0.9), DRAM 640 pJ / 32-bit"
+    label: str = "horowitz-45nm"
+    unit: str = "uJ"
+    measured: bool = False
+
+    @classmethod
+    def sram(cls) -> EnergyModel:
+        """Data in on-chip 8 KB SRAM: 5 pJ per 32-bit read (Horowitz 2014)."""
+        return cls(e_mem_pj_per_byte=5.0 / 4, label="horowitz-45nm-sram",
+                   source="Horowitz ISSCC 2014, 45 nm fp32: MAC 4.6 pJ, SRAM 5 pJ / 32-bit")
+
+    def layer_energy_pj(self, macs: float, nbytes: float) -> float:
+        """Energy of one layer in pJ."""
+        return macs * self.e_mac_pj + nbytes * self.e_mem_pj_per_byte
+
+    def layer_cost(self, shape: LayerShape) -> float:
+        nbytes = shape.weight_bytes + shape.bias_bytes + shape.input_bytes + shape.output_bytes
+        return self.layer_energy_pj(shape.macs, nbytes) / 1e6
+
+    def other_cost(self, macs: float) -> float:
+        return macs * self.e_mac_pj / 1e6
+
+
+class ProfileModel(CostModel):
+    """A device profile: exact entries per layer shape, and linear coefficients for any other shape (see the
+    module docstring for the file format; :meth:`load` reads one).
+
+    Args:
+        label, unit, measured, source: as :class:`CostModel`.
+        coefficients: the linear model, or ``None`` (then every priced shape must be in ``entries``).
+        per_op: coefficient overrides for ``conv``, ``depthwise`` or ``linear`` layers.
+        entries: ``{shape key: cost}``.
+    """
+
+    def __init__(self, label: str, unit: str, measured: bool, source: str = "",
+                 coefficients: Coefficients | None = None, per_op: dict[str, Coefficients] | None = None,
+                 entries: dict[str, float] | None = None):
+        self.label, self.unit, self.measured, self.source = label, unit, measured, source
+        self.coefficients, self.per_op, self.entries = coefficients, dict(per_op or {}), dict(entries or {})
+
+    def layer_cost(self, shape: LayerShape) -> float:
+        key = shape.key()
+        if key in self.entries:
+            return self.entries[key]
+        coef = self.per_op.get(shape.kind, self.coefficients)
+        if coef is None:
+            raise ConfigError(f"cost profile {self.label!r} has no entry for layer {key} and no coefficients")
+        return coef(shape)
+
+    def other_cost(self, macs: float) -> float:
+        return macs * self.coefficients.mac if self.coefficients is not None else 0.0
+
+    def channel_cost(self, shape: LayerShape, d_out: int, d_in: int) -> float:
+        """The entries' slope over :func:`_table_step` channels where both ends have an entry; else the
+        coefficients' exact increase for one channel."""
+        k = _table_step(shape)
+        big = shape.grown(k * d_out, k * d_in)
+        if shape.key() in self.entries and big.key() in self.entries:
+            return (self.entries[big.key()] - self.entries[shape.key()]) / k
+        coef = self.per_op.get(shape.kind, self.coefficients)
+        if coef is None:
+            raise ConfigError(f"cost profile {self.label!r} cannot price a new channel of layer {shape.key()}: "
+                              f"no entries for it and {big.key()}, and no coefficients")
+        return coef(shape.grown(d_out, d_in)) - coef(shape)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProfileModel:
+        """Read a profile file (YAML or JSON); every problem is a :class:`ConfigError` naming the file."""
+        import yaml
+
+        p = Path(path)
+        where = f"cost profile {str(p)!r}"
+        try:
+            data = yaml.safe_load(p.read_text())  # JSON is YAML
+        except OSError as e:
+            raise ConfigError(f"{where}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where} is not valid YAML/JSON: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must hold a mapping")
+        unknown = set(data) - {"name", "unit", "measured", "source", "coefficients", "layers", "device", "torch",
+                               "threads"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        for key in ("name", "unit"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                raise ConfigError(f"{where}: {key!r} must be a non-empty string")
+        coef, per_op = None, {}
+        if "coefficients" in data:
+            c = dict(data["coefficients"] or {})
+            per_op = {op: _coefficients(v, f"{where}: coefficients.per_op.{op}")
+                      for op, v in (c.pop("per_op", None) or {}).items()}
+            if set(per_op) - {"conv", "depthwise", "linear"}:
+                raise ConfigError(f"{where}: per_op keys are conv, depthwise and linear")
+            coef = _coefficients(c, f"{where}: coefficients")
+        entries = {}
+        for i, e in enumerate(data.get("layers") or []):
+            try:
+                shape = LayerShape.from_config(e)
+                cost = float(e["cost"])
+            except (TypeError, KeyError, ValueError) as err:
+                raise ConfigError(f"{where}: layers[{i}] is not a layer entry ({err})") from None
+            if shape.op not in _OPS or not math.isfinite(cost) or cost < 0:
+                raise ConfigError(f"{where}: layers[{i}] needs op in {sorted(_OPS)} and a finite cost >= 0")
+            entries[shape.key()] = cost
+        if coef is None and not entries:
+            raise ConfigError(f"{where}: give coefficients, layers, or both")
+        return cls(data["name"], data["unit"], bool(data.get("measured", False)), str(data.get("source", "")),
+                   coef, per_op, entries)
+
+
+def _coefficients(d: Any, where: str) -> Coefficients:
+    if not isinstance(d, dict) or set(d) - {"mac", "weight_byte", "activation_byte"}:
+        raise ConfigError(f"{where} takes mac, weight_byte and activation_byte")
+    try:
+        c = Coefficients(**{k: float(v) for k, v in d.items()})
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: every coefficient must be a number") from None
+    if not all(math.isfinite(v) and v >= 0 for v in asdict(c).values()):
+        raise ConfigError(f"{where}: coefficients must be finite and >= 0")
+    return c
+
+
+def _table_step(shape: LayerShape) -> int:
+    """A quarter of the layer's output channels (at least 1): the difference of two timings is then well above
+    their noise, and the slope is still local."""
+    return max(1, round(shape.out_channels / 4))
+
+
+def device_name(device: str) -> str:
+    """The name of ``device`` (``cpu`` or ``cuda[:i]``): the GPU's name, or the CPU's model name."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def latency_cache_path(device: str = "cpu", cache_dir: str | Path | None = None) -> Path:
+    """The cache file of ``device``'s latency table: one per device name, torch version and (CPU) thread count,
+    under ``cache_dir``, ``$NAS_SPLIT_CACHE`` or ``~/.cache/nas_split``, in ``latency/``."""
+    base = Path(cache_dir or os.environ.get("NAS_SPLIT_CACHE") or "~/.cache/nas_split").expanduser()
+    threads = "" if device.startswith("cuda") else f"-{torch.get_num_threads()}threads"
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", device_name(device)).strip("-").lower()
+    return base / "latency" / f"{slug}-torch{torch.__version__.split('+')[0]}{threads}.json"
+
+
+class LatencyTable(CostModel):
+    """Measured batch-1 forward latency of each layer shape on ``device``, in ms; a shape is timed the first time it
+    is priced (``torch.utils.benchmark``, eval mode, no grad, the median of ``min_run_time`` s of runs) and the
+    table is written to :func:`latency_cache_path` after each new entry, so each shape is timed once per machine.
+
+    Each entry keeps the median over timing blocks of about 2 ms and their spread (``low``/``high``: the 10th and
+    90th percentiles).
+    The sum over layers is a prediction of the model's latency: it leaves out norms, activations, pooling and
+    the time between kernels (MACs outside conv/linear layers cost 0 here).
+    """
+
+    measured = True
+    unit = "ms"
+
+    def __init__(self, device: str = "cpu", cache_dir: str | Path | None = None, min_run_time: float = 0.1):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("cost_model latency-cuda needs a GPU; this machine has none")
+        self.device, self.min_run_time = device, min_run_time
+        self.path = latency_cache_path(device, cache_dir)
+        self.label = f"latency-{re.sub(r'[^A-Za-z0-9.]+', '-', device_name(device)).strip('-').lower()}"
+        self.source = (f"measured here: torch.utils.benchmark, batch 1, {device_name(device)}, "
+                       f"torch {torch.__version__}" + ("" if device.startswith("cuda") else
+                                                      f", {torch.get_num_threads()} threads"))
+        self.entries: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            try:
+                for e in json.loads(self.path.read_text()).get("layers", []):
+                    self.entries[LayerShape.from_config(e).key()] = e
+            except (ValueError, TypeError, AttributeError):  # a damaged cache is measured again
+                logging.getLogger(__name__).warning("ignoring the damaged latency cache %s", self.path)
+                self.entries = {}
+
+    def layer_cost(self, shape: LayerShape) -> float:
+        return self.entry(shape)["cost"]
+
+    def channel_cost(self, shape: LayerShape, d_out: int, d_in: int) -> float:
+        """The measured slope over :func:`_table_step` channels (one channel's time is below the timing noise),
+        at least 0."""
+        k = _table_step(shape)
+        return max(0.0, (self.layer_cost(shape.grown(k * d_out, k * d_in)) - self.layer_cost(shape)) / k)
+
+    def entry(self, shape: LayerShape) -> dict[str, Any]:
+        """The table's entry of ``shape`` (``cost`` = median ms, ``low``, ``high``, ``runs``), timed if new."""
+        key = shape.key()
+        if key not in self.entries:
+            self.entries[key] = {**shape.config(), **self.time(shape)}
+            self.save()
+        return self.entries[key]
+
+    def time(self, shape: LayerShape) -> dict[str, float]:
+        """Time one layer of ``shape`` in blocks of about :data:`_BLOCK_S` s until ``min_run_time`` s have run:
+        ``{cost: median ms per call, low, high: the 10th and 90th percentiles over blocks, runs: calls}``."""
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        from torch.utils import benchmark
+
+        module, x = shape.build()
+        module, x = module.to(self.device).eval(), x.to(self.device)
+        timer = benchmark.Timer("module(x)", globals={"module": module, "x": x}, num_threads=torch.get_num_threads())
+        with torch.no_grad():
+            module(x)  # cuDNN's algorithm choice, allocations
+            once = timer.timeit(10).mean
+            number = max(1, round(_BLOCK_S / max(once, 1e-9)))
+            timer.timeit(5 * number)  # warm-up: thread pools and clocks settle before the blocks count
+            blocks: list[float] = []
+            while len(blocks) < 5 or len(blocks) * number * once < self.min_run_time:
+                blocks.append(timer.timeit(number).mean)
+        q = torch.tensor(blocks, dtype=torch.float64).quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+        low, median, high = (1e3 * v for v in q.tolist())
+        return {"cost": median, "low": low, "high": high, "runs": number * len(blocks)}
+
+    def save(self) -> None:
+        """Write the table (atomically) as a profile file :class:`ProfileModel` can read."""
+        from ._io import atomic_write_json
+
+        atomic_write_json(self.path, {"name": self.label, "unit": self.unit, "measured": True,
+                                      "source": self.source, "device": device_name(self.device),
+                                      "torch": torch.__version__, "layers": list(self.entries.values())})
+
+
+def _latency(device: str | None = None) -> LatencyTable:
+    return LatencyTable(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+#: Cost models by name (the value of ``cost_model:`` in a run or comparison configuration); anything else is
+#: read as the path of a profile file.
+COST_MODELS = {"horowitz-45nm": EnergyModel, "horowitz-45nm-sram": EnergyModel.sram, "latency": _latency,
+               "latency-cpu": lambda: _latency("cpu"), "latency-cuda": lambda: _latency("cuda")}
+
+
+def cost_model(spec: str | CostModel | None = None) -> CostModel:
+    """The cost model ``spec`` names: a :data:`COST_MODELS` name, a profile file's path, or a model (returned as
+    it is); ``None`` is ``horowitz-45nm``."""
+    if isinstance(spec, CostModel):
+        return spec
+    spec = spec or "horowitz-45nm"
+    if spec in COST_MODELS:
+        return COST_MODELS[spec]()
+    if not Path(spec).expanduser().is_file():
+        raise ConfigError(f"cost_model {spec!r} is neither a known model ({', '.join(COST_MODELS)}) nor a file")
+    return ProfileModel.load(Path(spec).expanduser())

@@ -1,0 +1,134 @@
+"""Cost models: device profiles against hand-computed prices, a measured latency table against a direct timing,
+and energy-aware growth under two opposite profiles."""
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from nas_split import Grower
+from nas_split.config import RunConfig, load_config
+from nas_split.cost import measure_cost
+from nas_split.cost_models import Coefficients, LatencyTable, ProfileModel, cost_model, layer_shape
+from nas_split.errors import ConfigError
+from nas_split.report import Row, markdown_table
+from nas_split.splitting.channel_cost import channel_costs
+from nas_split.surgery import CouplingGraph
+
+EXAMPLE = Path(__file__).parents[1] / "docs" / "profiles" / "weights_dram_activations_sram.yaml"
+
+
+def test_worked_example_profile_prices_by_hand():
+    net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), nn.ReLU(),
+                        nn.Conv2d(32, 64, 1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    r = measure_cost(net, torch.randn(1, 16, 16, 16), latency=False, cost_model=str(EXAMPLE))
+    got = {lc.name: lc.priced for lc in r.layers}
+    # the file's own worked example: MACs x 4.6 pJ + weight bytes x 160 pJ + activation bytes x 1.25 pJ, in uJ
+    assert got["0"] == pytest.approx(8.43694, rel=1e-5)
+    # depthwise: 32 x 9 x 256 MACs at twice the energy per MAC
+    dw_macs, dw_w, dw_act = 32 * 9 * 256, 4 * 32 * 9, 4 * 2 * 32 * 256
+    assert got["2"] == pytest.approx(dw_macs * 9.2e-6 + dw_w * 1.6e-4 + dw_act * 1.25e-6, rel=1e-9)
+    assert got["7"] == 0.5  # the measured entry wins over the formula
+    assert r.priced == pytest.approx(sum(got.values()), rel=1e-12)
+    assert r.cost_model == {"label": "weights-dram-activations-sram", "unit": "uJ", "measured": False,
+                            "source": yaml.safe_load(EXAMPLE.read_text())["source"]}
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"unit": "uJ", "coefficients": {"mac": 1}}, "'name'"),
+    ({"name": "x", "unit": "uJ"}, "give coefficients, layers"),
+    ({"name": "x", "unit": "uJ", "coefficients": {"mac": -1}}, "finite and >= 0"),
+    ({"name": "x", "unit": "uJ", "coefficients": {"flops": 1}}, "takes mac"),
+    ({"name": "x", "unit": "uJ", "layers": [{"op": "Linear", "cost": 1}]}, "layers[0]"),
+    ({"name": "x", "unit": "uJ", "colour": 1, "coefficients": {"mac": 1}}, "unknown key 'colour'"),
+])
+def test_bad_profiles_are_refused_in_one_line(tmp_path, body, words):
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(body))
+    with pytest.raises(ConfigError) as e:
+        cost_model(str(p))
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_profile_without_coefficients_names_the_missing_shape():
+    table = ProfileModel("t", "ms", True, entries={})
+    shape = layer_shape(nn.Linear(3, 4), (3,), 4, 12)
+    with pytest.raises(ConfigError, match="no entry for layer .*Linear"):
+        table.layer_cost(shape)
+
+
+def test_run_config_refuses_unknown_cost_model(tmp_path):
+    with pytest.raises(ConfigError, match="cost_model"):
+        load_config(RunConfig, overrides=["cost_model=no-such-model"])
+    assert load_config(RunConfig, overrides=[f"cost_model={EXAMPLE}"]).cost_model == str(EXAMPLE)
+
+
+def _two_scales():
+    """An early layer on 16x16 maps, two late ones on 4x4 maps."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 32, 3, stride=4, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 5))
+
+
+ACTIVATIONS = ProfileModel("activations", "uJ", False, coefficients=Coefficients(activation_byte=1e-6))
+WEIGHTS = ProfileModel("weights", "uJ", False, coefficients=Coefficients(weight_byte=1e-6))
+
+
+def test_channel_costs_under_opposite_profiles_by_hand():
+    net, x = _two_scales(), torch.randn(2, 3, 16, 16)
+    graph = CouplingGraph(net, x)
+    groups = {n: graph.group(n) for n in ("0", "2", "4")}
+    act, w = channel_costs(net, x, groups, ACTIVATIONS), channel_costs(net, x, groups, WEIGHTS)
+    # one more channel of layer 0: its output map (16x16) and conv 2's input map (16x16), float32
+    assert act["0"].priced == pytest.approx(4 * (256 + 256) * 1e-6)
+    # ... or its 3x3x3 filter and bias and conv 2's 32 filters' new 3x3 slice
+    assert w["0"].priced == pytest.approx(4 * (27 + 1 + 32 * 9) * 1e-6)
+    # layer 4 (late): a 4x4 output map and one input of the linear layer / 32x3x3 filter, bias, 5 weights
+    assert act["4"].priced == pytest.approx(4 * (16 + 1) * 1e-6)
+    assert w["4"].priced == pytest.approx(4 * (32 * 9 + 1 + 5) * 1e-6)
+    assert act["0"].macs == w["0"].macs == 27 * 256 + 32 * 9 * 16  # MACs do not depend on the profile
+
+
+def test_energy_aware_growth_follows_the_profile():
+    x = torch.randn(64, 3, 16, 16)
+    y = torch.randint(0, 5, (64,))
+    loader = [(x[:32], y[:32]), (x[32:], y[32:])]
+    added = {}
+    for profile in (ACTIVATIONS, WEIGHTS):
+        g = Grower(_two_scales(), x[:2], "fast", energy_aware=True, cost="model", cost_model=profile,
+                   grow_ratio=0.3, only_negative=False)
+        added[profile.label] = {k: b - a for k, (a, b) in g.step(loader).widths.items()}
+    act, w = added["activations"], added["weights"]
+    # activations priced: the early layer's channels cost 30x the late layer's, so it does not grow;
+    # weights priced: the early layer is the cheapest per channel and grows, the late layers grow less
+    assert act.get("0", 0) == 0 < w.get("0", 0)
+    assert act["4"] + act["2"] > w["4"] + w["2"]
+
+
+def test_latency_table_reproduces_a_direct_timing(tmp_path, monkeypatch):
+    conv = nn.Conv2d(32, 64, 3, padding=1)
+    shape = layer_shape(conv, (32, 32, 32), 64 * 32 * 32, 64 * 32 * 9 * 32 * 32)
+    table = LatencyTable("cpu", tmp_path)
+    entry = table.entry(shape)
+    direct = LatencyTable("cpu", tmp_path / "other").time(shape)
+    assert entry["low"] <= direct["cost"] <= entry["high"]
+    # the cache: one file per device name, torch version and thread count, read back without timing again
+    name = table.path.name
+    assert table.path.parent == tmp_path / "latency" and torch.__version__.split("+")[0] in name
+    assert f"{torch.get_num_threads()}threads" in name
+    monkeypatch.setattr(LatencyTable, "time", lambda self, s: pytest.fail("timed a cached shape"))
+    assert LatencyTable("cpu", tmp_path).layer_cost(shape) == entry["cost"]
+    as_profile = cost_model(str(table.path))  # the cache file is a profile another machine can use
+    assert as_profile.layer_cost(shape) == entry["cost"] and as_profile.measured and as_profile.unit == "ms"
+
+
+def test_tables_name_the_cost_model():
+    rows = [Row("fast", s, None, 0.9, 1.0, 0.25, 10.0, 1.0, 3, {}, cost_model="latency-cpu ms (measured)")
+            for s in (0, 1)]
+    table = markdown_table(rows)
+    assert "| latency-cpu ms (measured) |" in table.splitlines()[2]
+    assert "| 0.25 |" in table.splitlines()[4]
