@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The device check of nas-split on one GPU: the `gpu` tests, the training-loop benchmark and the full-data
-# Fashion-MNIST comparison, each with its own time limit (8 minutes in all); every result lands in one folder.
-# The comparison is resumable: a second call with the same RESULTS_DIR continues it where the limit stopped it.
+# The device check of nas-split on one GPU: the `gpu` tests, the training-loop benchmark, energy-aware growth
+# priced by the GPU's measured latency table against the analytic energy model (bench_cost_models.py) and the
+# full-data Fashion-MNIST comparison, each with its own time limit (10 minutes in all); every result lands in one
+# folder.  The comparisons are resumable: a second call with the same RESULTS_DIR continues where a limit stopped
+# them.  GPU_CHECK_STEPS picks steps (default "tests train cost compare").
 #
 #   bash benchmarks/gpu_check.sh RESULTS_DIR
 #
@@ -26,24 +28,44 @@ py=${PYTHON:-python3}
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"; nvidia-smi -L 2>/dev/null; } \
   | tee "$out/device.txt"
 
+steps_run=" ${GPU_CHECK_STEPS:-tests train cost compare} "
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   tests="tests/test_precision_and_device.py"; steps=2; repeats=1
+  cost=(--set seeds=[0,1] --set rounds=1 --set seed_epochs=1 --set train.epochs=1
+        --set dataset_options.train_size=500 --set targets_mmacs=[1.5] --repeats 1)
   compare=(--config benchmarks/configs/fashion_mnist_gpu.yaml --methods scratch,fast --seeds 0 --rounds 1
            --seed-epochs 1 --epochs 1 --set dataset=digits --set train.accelerator=auto --set "targets_mmacs=[1.5]")
 else
-  tests="tests/test_precision_and_device.py -m gpu"; steps=50; repeats=3
+  tests="tests/test_precision_and_device.py -m gpu"; steps=50; repeats=3; cost=()
   compare=(--config benchmarks/configs/fashion_mnist_gpu.yaml)
 fi
 
-echo "== gpu tests" | tee "$out/summary.txt"
-timeout 90 $py -m pytest -q -p no:cacheprovider $tests 2>&1 | tee "$out/tests.txt" | tail -3 | tee -a "$out/summary.txt"
+touch "$out/summary.txt"
+if [[ $steps_run == *" tests "* ]]; then
+  echo "== gpu tests" | tee -a "$out/summary.txt"
+  timeout 90 $py -m pytest -q -p no:cacheprovider $tests 2>&1 | tee "$out/tests.txt" | tail -3 | tee -a "$out/summary.txt"
+fi
 
-echo "== training loop (benchmarks/bench_train.py)" | tee -a "$out/summary.txt"
-timeout 80 $py benchmarks/bench_train.py --steps $steps --repeats $repeats --json "$out/bench_train.json" 2>&1 \
-  | grep -v Warning | tee -a "$out/summary.txt"
+if [[ $steps_run == *" train "* ]]; then
+  echo "== training loop (benchmarks/bench_train.py)" | tee -a "$out/summary.txt"
+  timeout 80 $py benchmarks/bench_train.py --steps $steps --repeats $repeats --json "$out/bench_train.json" 2>&1 \
+    | grep -v Warning | tee -a "$out/summary.txt"
+fi
 
-echo "== compare on full Fashion-MNIST" | tee -a "$out/summary.txt"
-start=$(date +%s)
-timeout 300 $py -m nas_split.cli compare "${compare[@]}" --set out="$out/compare" >> "$out/compare.txt" 2>&1
-echo "exit $? after $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
-tail -15 "$out/compare.txt" | tee -a "$out/summary.txt"
+if [[ $steps_run == *" cost "* ]]; then
+  echo "== energy-aware growth under the measured latency table and the analytic model" | tee -a "$out/summary.txt"
+  start=$(date +%s)
+  export NAS_SPLIT_CACHE=$out/cache
+  timeout 240 $py benchmarks/bench_cost_models.py --out "$out/cost_models" "${cost[@]}" > "$out/cost_models.txt" 2>&1
+  echo "exit $? after $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
+  grep -v Warning "$out/cost_models.txt" | tail -12 | tee -a "$out/summary.txt"
+  cp "$out"/cache/latency/*.json "$out/" 2>/dev/null
+fi
+
+if [[ $steps_run == *" compare "* ]]; then
+  echo "== compare on full Fashion-MNIST" | tee -a "$out/summary.txt"
+  start=$(date +%s)
+  timeout 300 $py -m nas_split.cli compare "${compare[@]}" --set out="$out/compare" >> "$out/compare.txt" 2>&1
+  echo "exit $? after $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
+  tail -15 "$out/compare.txt" | tee -a "$out/summary.txt"
+fi

@@ -370,7 +370,7 @@ class LatencyTable(CostModel):
     table is written to :func:`latency_cache_path` after each new entry, so each shape is timed once per machine.
 
     Each entry keeps the median over timing blocks of about 2 ms and their spread (``low``/``high``: the 10th and
-    90th percentiles).
+    90th percentiles; ``min``/``max``: the fastest and slowest block).
     The sum over layers is a prediction of the model's latency: it leaves out norms, activations, pooling and
     the time between kernels (MACs outside conv/linear layers cost 0 here).
     """
@@ -406,7 +406,7 @@ class LatencyTable(CostModel):
         return max(0.0, (self.layer_cost(shape.grown(k * d_out, k * d_in)) - self.layer_cost(shape)) / k)
 
     def entry(self, shape: LayerShape) -> dict[str, Any]:
-        """The table's entry of ``shape`` (``cost`` = median ms, ``low``, ``high``, ``runs``), timed if new."""
+        """The table's entry of ``shape`` (``cost`` = median ms and the spread of :meth:`time`), timed if new."""
         key = shape.key()
         if key not in self.entries:
             self.entries[key] = {**shape.config(), **self.time(shape)}
@@ -415,7 +415,8 @@ class LatencyTable(CostModel):
 
     def time(self, shape: LayerShape) -> dict[str, float]:
         """Time one layer of ``shape`` in blocks of about :data:`_BLOCK_S` s until ``min_run_time`` s have run:
-        ``{cost: median ms per call, low, high: the 10th and 90th percentiles over blocks, runs: calls}``."""
+        ``{cost: median ms per call, low, high: the 10th and 90th percentiles over blocks, min, max: the fastest and
+        slowest block, runs: calls}``."""
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils import benchmark
 
@@ -432,7 +433,8 @@ class LatencyTable(CostModel):
                 blocks.append(timer.timeit(number).mean)
         q = torch.tensor(blocks, dtype=torch.float64).quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
         low, median, high = (1e3 * v for v in q.tolist())
-        return {"cost": median, "low": low, "high": high, "runs": number * len(blocks)}
+        return {"cost": median, "low": low, "high": high, "min": 1e3 * min(blocks), "max": 1e3 * max(blocks),
+                "runs": number * len(blocks)}
 
     def save(self) -> None:
         """Write the table (atomically) as a profile file :class:`ProfileModel` can read."""

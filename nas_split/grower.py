@@ -92,7 +92,8 @@ class Grower:
         max_width, round_to: per-layer cap and width rounding, as in :func:`nas_split.split`.
         max_macs: MACs per sample the model may reach after a step: the selection, best first, is cut where the
             next split would exceed it.  With ``grow_ratio=None`` the budget alone sets how many neurons are split
-            (with ``energy_aware`` and ``cost="macs"`` the remaining MACs are the LP's budget).
+            (with ``energy_aware`` the remaining MACs are the LP's budget; with ``cost="model"`` converted into the
+            model's unit at its price per MAC of growing every layer alike).
         layers: restrict growth to these layers (default: every growable layer with a nonlinearity).
         optimizer: its state is carried through each split.
         loss_fn: loss used for the analysis (default cross-entropy).
@@ -194,10 +195,13 @@ class Grower:
             for n in layers:
                 g = groups[n]
                 budgets[g] = budgets.get(g, 0.0) + self.quotas.get(g, ratio) * widths[n] * unit[n] * self.budget_scale
-            if self.grow_ratio is None and self.cost == "macs":  # the remaining MACs, shared as the quotas are
-                room_macs = max(0.0, self.max_macs - count_macs(self.model, self.example_inputs)[0])
+            if self.grow_ratio is None:  # the remaining MACs, shared as the quotas are, in the LP's unit
+                room = max(0.0, self.max_macs - count_macs(self.model, self.example_inputs)[0])
+                if self.cost == "model":  # at the price per MAC of growing every layer alike
+                    room *= sum(widths[n] * per[n].priced for n in layers) / \
+                        max(sum(widths[n] * per[n].macs for n in layers), 1e-12)
                 total = sum(budgets.values()) or 1.0
-                budgets = {g: room_macs * b / total for g, b in budgets.items()}
+                budgets = {g: room * b / total for g, b in budgets.items()}
             cands = [Candidate(s, unit[s.layer] * s.new_neurons, groups[s.layer]) for s in splits
                      if not self.only_negative or s.gain < 0]
             room = None
