@@ -21,6 +21,11 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/nas-split-site:${PYTHONPATH:-}
 fi
+# the project's own metadata (its entry points register the baselines), for a checkout that is not installed
+if ! ${PYTHON:-python3} -c "import importlib.metadata as m; m.distribution('nas-split')" 2>/dev/null; then
+  ${PYTHON:-python3} -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/nas-split-meta \
+    . > /dev/null 2>&1 && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/nas-split-meta
+fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 [ -d .data/fashion-mnist ] && export NAS_SPLIT_DATA=$PWD/.data
 py=${PYTHON:-python3}

@@ -21,8 +21,8 @@ from .distributed import ShardedBatches
 from .errors import ConfigError, DivergedError
 from .numerics import like_model
 
-__all__ = ["TrainConfig", "Trainer", "FitResult", "EvalResult", "DeviceBatches", "make_optimizer", "lr_factor",
-           "check_devices"]
+__all__ = ["TrainConfig", "Trainer", "FitResult", "EvalResult", "DeviceBatches", "make_optimizer", "state_to_params",
+           "lr_factor", "check_devices"]
 
 
 class TrainConfig(BaseModel):
@@ -74,6 +74,17 @@ def check_devices(cfg: TrainConfig) -> None:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"train.accelerator={cfg.accelerator!r}, devices={cfg.devices!r}, strategy={cfg.strategy!r}, "
                           f"precision={cfg.precision!r} cannot be used here: {reason}") from None
+
+
+def state_to_params(optimizer: torch.optim.Optimizer) -> None:
+    """Move every per-parameter state tensor (momentum buffers, moments) to its parameter's device, in place;
+    scalar ``step`` counters stay where the optimizer keeps them."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.dim() > 0 and v.device != p.device:
+                    state[k] = v.to(p.device)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -164,6 +175,7 @@ class Trainer:
         fmt = self.memory_format(model)
         model.to(self.device, memory_format=fmt)
         optimizer = optimizer or make_optimizer(model, self.cfg)
+        state_to_params(optimizer)  # a state loaded from a checkpoint before the model moved stays behind otherwise
         step_model = torch.compile(model) if self.cfg.compile else model
         fmodel, fopt = self.fabric.setup(step_model, optimizer)
         loader = self.batches(train_loader, fmt)
