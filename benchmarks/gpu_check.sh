@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check of nas-split on one GPU: the `gpu` tests, the training-loop benchmark, energy-aware growth
 # priced by the GPU's measured latency table against the analytic energy model (bench_cost_models.py) and the
-# full-data Fashion-MNIST comparison, each with its own time limit (10 minutes in all); every result lands in one
+# full-data Fashion-MNIST comparison, each with its own time limit (13 minutes in all); every result lands in one
 # folder.  The comparisons are resumable: a second call with the same RESULTS_DIR continues where a limit stopped
 # them.  GPU_CHECK_STEPS picks steps (default "tests train cost compare").
 #
@@ -48,7 +48,7 @@ fi
 touch "$out/summary.txt"
 if [[ $steps_run == *" tests "* ]]; then
   echo "== gpu tests" | tee -a "$out/summary.txt"
-  timeout 90 $py -m pytest -q -p no:cacheprovider $tests 2>&1 | tee "$out/tests.txt" | tail -3 | tee -a "$out/summary.txt"
+  timeout 150 $py -m pytest -q -p no:cacheprovider $tests 2>&1 | tee "$out/tests.txt" | tail -3 | tee -a "$out/summary.txt"
 fi
 
 if [[ $steps_run == *" train "* ]]; then
