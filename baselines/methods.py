@@ -66,6 +66,13 @@ class _VarianceTransfer(GrowthMethod):
         self.grow_ratio, self.variance_transfer, self.lra = grow_ratio, variance_transfer, lra
         self.rates = SliceRates()
 
+    def state_dict(self) -> dict:
+        return {"spectra": {}, "stages": self.rates.stages}
+
+    def load_state_dict(self, state, model, example_inputs) -> None:
+        if self.lra and state.get("stages"):
+            self.rates.restore(model, example_inputs, state["stages"])
+
     def grow(self, ctx, model, loader, optimizer, stage, max_macs):
         modules = dict(model.named_modules())
         pairs = vt_counts(model, ctx.example_inputs, self.grow_ratio, max_macs)

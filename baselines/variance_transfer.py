@@ -12,9 +12,10 @@ fan-in grew from ``F`` to ``F'`` has its old columns (and bias) scaled by ``β =
 columns drawn with the variance of the rescaled old ones, ``Var Z = β² Var W_old``; so ``fan_in × Var W`` — a
 layer's output variance for independent unit-variance inputs — is the same before and after growth once the new
 neurons carry their own signal.  The new fan-ins ``V`` have the variance of the layer's old rows.  The
-consumer's batch norm absorbs β (running mean × β, running variance and ε × β²), so the function is kept
-exactly, in eval and in train mode.  A consumer without a norm after it (a classifier) is not rescaled (nothing
-would absorb the scale); its new columns get its old columns' variance.
+consumer's batch norm absorbs β (:mod:`nas_split.splitting.variance`, shared with the splitting methods'
+``variance_transfer`` option), so the function is kept exactly, in eval and in train mode.  A consumer without a
+norm after it (a classifier) is not rescaled (nothing would absorb the scale); its new columns get its old
+columns' variance.
 
 **Learning-rate adaptation** (§6.4): :mod:`nas_split.surgery.rates`, shared with the splitting methods' ``lra``
 option.  Optional batch-size adaptation (§6.5) is not
@@ -23,7 +24,6 @@ the same fraction of its width, in pairs, until the round's cap.
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from nas_split.splitting.channel_cost import prefix_within_macs
-from nas_split.splitting.neurons import find_neurons, splittable_layers
+from nas_split.splitting.neurons import splittable_layers
+from nas_split.splitting.variance import fan_in_growth, transfer_betas, transfer_variance
 from nas_split.surgery import CouplingGraph, NewChannels, add_channels
 
 __all__ = ["VTReport", "vt_counts", "vt_grow"]
@@ -71,15 +72,9 @@ def vt_grow(model: nn.Module, example_inputs: torch.Tensor, pairs: Mapping[str, 
     gen = generator or torch.Generator().manual_seed(0)
     graph = CouplingGraph(model, example_inputs)
     modules = dict(model.named_modules())
-    grows: dict[str, int] = {}  # consumer -> new input channels
-    for layer, k in pairs.items():
-        for s in graph.group(layer).slots:
-            if s.role == "consumer" and len(s.positions[0]) == 1:
-                grows[s.name] = grows.get(s.name, 0) + 2 * k
-    norms = {n: nr.norm for n, nr in find_neurons(model, example_inputs, list(grows)).items()} \
-        if variance_transfer else {}
-    beta = {n: math.sqrt(modules[n].weight.shape[1] / (modules[n].weight.shape[1] + g)) for n, g in grows.items()
-            if norms.get(n) is not None and norms[n].track_running_stats}
+    grows = fan_in_growth(graph, {layer: 2 * k for layer, k in pairs.items()})  # consumer -> new input channels
+    beta, norms = transfer_betas(model, example_inputs, grows, {n: modules[n].weight.shape[1] for n in grows}) \
+        if variance_transfer else ({}, {})
     additions = {}
     for layer, k in pairs.items():
         root = graph.modules[layer]
@@ -102,13 +97,5 @@ def vt_grow(model: nn.Module, example_inputs: torch.Tensor, pairs: Mapping[str, 
         block = torch.randn((k, w.shape[1] - old_in[n], *w.shape[2:]), generator=gen) * additions[n].fan_in.std()
         with torch.no_grad():
             w[old_out[n]:old_out[n] + 2 * k, old_in[n]:] = torch.cat([block, block]).to(w)
-    for n, b in beta.items():
-        m, norm = modules[n], norms[n]
-        with torch.no_grad():
-            m.weight[:, :old_in[n]] *= b
-            if m.bias is not None:
-                m.bias *= b
-            norm.running_mean *= b  # the norm sees β z: the same normalised values in train and eval mode
-            norm.running_var *= b * b
-        norm.eps *= b * b
+    transfer_variance(model, beta, norms, columns=old_in)  # old columns; the new ones were drawn at β² Var W
     return VTReport({n: 2 * k for n, k in pairs.items()}, beta)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._io import atomic_write_json, output_lock
 from .config import ConfigError, MethodRunConfig, RunConfig
@@ -188,7 +188,8 @@ def validate_compare(cfg: CompareConfig) -> list[PlannedRun]:
 
 
 def finished_result(run: PlannedRun) -> dict | None:
-    """The run's ``results.json`` if it completed with this very configuration, else ``None``.
+    """The run's ``results.json`` if it completed with this very configuration (keys added since, at their
+    defaults, included), else ``None``.
 
     Raises:
         ConfigError: the directory holds a finished run of another configuration.
@@ -204,7 +205,11 @@ def finished_result(run: PlannedRun) -> dict | None:
         return None
     if not isinstance(res, dict) or res.get("status") != "done":
         return None
-    if res.get("config") != run.config.model_dump():
+    try:  # read with today's defaults: a key added since the run was made, at its default, is the same run
+        same = MethodRunConfig.model_validate(res.get("config")).model_dump() == run.config.model_dump()
+    except ValidationError:
+        same = False
+    if not same:
         raise ConfigError(f"{run.config.out!r} holds a finished run of a different configuration; "
                           "use another --out or pass --overwrite")
     return res

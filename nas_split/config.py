@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .training import TrainConfig
 
-__all__ = ["ConfigError", "RunConfig", "GrowthConfig", "GrowRunConfig", "MethodRunConfig", "NniRunConfig",
-           "load_config", "apply_overrides", "validation_message"]
+__all__ = ["ConfigError", "SPLITTING_ONLY", "RunConfig", "GrowthConfig", "GrowRunConfig", "MethodRunConfig",
+           "NniRunConfig", "load_config", "apply_overrides", "validation_message"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -45,20 +45,31 @@ class RunConfig(BaseModel):
         return v
 
 
+#: Fields of :class:`GrowthConfig` only the splitting variants read; another growth method refuses them.
+SPLITTING_ONLY = frozenset({"eps", "c", "max_copies", "only_negative", "energy_aware", "cost", "max_width",
+                            "round_to", "beta", "analysis_batches", "fast_passes", "fast_lr"})
+
+
 class GrowthConfig(BaseModel):
-    """How ``nas-split grow`` grows the seed (see :class:`nas_split.Grower` for the meaning of each field)."""
+    """How ``nas-split grow`` grows the seed (see :class:`nas_split.Grower` for the meaning of each field; the
+    fields of :data:`SPLITTING_ONLY` apply to the splitting variants only)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: str = Field("fast", description="a splitting variant (nas_split.splitting.variants.VARIANTS)")
+    method: str = Field("fast", description="a splitting variant (nas_split.splitting.variants.VARIANTS) or another "
+                                            "registered growth method (vt, firefly, gradmax, random)")
     rounds: int = Field(3, ge=0, description="growth rounds after the seed stage")
     seed_epochs: int | None = Field(None, ge=0, description="epochs of the seed stage (default train.epochs)")
     grow_ratio: float = Field(0.3, ge=0)
     eps: float = Field(1e-2, gt=0)
     c: float = Field(3.0, ge=1, description="S3D mass budget sum|w_i| <= c")
     max_copies: Literal[3, 4] = 4
-    lra: bool = Field(False, description="learning-rate adaptation per growth stage for the copies "
-                                         "(nas_split.surgery.rates)")
+    lra: bool | None = Field(None, description="learning-rate adaptation per growth stage for the new neurons "
+                                               "(nas_split.surgery.rates); default: the method's (vt: on, "
+                                               "splitting: off)")
+    variance_transfer: bool | None = Field(None, description="rescale the grown layers' consumers (nas_split."
+                                                             "splitting.variance); default: the method's (vt: on, "
+                                                             "splitting: off)")
     only_negative: bool = True
     energy_aware: bool = False
     cost: Literal["macs", "model"] = Field("macs", description="what the energy-aware LP prices: MACs or "
@@ -81,8 +92,12 @@ class GrowthConfig(BaseModel):
     def _variant(cls, v: str) -> str:
         from .splitting.variants import VARIANTS
 
-        if v not in VARIANTS:
-            raise ValueError(f"not a splitting variant; known: {', '.join(VARIANTS)}")
+        if v in VARIANTS:
+            return v
+        from .methods import growth_methods
+
+        if v not in growth_methods():
+            raise ValueError(f"not a growth method; known: {', '.join(growth_methods())}")
         return v
 
 

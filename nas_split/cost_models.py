@@ -56,7 +56,7 @@ __all__ = ["LayerShape", "layer_shape", "CostModel", "EnergyModel", "ProfileMode
            "latency_cache_path", "device_name", "cost_model", "COST_MODELS"]
 
 _BYTES = 4  # float32
-_BLOCK_S = 2e-3  # seconds per timing block of a latency table
+_INSTANCES = 8  # copies of a layer a latency table times, one after the other
 _OPS = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear}
 
 
@@ -369,8 +369,8 @@ class LatencyTable(CostModel):
     is priced (``torch.utils.benchmark``, eval mode, no grad, the median of ``min_run_time`` s of runs) and the
     table is written to :func:`latency_cache_path` after each new entry, so each shape is timed once per machine.
 
-    Each entry keeps the median over timing blocks of about 2 ms and their spread (``low``/``high``: the 10th and
-    90th percentiles; ``min``/``max``: the fastest and slowest block).
+    Each entry keeps the median over the timing blocks of eight copies of the layer and their spread
+    (``low``/``high``: the 10th and 90th percentiles; ``min``/``max``: the fastest and slowest block).
     The sum over layers is a prediction of the model's latency: it leaves out norms, activations, pooling and
     the time between kernels (MACs outside conv/linear layers cost 0 here).
     """
@@ -378,7 +378,7 @@ class LatencyTable(CostModel):
     measured = True
     unit = "ms"
 
-    def __init__(self, device: str = "cpu", cache_dir: str | Path | None = None, min_run_time: float = 0.1):
+    def __init__(self, device: str = "cpu", cache_dir: str | Path | None = None, min_run_time: float = 0.15):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("cost_model latency-cuda needs a GPU; this machine has none")
         self.device, self.min_run_time = device, min_run_time
@@ -414,27 +414,30 @@ class LatencyTable(CostModel):
         return self.entries[key]
 
     def time(self, shape: LayerShape) -> dict[str, float]:
-        """Time one layer of ``shape`` in blocks of about :data:`_BLOCK_S` s until ``min_run_time`` s have run:
-        ``{cost: median ms per call, low, high: the 10th and 90th percentiles over blocks, min, max: the fastest and
-        slowest block, runs: calls}``."""
+        """Time :data:`_INSTANCES` freshly built copies of a layer of ``shape`` (two instances of one layer differ
+        by a few percent in speed, from where their tensors lie in memory), each with
+        ``torch.utils.benchmark.Timer.blocked_autorange`` for a share of ``min_run_time``: ``{cost: median ms per
+        call over all blocks, low, high: their 10th and 90th percentiles, min, max: the fastest and slowest block,
+        runs: calls}``."""
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils import benchmark
 
-        module, x = shape.build()
-        module, x = module.to(self.device).eval(), x.to(self.device)
-        timer = benchmark.Timer("module(x)", globals={"module": module, "x": x}, num_threads=torch.get_num_threads())
-        with torch.no_grad():
-            module(x)  # cuDNN's algorithm choice, allocations
-            once = timer.timeit(10).mean
-            number = max(1, round(_BLOCK_S / max(once, 1e-9)))
-            timer.timeit(5 * number)  # warm-up: thread pools and clocks settle before the blocks count
-            blocks: list[float] = []
-            while len(blocks) < 5 or len(blocks) * number * once < self.min_run_time:
-                blocks.append(timer.timeit(number).mean)
+        blocks: list[float] = []
+        runs = 0
+        for _ in range(_INSTANCES):
+            module, x = shape.build()
+            module, x = module.to(self.device).eval(), x.to(self.device)
+            timer = benchmark.Timer("module(x)", globals={"module": module, "x": x},
+                                    num_threads=torch.get_num_threads())
+            with torch.no_grad():
+                module(x)  # cuDNN's algorithm choice, allocations
+                m = timer.blocked_autorange(min_run_time=self.min_run_time / _INSTANCES)
+            blocks += m.times
+            runs += m.number_per_run * len(m.times)
         q = torch.tensor(blocks, dtype=torch.float64).quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
         low, median, high = (1e3 * v for v in q.tolist())
         return {"cost": median, "low": low, "high": high, "min": 1e3 * min(blocks), "max": 1e3 * max(blocks),
-                "runs": number * len(blocks)}
+                "runs": runs}
 
     def save(self) -> None:
         """Write the table (atomically) as a profile file :class:`ProfileModel` can read."""

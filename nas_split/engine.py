@@ -21,7 +21,7 @@ from .distributed import ShardedBatches, summed
 from .errors import ConfigError
 from .stages import StageRunner
 
-__all__ = ["GrowStep", "round_cap", "check_target", "reached", "grow_rounds"]
+__all__ = ["GrowStep", "round_cap", "check_target", "reached", "grow_rounds", "grow_step"]
 
 
 class GrowStep(Protocol):
@@ -81,15 +81,23 @@ def grow_rounds(runner: StageRunner, model: nn.Module, method: GrowStep, *, seed
         if reached(runner.records[-1].cost, target_mmacs, budget_energy_uj):
             break
         cap = round_cap(seed_macs, None if target_mmacs is None else target_mmacs * 1e6, r, rounds)
-        train, _, _ = runner.loaders(r)
-        t0 = time.perf_counter()
-        with PassCounter(model) as passes:
-            info = method.grow(runner, model, ShardedBatches(train), optimizer if carry_optimizer else None, r, cap)
         if not carry_optimizer:
             optimizer = None
-        optimizer = runner.stage(model, "round", epochs, optimizer, growth=info,
-                                 analysis_seconds=info.get("analysis_seconds", time.perf_counter() - t0),
-                                 analysis_macs=summed(passes.macs(runner.records[-1].macs)))
+        extra = grow_step(runner, model, method, r, cap, optimizer, runner.records[-1].macs)
+        optimizer = runner.stage(model, "round", epochs, optimizer, **extra)
         on_stage(r, model, optimizer)
     return optimizer
+
+
+def grow_step(runner: StageRunner, model: nn.Module, method: GrowStep, stage: int, cap: float | None,
+              optimizer: torch.optim.Optimizer | None, macs_before: float) -> dict:
+    """The growth before stage ``stage``: ``method`` grows ``model`` (to at most ``cap`` MACs) on this process's
+    rows of the stage's training batches; returns the stage record's ``growth``, ``analysis_seconds`` and
+    ``analysis_macs`` (the passes through ``model``, summed over processes, at ``macs_before`` MACs)."""
+    train, _, _ = runner.loaders(stage)
+    t0 = time.perf_counter()
+    with PassCounter(model) as passes:
+        info = method.grow(runner, model, ShardedBatches(train), optimizer, stage, cap)
+    return {"growth": info, "analysis_seconds": info.get("analysis_seconds", time.perf_counter() - t0),
+            "analysis_macs": summed(passes.macs(macs_before))}
 

@@ -20,16 +20,15 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_torch_save, output_lock
-from .config import ConfigError, GrowRunConfig, GrowthConfig
+from .config import SPLITTING_ONLY, ConfigError, GrowRunConfig, GrowthConfig
 from .cost import measure_cost
 from .distributed import is_main
 from .engine import check_target, grow_rounds
 from .errors import DivergedError, UntrustedFileError
 from .experiment import Prepared, check_out_dir, prepare
-from .methods import SplittingMethod, create_method
+from .methods import GrowthMethod, create_method
 from .records import StageRecord
 from .runlog import RunWriter
-from .splitting.analysis import Spectrum
 from .stages import StageRunner
 from .surgery.export import build_grown, grown_payload
 from .training import make_optimizer
@@ -121,19 +120,34 @@ def resume_config(run_dir: str | Path) -> dict:
     return resume_point(run_dir).checkpoint["results"]["config"]
 
 
-def growth_method(g: GrowthConfig) -> SplittingMethod:
-    """The registered splitting method a growth configuration describes (its Grower options included)."""
-    return create_method(g.method, grow_ratio=g.grow_ratio, eps=g.eps, c=g.c, max_copies=g.max_copies,
-                         only_negative=g.only_negative, energy_aware=g.energy_aware, cost=g.cost, lra=g.lra,
-                         max_width=g.max_width, round_to=g.round_to, beta=g.beta,
-                         analysis_batches=g.analysis_batches, fast_passes=g.fast_passes, fast_lr=g.fast_lr)
+def growth_method(g: GrowthConfig) -> GrowthMethod:
+    """The registered growth method a growth configuration describes: a splitting variant with its Grower options,
+    or another growth method (``vt``, ``firefly``, ``gradmax``, ``random``) with ``grow_ratio`` and, when given,
+    ``lra`` / ``variance_transfer``; a splitting-only field given to another method is refused."""
+    from .splitting.variants import VARIANTS
+
+    shared = {k: getattr(g, k) for k in ("lra", "variance_transfer") if getattr(g, k) is not None}
+    if g.method in VARIANTS:
+        return create_method(g.method, grow_ratio=g.grow_ratio, eps=g.eps, c=g.c, max_copies=g.max_copies,
+                             only_negative=g.only_negative, energy_aware=g.energy_aware, cost=g.cost,
+                             max_width=g.max_width, round_to=g.round_to, beta=g.beta,
+                             analysis_batches=g.analysis_batches, fast_passes=g.fast_passes, fast_lr=g.fast_lr,
+                             **shared)
+    other = sorted(SPLITTING_ONLY & g.model_fields_set)
+    if other:
+        raise ConfigError(f"growth.{other[0]} applies to the splitting methods ({', '.join(VARIANTS)}), "
+                          f"not to {g.method!r}")
+    try:
+        return create_method(g.method, grow_ratio=g.grow_ratio, **shared)
+    except TypeError:
+        raise ConfigError(f"growth method {g.method!r} takes neither of {', '.join(shared)}") from None
 
 
 def validate_growth(g: GrowthConfig, model, example_inputs) -> None:
     """Before anything is written: the seed is growable, and under budgets the schedule can reach; a field the
     schedule would ignore is refused (a MAC budget sets how many neurons each round splits, not ``grow_ratio``)."""
     method = growth_method(g)
-    method.grower(model, example_inputs, None, 0, None)  # NotGrowableError names the problem
+    method.check_growable(model, example_inputs)  # NotGrowableError names the problem
     if g.budget_mmacs is not None and "grow_ratio" in g.model_fields_set:
         raise ConfigError("growth.grow_ratio has no effect with growth.budget_mmacs: the MAC schedule sets how many "
                           "neurons each round splits; give one of them")
@@ -144,11 +158,10 @@ def validate_growth(g: GrowthConfig, model, example_inputs) -> None:
                           f"{c.energy_uj:.1f} uJ (estimate)")
 
 
-def _save(run_dir: Path, stage: int, model, optimizer, spectra: dict[str, Spectrum], results: dict,
-          stages: dict[str, list[int]]) -> None:
+def _save(run_dir: Path, stage: int, model, optimizer, results: dict, method: dict) -> None:
     payload = {"stage": stage, "model": grown_payload(model),
-               "optimizer": optimizer.state_dict() if optimizer is not None else None,
-               "spectra": {k: vars(v) for k, v in spectra.items()}, "results": results, "stages": stages}
+               "optimizer": optimizer.state_dict() if optimizer is not None else None, "results": results,
+               **method}  # the method's state_dict: "spectra" and "stages"
     atomic_torch_save(run_dir / "checkpoints" / f"stage{stage}.pt", payload)
 
 
@@ -188,9 +201,7 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
             optimizer.load_state_dict(ckpt["optimizer"])
             for grp, hyper in zip(optimizer.param_groups, recipe, strict=True):  # a changed recipe applies from here
                 grp.update(hyper)
-        method.spectra = {k: Spectrum(**v) for k, v in ckpt["spectra"].items()}
-        if method.lra and ckpt.get("stages"):  # the rates of the stage the run stopped in
-            method.rates.restore(model, p.example_inputs, ckpt["stages"])
+        method.load_state_dict(ckpt, model, p.example_inputs)
         results = ckpt["results"]
         results["config"] = cfg.model_dump()
     writer = RunWriter(run_dir, {"command": "grow", "config": cfg.model_dump(),
@@ -205,8 +216,7 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
         grow_rounds(runner, model, method, seed_epochs=g.seed_epochs if g.seed_epochs is not None else
                     cfg.train.epochs, epochs=cfg.train.epochs, rounds=g.rounds, target_mmacs=g.budget_mmacs,
                     budget_energy_uj=g.budget_energy_uj, carry_optimizer=g.carry_optimizer, optimizer=optimizer,
-                    on_stage=lambda k, m, opt: _save(run_dir, k, m, opt, method.spectra, writer.results,
-                                                     method.rates.stages))
+                    on_stage=lambda k, m, opt: _save(run_dir, k, m, opt, writer.results, method.state_dict()))
         return writer.finish({"method": g.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
                               "rounds": g.rounds, "grow_ratio": g.grow_ratio, "eps": g.eps, "seed": cfg.train.seed,
                               "energy_aware": g.energy_aware})

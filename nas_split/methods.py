@@ -33,12 +33,16 @@ from .engine import check_target, grow_rounds
 from .errors import NasSplitError
 from .grower import Grower
 from .splitting.analysis import Spectrum
+from .splitting.neurons import splittable_layers
+from .splitting.variance import fan_in_growth, transfer_betas, transfer_variance
 from .splitting.variants import VARIANTS, Variant
 from .stages import StageRunner, stage_seed
+from .surgery import NotGrowableError
 from .surgery.rates import SliceRates
 
 __all__ = ["MethodContext", "Method", "FromScratch", "RetrainMethod", "trains_from_scratch", "GrowthMethod",
-           "SplittingMethod", "register_method", "create_method", "list_methods", "load_plugins", "UnknownMethodError"]
+           "SplittingMethod", "register_method", "create_method", "list_methods", "growth_methods", "load_plugins",
+           "UnknownMethodError"]
 
 
 class UnknownMethodError(NasSplitError, KeyError):
@@ -123,6 +127,18 @@ def create_method(name: str, **options: Any) -> Method:
     return method
 
 
+def growth_methods() -> list[str]:
+    """Registered methods that grow a seed (:class:`GrowthMethod`): the splitting variants, ``vt``, ``firefly``,
+    ``gradmax``, ``random``, and any plugin's."""
+    load_plugins()
+    out = []
+    for name, factory in _METHODS.items():
+        cls = factory.func if isinstance(factory, partial) else factory
+        if isinstance(cls, type) and issubclass(cls, GrowthMethod):
+            out.append(name)
+    return sorted(out)
+
+
 class FromScratch(Method):
     """An architecture trained from fresh weights in one stage of :attr:`MethodContext.scratch_epochs` epochs with
     the run's recipe and seed: ``scratch`` (uniform widths), ``random-arch`` (random widths) and ``retrain`` (the
@@ -199,6 +215,19 @@ class GrowthMethod(Method):
         ``ctx`` gives ``example_inputs`` and the recipe (``ctx.recipe.seed``)."""
         raise NotImplementedError
 
+    def check_growable(self, model: nn.Module, example_inputs) -> None:
+        """Raise ``NotGrowableError`` (naming the problem) for a seed this method cannot grow."""
+        if not splittable_layers(model, example_inputs):
+            raise NotGrowableError(f"{self.name}: the model has no growable layer with a nonlinearity")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the method carries from one stage to the next, saved with each stage by ``grow`` and the NNI
+        strategy: ``spectra`` (the fast analysis' directions) and ``stages`` (the learning-rate slices)."""
+        return {"spectra": {}, "stages": {}}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module, example_inputs) -> None:
+        """Restore :meth:`state_dict` for a resumed ``model``."""
+
     def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
         check_target(self.name, seed_macs, ctx.target_mmacs, ctx.rounds, self.max_round_factor)
 
@@ -214,14 +243,27 @@ class SplittingMethod(GrowthMethod):
     :class:`~nas_split.Grower` analyses, selects and splits.  With a round cap the cap alone sets how many neurons
     split (``grow_ratio`` applies to rounds without one); the fast analysis warm-starts from the previous round's
     directions (:attr:`spectra`, kept in ``grow``'s checkpoints).  ``lra=True`` gives each round's copies their
-    own learning rate (:mod:`nas_split.surgery.rates`, as ``vt`` does)."""
+    own learning rate (:mod:`nas_split.surgery.rates`, as ``vt`` does); ``variance_transfer=True`` rescales the
+    consumers of the split layers after each round (:mod:`nas_split.splitting.variance`, as ``vt`` does)."""
 
     def __init__(self, variant: Variant, grow_ratio: float = 0.3, eps: float = 1e-2, lra: bool = False,
-                 **options: Any):
+                 variance_transfer: bool = False, **options: Any):
         self.variant, self.grow_ratio, self.eps, self.lra, self.options = variant, grow_ratio, eps, lra, options
+        self.variance_transfer = variance_transfer
         self.max_round_factor = variant.max_round_factor
         self.spectra: dict[str, Spectrum] = {}
         self.rates = SliceRates()  # with lra: the growth stage of each channel and its learning rate
+
+    def check_growable(self, model: nn.Module, example_inputs) -> None:
+        self.grower(model, example_inputs, None, 0, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spectra": {k: vars(v) for k, v in self.spectra.items()}, "stages": self.rates.stages}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module, example_inputs) -> None:
+        self.spectra = {k: Spectrum(**v) for k, v in (state.get("spectra") or {}).items()}
+        if self.lra and state.get("stages"):  # the rates of the stage the run stopped in
+            self.rates.restore(model, example_inputs, state["stages"])
 
     def grower(self, model: nn.Module, example_inputs, optimizer, seed: int, max_macs: float | None,
                cost_model: CostModel | None = None) -> Grower:
@@ -235,9 +277,17 @@ class SplittingMethod(GrowthMethod):
         g = self.grower(model, ctx.example_inputs, optimizer, stage_seed(ctx.recipe.seed, stage), max_macs,
                         ctx.cost_model)
         g.spectra = self.spectra
+        graph = g.graph() if self.variance_transfer else None  # before the split: who consumes the split layers
         report = g.step(loader)
         self.spectra = g.spectra
         info = report.to_dict()
+        if graph is not None:
+            grows = fan_in_growth(graph, {n: b - a for n, (a, b) in report.widths.items()})
+            modules = dict(model.named_modules())
+            betas, norms = transfer_betas(model, ctx.example_inputs, grows,
+                                          {n: modules[n].weight.shape[1] - k for n, k in grows.items()})
+            transfer_variance(model, betas, norms)
+            info["variance_transfer"] = betas
         if self.lra:  # the copies a round appends are that stage's slice (nas_split.surgery.rates)
             info["lra"] = self.rates.record(model, ctx.example_inputs, report.widths, stage)
         return info

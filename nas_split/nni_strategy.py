@@ -43,12 +43,11 @@ with warnings.catch_warnings():  # NNI 3.0 warns about torch's Buffer at import
 
 from ._io import atomic_torch_save, atomic_write_json
 from .config import ConfigError, GrowthConfig, NniRunConfig, validation_message
-from .cost import PassCounter, count_macs
+from .cost import count_macs
 from .cost_models import cost_model
-from .engine import reached, round_cap
+from .engine import grow_step, reached, round_cap
 from .records import RunResult, StageRecord
 from .runlog import RunWriter, layer_widths
-from .splitting.analysis import Spectrum
 from .stages import StageRunner
 from .surgery.export import build_spec, save_grown
 from .surgery.sizes import apply_sizes
@@ -126,22 +125,17 @@ def train_stage(model: nn.Module, run: dict[str, Any], stage: int = 0, checkpoin
     elif stage == 0:  # the seed's weights depend on the run's seed only, on either engine (as in `nas-split grow`)
         torch.manual_seed(cfg.train.seed)
         net.load_state_dict(build_spec(net.nas_split_spec, import_factory=True).state_dict())
-    optimizer, info, spectra = None, None, {}
+    optimizer, extra, method_state = None, {}, {}
     if growth:
         g = GrowthConfig.model_validate(growth)
         method = growth_method(g)
         state = torch.load(state_checkpoint, weights_only=True) if state_checkpoint else {}
-        method.spectra = {k: Spectrum(**v) for k, v in state.get("spectra", {}).items()}
+        method.load_state_dict(state, net, x)
         if g.carry_optimizer and state.get("optimizer") is not None:
             optimizer = make_optimizer(net, cfg.train)
             optimizer.load_state_dict(state["optimizer"])
-        tr, _, _ = runner.loaders(stage)
-        macs_before = count_macs(net, x)[0]
-        with PassCounter(net) as passes:
-            info = method.grow(runner, net, tr, optimizer, stage, max_macs)
-        spectra = method.spectra
-    extra = {"growth": info, "analysis_seconds": info["analysis_seconds"],
-             "analysis_macs": passes.macs(macs_before)} if info else {}
+        extra = grow_step(runner, net, method, stage, max_macs, optimizer, count_macs(net, x)[0])
+        method_state = method.state_dict()
     writer = None
     if os.environ.get("NNI_OUTPUT_DIR"):  # the web UI's TensorBoard button reads <trial>/tensorboard
         writer = RunWriter(Path(os.environ["NNI_OUTPUT_DIR"], "tensorboard"), {"command": "nni", "stage": stage})
@@ -155,8 +149,7 @@ def train_stage(model: nn.Module, run: dict[str, Any], stage: int = 0, checkpoin
         save_grown(net, checkpoint)
         atomic_torch_save(_state_path(checkpoint), {
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "spectra": {k: vars(v) for k, v in spectra.items()},
-            "run": run, "epochs_total": rec.epochs_total})  # what `nas-split retrain CHECKPOINT` reads
+            **method_state, "run": run, "epochs_total": rec.epochs_total})  # what `nas-split retrain CHECKPOINT` reads
     metric = rec.nni_metric(stage=stage, new_neurons=rec.new_neurons, checkpoint=checkpoint or "",
                             widths="-".join(str(w) for w in list(layer_widths(net).values())[:-1]))
     nni.report_final_result(metric)
@@ -204,7 +197,9 @@ class SplittingDescent(Strategy):
 
     Args:
         method: a splitting variant (:data:`nas_split.splitting.variants.VARIANTS`: ``s2d``, ``fast``, ``s3d``,
-            ``s3d-exact``, ``energy``); ``energy_aware=True`` selects with the LP for any of them.
+            ``s3d-exact``, ``energy``; ``energy_aware=True`` selects with the LP for any of them) or another
+            registered growth method (``vt``, ``firefly``, ``gradmax``, ``random``); each stage's trial carries
+            the method's ``state_dict()`` (directions, learning-rate slices) to the next.
         rounds: growth stages after the seed stage.
         budget_mmacs: stop once the model reaches this many MMACs (each round is cut there).
         checkpoint_dir: where each stage's model is saved (shared with the trials on ``ts``).

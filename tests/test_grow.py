@@ -47,6 +47,23 @@ def test_grow_rounds_increase_macs_and_checkpoint(tmp_path):
     assert model.conv_stem.out_channels == res["stages"][-1]["widths"]["conv_stem"]
 
 
+def test_grow_runs_vt_and_keeps_its_learning_rate_slices(tmp_path):
+    """``grow`` with a growth method other than splitting: ``vt`` adds neurons in pairs, and its learning-rate
+    slices (one label per channel: the round that added it) are saved with every stage."""
+    out = tmp_path / "vt"
+    args = ["--dataset", "digits", "--backbone", "test_mobilenetv1", "--epochs", "1", "--seed-epochs", "1",
+            "--rounds", "1", "--method", "vt", "--no-progress", "--no-latency", "--out", str(out)]
+    assert main(["grow", *args]) == 0
+    res = _results(out)
+    g = res["stages"][1]["growth"]
+    assert g["new_neurons"] > 0 and g["variance_transfer"] and g["lra"]
+    ckpt = torch.load(out / "checkpoints" / "stage1.pt", weights_only=True)
+    before, after = res["stages"][0]["widths"], res["stages"][1]["widths"]
+    for layer, labels in ckpt["stages"].items():
+        added = after[layer] - before[layer]
+        assert added % 2 == 0 and labels == [0] * before[layer] + [1] * added
+
+
 def _cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "nas_split.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
@@ -102,6 +119,8 @@ def test_failed_round_keeps_last_checkpoint_and_resumes(tmp_path, monkeypatch, c
     (["--budget-mmacs", "0.001"], "not above the seed's"),
     (["--backbone", "user_linear_only"], "no growable layer"),
     (["--resume", "/no/such/run"], "no results.json"),
+    (["--method", "vt"], "growth.analysis_batches applies to the splitting methods"),
+    (["--method", "prune-l1"], "not a growth method"),
 ])
 def test_grow_bad_input_exits_2(tmp_path, capsys, argv, message):
     from torch import nn

@@ -168,6 +168,31 @@ def test_resume_after_stage_1_ends_with_the_same_widths(tmp_path, sequential):
     assert _stages(resumed) == _stages(sequential[2])
 
 
+def test_vt_stages_carry_their_learning_rate_slices(tmp_path):
+    """The NNI evaluator with ``vt`` growth: each stage's state file holds the method's state (the round that added
+    each channel), and the next stage continues it."""
+    import search_spaces
+    from nas_split.nni_strategy import train_stage
+    from nas_split.surgery.export import load_grown
+
+    run = {"dataset": "digits", "dataset_options": {}, "data_dir": None, "seed_epochs": 1, "latency": False,
+           "cost_model": "horowitz-45nm", "train": {"epochs": 1, "progress": False}}
+    net = search_spaces.create("test_mobilenetv1", num_classes=10, in_chans=1, input_size=8)
+    train_stage(net, run, 0, checkpoint=str(tmp_path / "s0.pt"))
+    labels = {}
+    for k in (1, 2):
+        net = load_grown(tmp_path / f"s{k - 1}.pt")
+        train_stage(net, run, k, checkpoint=str(tmp_path / f"s{k}.pt"), growth={"method": "vt"},
+                    state_checkpoint=str(tmp_path / f"s{k - 1}.state.pt"))
+        labels[k] = torch.load(tmp_path / f"s{k}.state.pt", weights_only=True)["stages"]
+    widths = {k: {n: m.out_channels for n, m in load_grown(tmp_path / f"s{k}.pt").named_modules()
+                  if n in labels[1]} for k in (0, 1, 2)}
+    for layer in labels[1]:
+        w0, w1, w2 = (widths[k][layer] for k in (0, 1, 2))
+        assert labels[1][layer] == [0] * w0 + [1] * (w1 - w0)
+        assert labels[2][layer] == labels[1][layer] + [2] * (w2 - w1) and w2 > w1 > w0
+
+
 def test_compare_on_nni_runs_trials_in_parallel_with_the_same_table(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "c"

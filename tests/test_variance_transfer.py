@@ -98,7 +98,7 @@ def test_splitting_with_lra_labels_each_rounds_copies_and_scales_them():
     m, x = _model("mobilenetv1_cifar_025", (32, 1, 8, 8))
     y = torch.randint(0, 10, (32,))
     method = create_method("s2d", lra=True, grow_ratio=0.3)
-    ctx = SimpleNamespace(example_inputs=x[:2], recipe=SimpleNamespace(seed=0))
+    ctx = SimpleNamespace(example_inputs=x[:2], recipe=SimpleNamespace(seed=0), cost_model=None)
     widths = {n: mod.weight.shape[0] for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)}
     info = method.grow(ctx, m, [(x, y)], None, 1, None)
     assert method.rates.stages and info["lra"]
@@ -115,3 +115,41 @@ def test_splitting_with_lra_labels_each_rounds_copies_and_scales_them():
     plain = torch.autograd.grad(F.cross_entropy(m(x), y), weight)[0]
     factor = torch.tensor([info["lra"][layer][str(t)] for t in method.rates.stages[layer]]).view(-1, 1, 1, 1)
     torch.testing.assert_close(scaled, plain * factor)
+
+
+def test_splitting_with_variance_transfer_rescales_consumers_and_keeps_the_function():
+    """``variance_transfer=True`` on a splitting method: the same splits as without it; every consumer whose fan-in
+    grew from F to F' (with a batch norm after it) has weights and bias β = sqrt(F / F') times those of the run
+    without, its norm's running mean β times, running variance and ε β² times; the function is unchanged in eval
+    and in train mode."""
+    from types import SimpleNamespace
+
+    from nas_split.methods import create_method
+    from nas_split.splitting.neurons import find_neurons
+
+    m, x = _model("mobilenetv1_cifar_025", (32, 1, 8, 8))
+    m, x = m.double(), x.double()  # float64: the function is kept to rounding
+    y = torch.randint(0, 10, (32,))
+    ref, ref_train = m(x).detach(), copy.deepcopy(m).train()(x).detach()
+    ctx = SimpleNamespace(example_inputs=x[:2], recipe=SimpleNamespace(seed=0), cost_model=None)
+    grown = {}
+    for transfer in (False, True):
+        grown[transfer] = copy.deepcopy(m)
+        info = create_method("s2d", grow_ratio=0.3, eps=1e-6, variance_transfer=transfer).grow(
+            ctx, grown[transfer], [(x, y)], None, 1, None)
+    plain, vt = dict(grown[False].named_modules()), dict(grown[True].named_modules())
+    betas = info["variance_transfer"]
+    assert len(betas) >= 3
+    before = dict(m.named_modules())
+    for name, b in betas.items():
+        f, f_new = before[name].weight.shape[1], vt[name].weight.shape[1]
+        assert f_new > f and b == pytest.approx((f / f_new) ** 0.5, rel=1e-12)
+        torch.testing.assert_close(vt[name].weight, b * plain[name].weight, rtol=1e-6, atol=0)
+        n_vt, n_plain = (find_neurons(g, x[:2], [name])[name].norm for g in (grown[True], grown[False]))
+        torch.testing.assert_close(n_vt.running_var, b * b * n_plain.running_var, rtol=1e-6, atol=0)
+        torch.testing.assert_close(n_vt.running_mean, b * n_plain.running_mean, rtol=1e-6, atol=0)
+        assert n_vt.eps == pytest.approx(b * b * n_plain.eps)
+    for mod in (grown[True], grown[False]):
+        out, out_train = mod(x).detach(), copy.deepcopy(mod).train()(x).detach()
+        assert (out - ref).abs().max() <= 1e-7 * ref.abs().max()  # eps = 1e-6: the split moves it by O(eps²)
+        assert (out_train - ref_train).abs().max() <= 1e-7 * ref_train.abs().max()
