@@ -124,7 +124,7 @@ from nas_split.cost_models import LatencyTable, layer_shape
 def in_place(module, x):  # what a user would time: torch.utils.benchmark's median, on the module itself
     with torch.no_grad():
         timer = benchmark.Timer("module(x)", globals={"module": module, "x": x}, num_threads=torch.get_num_threads())
-        return 1e3 * timer.blocked_autorange(min_run_time=0.2).median
+        return 1e3 * timer.blocked_autorange(min_run_time=0.1).median
 
 
 def layer():  # a layer as a model would hold it, made anew each time (copies differ by a few % in speed)
@@ -132,9 +132,9 @@ def layer():  # a layer as a model would hold it, made anew each time (copies di
 
 
 shape = layer_shape(layer()[0], (32, 32, 32), 64 * 32 * 32, 64 * 32 * 9 * 32 * 32)
-table = LatencyTable("cpu", sys.argv[1], min_run_time=0.3)
+table = LatencyTable("cpu", sys.argv[1])
 entries, direct = [table.entry(shape)], [in_place(*layer())]
-for _ in range(4):  # interleaved, so that a drift of the machine hits both alike
+for _ in range(3):  # interleaved, so that a drift of the machine hits both alike
     entries.append(table.time(shape))
     direct.append(in_place(*layer()))
 print(json.dumps({"entries": entries, "direct": direct, "key": shape.key(), "path": str(table.path)}))
