@@ -11,7 +11,7 @@ from nas_split.distributed import ShardedBatches, summed
 from nas_split.errors import ConfigError
 from nas_split.methods import FromScratch, GrowthMethod, Method, MethodContext, register_method
 from nas_split.stages import stage_seed
-from nas_split.surgery.rates import SliceRates
+from nas_split.surgery.rates import LayerRates, SliceRates
 from nas_split.surgery.rebuild import fresh_model, resized_sizes
 
 from .firefly import firefly_grow
@@ -62,18 +62,23 @@ class _GradMax(GrowthMethod):
 class _VarianceTransfer(GrowthMethod):
     """``vt``: paired new neurons, variance transfer and learning-rate adaptation (:mod:`.variance_transfer`)."""
 
-    def __init__(self, grow_ratio: float = 0.2, variance_transfer: bool = True, lra: bool = True):
-        self.grow_ratio, self.variance_transfer, self.lra = grow_ratio, variance_transfer, lra
-        self.rates = SliceRates()
+    def __init__(self, grow_ratio: float = 0.2, variance_transfer: bool = True, lra: bool = True, mup: bool = False):
+        self.grow_ratio, self.variance_transfer, self.lra, self.mup = grow_ratio, variance_transfer, lra, mup
+        self.rates, self.layer_rates = SliceRates(), LayerRates()
 
     def state_dict(self) -> dict:
-        return {"spectra": {}, "stages": self.rates.stages}
+        return {"spectra": {}, "stages": self.rates.stages, "mup_base": self.layer_rates.base}
 
     def load_state_dict(self, state, model, example_inputs) -> None:
         if self.lra and state.get("stages"):
             self.rates.restore(model, example_inputs, state["stages"])
+        if self.mup and state.get("mup_base"):
+            self.layer_rates.base = {k: list(v) for k, v in state["mup_base"].items()}
+            self.layer_rates.set(model, example_inputs)
 
     def grow(self, ctx, model, loader, optimizer, stage, max_macs):
+        if self.mup:
+            self.layer_rates.remember(model, ctx.example_inputs)
         modules = dict(model.named_modules())
         pairs = vt_counts(model, ctx.example_inputs, self.grow_ratio, max_macs)
         widths = {n: modules[n].weight.shape[0] for n in pairs}
@@ -83,6 +88,8 @@ class _VarianceTransfer(GrowthMethod):
         if self.lra:
             info["lra"] = self.rates.record(model, ctx.example_inputs,
                                             {n: (widths[n], widths[n] + k) for n, k in rep.added.items()}, stage)
+        if self.mup:
+            info["mup"] = self.layer_rates.set(model, ctx.example_inputs)
         return info
 
 

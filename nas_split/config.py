@@ -70,6 +70,8 @@ class GrowthConfig(BaseModel):
     variance_transfer: bool | None = Field(None, description="rescale the grown layers' consumers (nas_split."
                                                              "splitting.variance); default: the method's (vt: on, "
                                                              "splitting: off)")
+    mup: bool | None = Field(None, description="vt: muP per-layer learning-rate factors for the input and output "
+                                               "layers (nas_split.surgery.rates.LayerRates); default off")
     only_negative: bool = True
     energy_aware: bool = False
     cost: Literal["macs", "model"] = Field("macs", description="what the energy-aware LP prices: MACs or "

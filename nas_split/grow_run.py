@@ -126,8 +126,10 @@ def growth_method(g: GrowthConfig) -> GrowthMethod:
     ``lra`` / ``variance_transfer``; a splitting-only field given to another method is refused."""
     from .splitting.variants import VARIANTS
 
-    shared = {k: getattr(g, k) for k in ("lra", "variance_transfer") if getattr(g, k) is not None}
+    shared = {k: getattr(g, k) for k in ("lra", "variance_transfer", "mup") if getattr(g, k) is not None}
     if g.method in VARIANTS:
+        if g.mup is not None:
+            raise ConfigError(f"growth.mup applies to vt, not to the splitting method {g.method!r}")
         return create_method(g.method, grow_ratio=g.grow_ratio, eps=g.eps, c=g.c, max_copies=g.max_copies,
                              only_negative=g.only_negative, energy_aware=g.energy_aware, cost=g.cost,
                              max_width=g.max_width, round_to=g.round_to, beta=g.beta,

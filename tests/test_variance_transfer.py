@@ -153,3 +153,27 @@ def test_splitting_with_variance_transfer_rescales_consumers_and_keeps_the_funct
         out, out_train = mod(x).detach(), copy.deepcopy(mod).train()(x).detach()
         assert (out - ref).abs().max() <= 1e-7 * ref.abs().max()  # eps = 1e-6: the split moves it by O(eps²)
         assert (out_train - ref_train).abs().max() <= 1e-7 * ref_train.abs().max()
+
+
+def test_mup_scales_the_input_and_output_layers_by_their_width_ratios():
+    """``vt`` with ``mup=True``: after growth the stem's gradients are ``fan_out / fan_out_0`` and the classifier's
+    ``fan_in_0 / fan_in`` times those of the same model without the scales (autograd); hidden layers keep theirs."""
+    from types import SimpleNamespace
+
+    from nas_split.methods import create_method
+
+    m, x = _model("mobilenetv1_cifar_025", (32, 1, 8, 8))
+    y = torch.randint(0, 10, (32,))
+    stem0, cls0 = m.conv_stem.out_channels, m.classifier.in_features
+    method = create_method("vt", mup=True, lra=False, grow_ratio=0.5)
+    ctx = SimpleNamespace(example_inputs=x[:2], recipe=SimpleNamespace(seed=0), cost_model=None)
+    info = method.grow(ctx, m, [(x, y)], None, 1, None)
+    f_stem, f_cls = m.conv_stem.out_channels / stem0, cls0 / m.classifier.in_features
+    assert f_stem > 1 > f_cls and info["mup"] == pytest.approx({"conv_stem": f_stem, "classifier": f_cls})
+    params = [m.conv_stem.weight, m.classifier.weight, m.classifier.bias, m.blocks[1][0].conv_pw.weight]
+    scaled = torch.autograd.grad(F.cross_entropy(m.train()(x), y), params)
+    method.layer_rates.remove()
+    plain = torch.autograd.grad(F.cross_entropy(m(x), y), params)
+    for g, p, f in zip(scaled, plain, (f_stem, f_cls, f_cls, 1.0), strict=True):
+        torch.testing.assert_close(g, p * f)
+    assert method.state_dict()["mup_base"] == {"conv_stem": [stem0, 1], "classifier": [10, cls0]}

@@ -1,5 +1,5 @@
 """Learning-rate adaptation per growth stage (Yuan, Savarese & Maire 2023, algorithms.md §6.4, the growing_wiki
-statement, not checked against the paper).
+statement, not checked against the paper), and μP's per-layer learning-rate factors (§6.1).
 
 The weights of a layer are partitioned by the growth stage that added them, ``W = {W_0, W_Δ1, ...}``, and stage
 ``t``'s slice learns at ``η_t = η_0 ‖W_Δt‖_F / ‖W_0‖_F`` (the norms when the rates are set, after each growth).
@@ -7,6 +7,11 @@ nas-split applies it as a gradient scale on the slice's rows of the layer, its n
 its columns in the consumers (with SGD the same as a learning-rate factor, except on weight decay).  ``vt``
 growth uses it, and the splitting methods with ``lra: true`` (their copies are the stage's new channels).
 Surgery appends new channels at the end of a layer, so a layer's stage labels grow by appending.
+
+**μP factors** (:class:`LayerRates`, ``vt``'s ``mup`` option): under the maximal-update parameterisation an input
+layer's SGD rate scales with its fan-out, the output layer's with 1/fan-in, hidden layers' not at all; relative to
+the seed's widths, a grown model's input layers learn at ``fan_out / fan_out_0`` and its output layer at
+``fan_in_0 / fan_in`` times the recipe's rate (gradient scales on their own weights and biases).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from ..numerics import model_device
 from .graph import CouplingGraph
 from .handlers import handler_for
 
-__all__ = ["lra_factors", "SliceRates"]
+__all__ = ["lra_factors", "SliceRates", "io_layers", "LayerRates"]
 
 
 def lra_factors(model: nn.Module, stages: Mapping[str, list[int]]) -> dict[str, dict[int, float]]:
@@ -88,6 +93,63 @@ class SliceRates:
             shape[axis] = -1
             t = t.view(shape).to(model_device(model), p.dtype)
             self.handles.append(p.register_hook(lambda g, t=t: g * t))
+
+    def remove(self) -> None:
+        """Drop every hook."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def io_layers(model: nn.Module, example_inputs: torch.Tensor) -> tuple[list[str], list[str]]:
+    """The conv/linear layers that read the model's input, and those whose output is the model's output."""
+    from ..numerics import like_model
+
+    x = like_model(model, example_inputs)
+    seen: list[tuple[str, bool, torch.Tensor]] = []  # outputs kept alive: no id is reused
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.append((n, inp[0] is x, out)))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    was = model.training
+    try:
+        with torch.no_grad():
+            y = model.eval()(x)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return [n for n, reads, _ in seen if reads], [n for n, _, out in seen if out is y]
+
+
+class LayerRates:
+    """μP's per-layer learning-rate factors as gradient scales (see the module docstring); ``base`` holds the
+    seed's ``[fan_out, fan_in]`` of the input and output layers (:meth:`remember` before the first growth)."""
+
+    def __init__(self):
+        self.handles: list = []
+        self.base: dict[str, list[int]] = {}
+
+    def remember(self, model: nn.Module, example_inputs: torch.Tensor) -> None:
+        """Record the widths the factors are relative to (once: the seed's)."""
+        if not self.base:
+            inputs, outputs = io_layers(model, example_inputs)
+            modules = dict(model.named_modules())
+            self.base = {n: list(modules[n].weight.shape[:2]) for n in (*inputs, *outputs)}
+
+    def set(self, model: nn.Module, example_inputs: torch.Tensor) -> dict[str, float]:
+        """Scale the gradients of the input and output layers' parameters by their factors; returns them."""
+        self.remove()
+        inputs, outputs = io_layers(model, example_inputs)
+        modules = dict(model.named_modules())
+        factors: dict[str, float] = {}
+        for n in inputs:
+            factors[n] = modules[n].weight.shape[0] / self.base[n][0]
+        for n in outputs:
+            factors[n] = factors.get(n, 1.0) * self.base[n][1] / modules[n].weight.shape[1]
+        for n, f in factors.items():
+            for p in (modules[n].weight, getattr(modules[n], "bias", None)):
+                if isinstance(p, nn.Parameter) and f != 1.0:
+                    self.handles.append(p.register_hook(lambda g, f=f: g * f))
+        return factors
 
     def remove(self) -> None:
         """Drop every hook."""
