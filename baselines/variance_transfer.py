@@ -18,9 +18,11 @@ norm after it (a classifier) is not rescaled (nothing would absorb the scale); i
 columns' variance.
 
 **Learning-rate adaptation** (§6.4): :mod:`nas_split.surgery.rates`, shared with the splitting methods' ``lra``
-option.  Optional batch-size adaptation (§6.5) is not
-implemented.  The MAC schedule is the engine's, as for every growth method: each round grows every layer by
-the same fraction of its width, in pairs, until the round's cap.
+option; μP's per-layer rates for the input and output layers (§6.1) are ``vt``'s ``mup`` option
+(:class:`nas_split.surgery.rates.LayerRates`).  μP's initial variances are not imposed: the new weights take the
+empirical variances above, the rule of §6.3's App. A variant.  Optional batch-size adaptation (§6.5; its rule is
+not documented by either source) is not implemented.  The MAC schedule is the engine's, as for every growth
+method: each round grows every layer by the same fraction of its width, in pairs, until the round's cap.
 """
 from __future__ import annotations
 
