@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _growth_flags(t: argparse.ArgumentParser) -> None:
     from .splitting.variants import VARIANTS
 
-    t.add_argument("--method", help=" | ".join(f"{v.name} ({v.description})" for v in VARIANTS.values()))
+    t.add_argument("--method", help=" | ".join(f"{v.name} ({v.description})" for v in VARIANTS.values()) +
+                   " | or another growth method: vt, firefly, gradmax, random")
     t.add_argument("--rounds", type=int, help="growth rounds after the seed stage")
     t.add_argument("--seed-epochs", type=int, help="epochs of the seed stage (default --epochs)")
     t.add_argument("--budget-mmacs", type=float,

@@ -67,7 +67,8 @@ BACKBONES = sorted(_SPACES) + ["mobilenetv1_100", "mobilenetv2_050", "mobilenetv
 @pytest.mark.parametrize("name", BACKBONES)
 def test_split_preserves_function_on_every_backbone(name, weights):
     gen = torch.Generator().manual_seed(hash((name, weights)) % 2**31)
-    model = search_spaces.create(name, num_classes=5, in_chans=3, input_size=16).eval()
+    thin = {"width_mult": 0.25} if name.startswith("pointnet") else {}  # the structure matters, not 1024 channels
+    model = search_spaces.create(name, num_classes=5, in_chans=3, input_size=16, **thin).eval()
     x = _inputs(name)
     with torch.no_grad():
         ref = model(x)
