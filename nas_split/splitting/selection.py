@@ -3,8 +3,8 @@
 **Ratio**: candidates sorted by gain ``G`` (most negative first) are taken until their new neurons reach
 ``ratio x`` the current neurons (per group with ``quotas``); ``only_negative`` keeps only ``G < 0``.
 
-**Energy-aware** (Wang et al. 2019, §2.3 of algorithms.md): with ``cost_i`` the MAC (or energy) increase of
-split ``i``,
+**Energy-aware** (Wang et al. 2019, §2.3 of algorithms.md): with ``cost_i`` the MAC increase of split ``i``, or
+its price under a cost model (:mod:`nas_split.cost_models`),
 
     min_β Σ_i β_i G_i   s.t.   Σ_{i∈g} β_i cost_i ≤ τ_g  for every group g,
                                Σ_{i∈ℓ} β_i new_i ≤ cap_ℓ − width_ℓ  for every capped layer ℓ,   0 ≤ β_i ≤ 1,
