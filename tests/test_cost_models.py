@@ -114,7 +114,7 @@ def test_energy_aware_growth_follows_the_profile():
 
 
 _TIMING = """
-import json, sys
+import json, statistics, sys
 import torch
 from torch import nn
 from torch.utils import benchmark
@@ -124,19 +124,23 @@ from nas_split.cost_models import LatencyTable, layer_shape
 def in_place(module, x):  # what a user would time: torch.utils.benchmark's median, on the module itself
     with torch.no_grad():
         timer = benchmark.Timer("module(x)", globals={"module": module, "x": x}, num_threads=torch.get_num_threads())
-        return 1e3 * timer.blocked_autorange(min_run_time=0.1).median
+        return 1e3 * timer.blocked_autorange(min_run_time=0.02).median
 
 
 def layer():  # a layer as a model would hold it, made anew each time (copies differ by a few % in speed)
     return nn.Conv2d(32, 64, 3, padding=1).eval(), torch.randn(1, 32, 32, 32)
 
 
+def direct_timing():  # the median over eight such layers, each timed on its own
+    return statistics.median(in_place(*layer()) for _ in range(8))
+
+
 shape = layer_shape(layer()[0], (32, 32, 32), 64 * 32 * 32, 64 * 32 * 9 * 32 * 32)
 table = LatencyTable("cpu", sys.argv[1])
-entries, direct = [table.entry(shape)], [in_place(*layer())]
-for _ in range(3):  # interleaved, so that a drift of the machine hits both alike
+entries, direct = [table.entry(shape)], [direct_timing()]
+for _ in range(2):  # interleaved, so that a drift of the machine hits both alike
     entries.append(table.time(shape))
-    direct.append(in_place(*layer()))
+    direct.append(direct_timing())
 print(json.dumps({"entries": entries, "direct": direct, "key": shape.key(), "path": str(table.path)}))
 """
 
