@@ -38,10 +38,9 @@ class RunConfig(BaseModel):
     @field_validator("cost_model")
     @classmethod
     def _cost_model(cls, v: str) -> str:
-        from .cost_models import COST_MODELS
+        from .cost_models import check_spec
 
-        if v not in COST_MODELS and not Path(v).expanduser().is_file():
-            raise ValueError(f"neither a known cost model ({', '.join(COST_MODELS)}) nor a profile file")
+        check_spec(v)  # a ConfigError is a ValueError: pydantic reports it under the key
         return v
 
 

@@ -53,7 +53,7 @@ from torch import nn
 from .errors import ConfigError
 
 __all__ = ["LayerShape", "layer_shape", "CostModel", "EnergyModel", "ProfileModel", "LatencyTable",
-           "latency_cache_path", "device_name", "cost_model", "COST_MODELS"]
+           "latency_cache_path", "device_name", "check_spec", "cost_model", "COST_MODELS"]
 
 _BYTES = 4  # float32
 _INSTANCES = 8  # copies of a layer a latency table times, one after the other
@@ -146,9 +146,8 @@ def layer_shape(module: nn.Module, input_size: tuple[int, ...], output_numel: in
               "input_bytes": math.prod(input_size) * _BYTES, "output_bytes": output_numel * _BYTES}
     if isinstance(module, nn.Linear):
         return LayerShape("Linear", module.in_features, module.out_features, **common)
-    return LayerShape(type(module).__name__ if type(module).__name__ in _OPS else
-                      next(n for n, c in _OPS.items() if isinstance(module, c)),
-                      module.in_channels, module.out_channels, kernel_size=tuple(module.kernel_size),
+    op = next(n for n, c in _OPS.items() if isinstance(module, c))
+    return LayerShape(op, module.in_channels, module.out_channels, kernel_size=tuple(module.kernel_size),
                       stride=tuple(module.stride),
                       padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
                       dilation=tuple(module.dilation), groups=module.groups, **common)
@@ -257,10 +256,14 @@ class ProfileModel(CostModel):
         key = shape.key()
         if key in self.entries:
             return self.entries[key]
+        return self._linear(shape, f"has no entry for layer {key} and no coefficients")(shape)
+
+    def _linear(self, shape: LayerShape, missing: str) -> Coefficients:
+        """The coefficients that price ``shape``'s kind of layer; ``missing`` says what is lacking without them."""
         coef = self.per_op.get(shape.kind, self.coefficients)
         if coef is None:
-            raise ConfigError(f"cost profile {self.label!r} has no entry for layer {key} and no coefficients")
-        return coef(shape)
+            raise ConfigError(f"cost profile {self.label!r} {missing}")
+        return coef
 
     def other_cost(self, macs: float) -> float:
         return macs * self.coefficients.mac if self.coefficients is not None else 0.0
@@ -272,10 +275,8 @@ class ProfileModel(CostModel):
         big = shape.grown(k * d_out, k * d_in)
         if shape.key() in self.entries and big.key() in self.entries:
             return (self.entries[big.key()] - self.entries[shape.key()]) / k
-        coef = self.per_op.get(shape.kind, self.coefficients)
-        if coef is None:
-            raise ConfigError(f"cost profile {self.label!r} cannot price a new channel of layer {shape.key()}: "
-                              f"no entries for it and {big.key()}, and no coefficients")
+        coef = self._linear(shape, f"cannot price a new channel of layer {shape.key()}: no entries for it and "
+                                   f"{big.key()}, and no coefficients")
         return coef(shape.grown(d_out, d_in)) - coef(shape)
 
     @classmethod
@@ -360,8 +361,11 @@ def latency_cache_path(device: str = "cpu", cache_dir: str | Path | None = None)
     under ``cache_dir``, ``$NAS_SPLIT_CACHE`` or ``~/.cache/nas_split``, in ``latency/``."""
     base = Path(cache_dir or os.environ.get("NAS_SPLIT_CACHE") or "~/.cache/nas_split").expanduser()
     threads = "" if device.startswith("cuda") else f"-{torch.get_num_threads()}threads"
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", device_name(device)).strip("-").lower()
-    return base / "latency" / f"{slug}-torch{torch.__version__.split('+')[0]}{threads}.json"
+    return base / "latency" / f"{_slug(device_name(device))}-torch{torch.__version__.split('+')[0]}{threads}.json"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower()
 
 
 class LatencyTable(CostModel):
@@ -381,10 +385,10 @@ class LatencyTable(CostModel):
     def __init__(self, device: str = "cpu", cache_dir: str | Path | None = None, min_run_time: float = 0.15):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("cost_model latency-cuda needs a GPU; this machine has none")
-        self.device, self.min_run_time = device, min_run_time
+        self.device, self.min_run_time, self.name = device, min_run_time, device_name(device)
         self.path = latency_cache_path(device, cache_dir)
-        self.label = f"latency-{re.sub(r'[^A-Za-z0-9.]+', '-', device_name(device)).strip('-').lower()}"
-        self.source = (f"measured here: torch.utils.benchmark, batch 1, {device_name(device)}, "
+        self.label = f"latency-{_slug(self.name)}"
+        self.source = (f"measured here: torch.utils.benchmark, batch 1, {self.name}, "
                        f"torch {torch.__version__}" + ("" if device.startswith("cuda") else
                                                       f", {torch.get_num_threads()} threads"))
         self.entries: dict[str, dict[str, Any]] = {}
@@ -444,7 +448,7 @@ class LatencyTable(CostModel):
         from ._io import atomic_write_json
 
         atomic_write_json(self.path, {"name": self.label, "unit": self.unit, "measured": True,
-                                      "source": self.source, "device": device_name(self.device),
+                                      "source": self.source, "device": self.name,
                                       "torch": torch.__version__, "layers": list(self.entries.values())})
 
 
@@ -458,14 +462,17 @@ COST_MODELS = {"horowitz-45nm": EnergyModel, "horowitz-45nm-sram": EnergyModel.s
                "latency-cpu": lambda: _latency("cpu"), "latency-cuda": lambda: _latency("cuda")}
 
 
+def check_spec(spec: str) -> None:
+    """Raise :class:`ConfigError` unless ``spec`` is a :data:`COST_MODELS` name or an existing file."""
+    if spec not in COST_MODELS and not Path(spec).expanduser().is_file():
+        raise ConfigError(f"cost_model {spec!r} is neither a known model ({', '.join(COST_MODELS)}) nor a file")
+
+
 def cost_model(spec: str | CostModel | None = None) -> CostModel:
     """The cost model ``spec`` names: a :data:`COST_MODELS` name, a profile file's path, or a model (returned as
     it is); ``None`` is ``horowitz-45nm``."""
     if isinstance(spec, CostModel):
         return spec
     spec = spec or "horowitz-45nm"
-    if spec in COST_MODELS:
-        return COST_MODELS[spec]()
-    if not Path(spec).expanduser().is_file():
-        raise ConfigError(f"cost_model {spec!r} is neither a known model ({', '.join(COST_MODELS)}) nor a file")
-    return ProfileModel.load(Path(spec).expanduser())
+    check_spec(spec)
+    return COST_MODELS[spec]() if spec in COST_MODELS else ProfileModel.load(Path(spec).expanduser())

@@ -123,7 +123,7 @@ def resume_config(run_dir: str | Path) -> dict:
 def growth_method(g: GrowthConfig) -> GrowthMethod:
     """The registered growth method a growth configuration describes: a splitting variant with its Grower options,
     or another growth method (``vt``, ``firefly``, ``gradmax``, ``random``) with ``grow_ratio`` and, when given,
-    ``lra`` / ``variance_transfer``; a splitting-only field given to another method is refused."""
+    ``lra`` / ``variance_transfer`` / ``mup``; a field the method does not read is refused."""
     from .splitting.variants import VARIANTS
 
     shared = {k: getattr(g, k) for k in ("lra", "variance_transfer", "mup") if getattr(g, k) is not None}
@@ -142,7 +142,7 @@ def growth_method(g: GrowthConfig) -> GrowthMethod:
     try:
         return create_method(g.method, grow_ratio=g.grow_ratio, **shared)
     except TypeError:
-        raise ConfigError(f"growth method {g.method!r} takes neither of {', '.join(shared)}") from None
+        raise ConfigError(f"growth method {g.method!r} does not take {' / '.join(shared)}") from None
 
 
 def validate_growth(g: GrowthConfig, model, example_inputs) -> None:

@@ -27,8 +27,8 @@ __all__ = ["CSV_FIELDS", "Row", "PairedCI", "paired_ci", "paired_to", "collect",
 #: Columns of ``results.csv`` (one row per method x seed x target x phase x stage).
 CSV_FIELDS = ["label", "method", "phase", "seed", "target_mmacs", "stage", "kind", "epochs", "epochs_total",
               "test_acc", "val_acc", "mmacs", "params", "energy_uj_est", "priced", "cost_model", "latency_ms",
-              "train_seconds",
-              "analysis_seconds", "new_neurons", "train_macs", "analysis_macs", "run_seconds", "run_dir"]
+              "train_seconds", "analysis_seconds", "new_neurons", "train_macs", "analysis_macs", "run_seconds",
+              "run_dir"]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..numerics import model_device
+from ..numerics import like_model, model_device
 from .graph import CouplingGraph
 from .handlers import handler_for
 
@@ -103,8 +103,6 @@ class SliceRates:
 
 def io_layers(model: nn.Module, example_inputs: torch.Tensor) -> tuple[list[str], list[str]]:
     """The conv/linear layers that read the model's input, and those whose output is the model's output."""
-    from ..numerics import like_model
-
     x = like_model(model, example_inputs)
     seen: list[tuple[str, bool, torch.Tensor]] = []  # outputs kept alive: no id is reused
     hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.append((n, inp[0] is x, out)))
