@@ -12,16 +12,16 @@ from nas_split.errors import ConfigError
 from nas_split.methods import FromScratch, GrowthMethod, Method, MethodContext, register_method
 from nas_split.stages import stage_seed
 from nas_split.surgery.rates import LayerRates, SliceRates
-from nas_split.surgery.rebuild import fresh_model, resized_sizes
+from nas_split.surgery.rebuild import fresh_model, resized_sizes, width_groups
 
 from .firefly import firefly_grow
 from .gradmax import gradmax_counts, gradmax_grow
 from .pruning import CRITERIA, bn_l1_penalty, prune_to_macs
 from .random_growth import random_grow
-from .scratch import match_width, random_widths
+from .scratch import bottleneck_widths, log_distance, match_width, random_widths
 from .variance_transfer import vt_counts, vt_grow
 
-__all__ = ["PruneMethod", "ScratchMethod", "RandomArchMethod"]
+__all__ = ["PruneMethod", "ScratchMethod", "RandomArchMethod", "BottleneckMethod"]
 
 
 class _Random(GrowthMethod):
@@ -119,7 +119,7 @@ class PruneMethod(Method):
         ctx.stage(model, "pruned", 0, pruning={"macs_before": rep.macs_before, "macs_after": rep.macs_after,
                                               "target_error": rep.error, "steps": rep.steps},
                   analysis_macs=summed(passes.macs(rep.macs_before)))
-        ctx.stage(model, "finetune", ctx.epochs * ctx.rounds)
+        ctx.stage(model, "finetune", ctx.epochs * ctx.rounds + ctx.finetune_epochs)
         return model
 
 
@@ -143,37 +143,80 @@ class ScratchMethod(FromScratch):
         return ctx.build_width(self._mult), {"width_mult": self._mult}
 
 
-class RandomArchMethod(FromScratch):
-    """The architecture control: random per-layer widths at the target's MACs, trained like ``scratch``.
+class _WidthsArch(FromScratch):
+    """An architecture control: per-layer widths at the target's MACs (:meth:`widths`), trained like ``scratch``;
+    its stage record holds the widths and their ``log_distance`` from the seed's profile scaled uniformly."""
 
-    Every independent width ``w_l`` of the seed (:func:`~nas_split.surgery.rebuild.width_groups`) is multiplied by
-    ``f_l ~ log-uniform[1/spread, spread]`` (drawn from the run's seed) and all by one scale ``s`` found by
-    bisection so that the model's MACs are closest to the target: ``w_l = max(1, round(s f_l w_l))``.
-    """
-
-    kind = "random-arch"
-
-    def __init__(self, spread: float = 2.0):
-        if not spread >= 1:
-            raise ConfigError(f"random-arch: spread must be >= 1, got {spread}")
-        self.spread = spread
+    def __init__(self):
         self._widths: dict[str, int] | None = None
+
+    def widths(self, ctx: MethodContext, seed: nn.Module) -> dict[str, int]:
+        """The widths (``{root layer: width}``) at ``ctx.target_mmacs``; ``ValueError`` if it is out of reach."""
+        raise NotImplementedError
 
     def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
         if ctx.target_mmacs is None:
-            raise ConfigError("random-arch needs a MAC target (target_mmacs)")
+            raise ConfigError(f"{self.name} needs a MAC target (target_mmacs)")
         try:
-            self._widths = random_widths(ctx.build_seed(), ctx.example_inputs, ctx.target_mmacs * 1e6,
-                                         self.spread, ctx.recipe.seed)
+            self._widths = self.widths(ctx, ctx.build_seed())
         except ValueError as e:
-            raise ConfigError(f"random-arch: {e}") from None
+            raise ConfigError(f"{self.name}: {e}") from None
 
     def architecture(self, ctx: MethodContext) -> tuple[nn.Module, dict]:
         if self._widths is None:
             self.check(ctx, 0.0, 0.0)
         seed = ctx.build_seed()
         sizes = resized_sizes(seed, ctx.example_inputs, self._widths)
-        return fresh_model(seed.nas_split_spec, sizes, ctx.recipe.seed), {"random_widths": self._widths}
+        return fresh_model(seed.nas_split_spec, sizes, ctx.recipe.seed), {
+            "arch_widths": self._widths,
+            "log_distance": log_distance(self._widths, width_groups(seed, ctx.example_inputs))}
+
+
+class RandomArchMethod(_WidthsArch):
+    """The architecture control: random per-layer widths at the target's MACs, trained like ``scratch``.
+
+    Every independent width ``w_l`` of the seed (:func:`~nas_split.surgery.rebuild.width_groups`) is multiplied by
+    ``f_l ~ log-uniform[1/spread, spread]`` and all by one scale ``s`` found by bisection so that the model's MACs
+    are closest to the target: ``w_l = max(1, round(s f_l w_l))`` (:func:`.scratch.random_widths`).  ``draw``
+    numbers independent architectures of one seed (draw 0 is seeded with the run's seed, draw ``k`` with
+    ``seed + 100003 k``), so a comparison can hold several random architectures per seed.
+    """
+
+    kind = "random-arch"
+
+    def __init__(self, spread: float = 2.0, draw: int = 0):
+        super().__init__()
+        if not spread >= 1:
+            raise ConfigError(f"random-arch: spread must be >= 1, got {spread}")
+        if draw < 0:
+            raise ConfigError(f"random-arch: draw must be >= 0, got {draw}")
+        self.spread, self.draw = spread, draw
+
+    def widths(self, ctx: MethodContext, seed: nn.Module) -> dict[str, int]:
+        return random_widths(seed, ctx.example_inputs, ctx.target_mmacs * 1e6, self.spread,
+                             ctx.recipe.seed + 100003 * self.draw)
+
+
+class BottleneckMethod(_WidthsArch):
+    """The known-bad control: ``span`` consecutive widths at relative depth ``position`` squeezed to ``fraction``
+    of the rest's scale, the rest widened to the target's MACs (:func:`.scratch.bottleneck_widths`), trained like
+    ``scratch``.  A benchmark that cannot tell it from ``scratch`` cannot see an architecture effect."""
+
+    kind = "bottleneck"
+
+    def __init__(self, fraction: float = 0.25, position: float = 0.5, span: int = 1):
+        super().__init__()
+        if not 0 < fraction < 1:
+            raise ConfigError(f"bottleneck: fraction must be in (0, 1), got {fraction}")
+        if not 0 <= position <= 1:
+            raise ConfigError(f"bottleneck: position must be in [0, 1], got {position}")
+        if span < 1:
+            raise ConfigError(f"bottleneck: span must be >= 1, got {span}")
+        self.fraction, self.position, self.span = fraction, position, span
+
+    def widths(self, ctx: MethodContext, seed: nn.Module) -> dict[str, int]:
+        return bottleneck_widths(seed, ctx.example_inputs, ctx.target_mmacs * 1e6, self.fraction, self.position,
+                                 self.span)
 
 
 register_method("random")(_Random)
@@ -182,5 +225,6 @@ register_method("gradmax")(_GradMax)
 register_method("vt")(_VarianceTransfer)
 register_method("scratch")(ScratchMethod)
 register_method("random-arch")(RandomArchMethod)
+register_method("bottleneck")(BottleneckMethod)
 for _c in CRITERIA:
     register_method(f"prune-{_c}")(partial(PruneMethod, _c))

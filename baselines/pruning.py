@@ -2,16 +2,33 @@
 
 Criteria (``CRITERIA``): ``l1`` (filter magnitude), ``taylor`` (first-order, gradients of a few batches),
 ``slim`` (BatchNorm scale, network slimming: train with :func:`bn_l1_penalty` first), ``hessian`` (OBD,
-per-sample gradients) and ``random``.  Pruning runs in small uniform steps (Torch-Pruning's iterative
-scheduler) until the model's MACs — counted by :func:`nas_split.cost.count_macs`, the convention of every
-nas-split record — reach the target; a step that overshoots by more than the tolerance is undone and retried
-with finer steps.  Layers whose output channels are model outputs, or coupled in ways Torch-Pruning cannot see
-(PointNet's feature-transform ``bmm``), are left alone: the prunable layers are exactly the growable ones.
+per-sample gradients) and ``random``.  Pruning runs in small steps (Torch-Pruning's iterative scheduler) until
+the model's MACs — counted by :func:`nas_split.cost.count_macs`, the convention of every nas-split record —
+reach the target; a step that overshoots by more than the tolerance is undone and retried with finer steps.
+Layers whose output channels are model outputs, or coupled in ways Torch-Pruning cannot see (PointNet's
+feature-transform ``bmm``), are left alone: the prunable layers are exactly the growable ones.
+
+Two ways to share the cut among the layers:
+
+* uniform (default): every prunable layer loses the same fraction of its channels, ranked within the layer;
+  the criterion picks *which* channels go, the widths keep the original proportions.
+* global (``global_pruning=True``, Torch-Pruning's ``global_pruning=True``): every step ranks the channels of
+  all prunable layers together and removes the least important ones wherever they are, so the criterion also
+  chooses the widths.  Scores are compared across layers after Torch-Pruning's default normalisation
+  (``normalizer="mean"``: each layer's scores divided by their mean, so a layer's overall scale does not
+  matter, the spread of its scores does).  Every layer keeps at least ``1 - MAX_GLOBAL_RATIO`` (10 %) of its
+  original channels, rounded up: Torch-Pruning's ``max_pruning_ratio`` (passed, 0.9) drops a layer from the
+  ranking once below that share of its width *when the schedule started* and only before a step, so
+  :func:`prune_to_macs` also trims each step to the floor of the widths it was called with.  Equal scores
+  are told apart by channel position within the layer (a relative nudge below float32's resolution): global
+  ranking prunes every channel at or under the threshold, so a layer of equal scores (BatchNorm scales at
+  their initial 1) would otherwise be all-or-nothing, and Torch-Pruning skips a step that would empty a layer.
 """
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -27,9 +44,10 @@ from nas_split.surgery import growable_layers
 from nas_split.surgery.handlers import is_depthwise
 from nas_split.surgery.sizes import apply_sizes, layer_sizes
 
-__all__ = ["CRITERIA", "PruneReport", "prune_to_macs", "bn_l1_penalty", "importance"]
+__all__ = ["CRITERIA", "MAX_GLOBAL_RATIO", "PruneReport", "prune_to_macs", "bn_l1_penalty", "importance"]
 
 CRITERIA = ("l1", "taylor", "slim", "hessian", "random")
+MAX_GLOBAL_RATIO = 0.9  # global pruning removes at most this share of a layer's channels
 
 
 def importance(criterion: str) -> tp.importance.Importance:
@@ -41,6 +59,38 @@ def importance(criterion: str) -> tp.importance.Importance:
             "slim": tp.importance.BNScaleImportance,
             "hessian": tp.importance.HessianImportance,
             "random": tp.importance.RandomImportance}[criterion]()
+
+
+class _TieBroken(tp.importance.Importance):
+    """``imp``'s scores in float64, times ``1 + 2**-30 * i / n`` for channel ``i`` of ``n``: equal scores are
+    ordered by relative position (evenly over the layers), distinct float32 scores keep their order."""
+
+    def __init__(self, imp: tp.importance.Importance):
+        self.imp = imp
+
+    def __call__(self, group, **kwargs):
+        s = self.imp(group, **kwargs)
+        if s is None:
+            return None
+        pos = torch.arange(len(s), device=s.device, dtype=torch.float64) / len(s)
+        return s.double() * (1 + 2.0 ** -30 * pos)
+
+
+def _global_step(pruner: tp.pruner.BasePruner, floors: dict[nn.Module, int]) -> None:
+    """One step of ``pruner``, each group cut to the channels that keep its root layer at ``floors`` or above
+    (the least important of those Torch-Pruning chose; a group that cannot be cut so is skipped)."""
+    for group in pruner.step(interactive=True):
+        dep, idxs = group[0]
+        root = dep.target.module
+        width = pruner.DG.get_out_channels(root)
+        room = width - floors.get(root, 1)
+        if len(idxs) <= room:
+            group.prune()
+            continue
+        scores = pruner.estimate_importance(pruner.DG.get_pruning_group(root, dep.handler, list(range(width))))
+        if room > 0 and scores is not None and len(scores) == width:  # not for grouped channels
+            plain = [getattr(i, "idx", i) for i in idxs]  # ints, or Torch-Pruning's (idx, root_idx) pairs
+            group.prune(idxs=sorted(plain, key=lambda i: scores[i].item())[:room])
 
 
 def bn_l1_penalty(model: nn.Module, coef: float = 1e-4) -> torch.Tensor:
@@ -104,14 +154,18 @@ def _gradients(model: nn.Module, criterion: str, imp, batches: list, loss_fn: Ca
 
 def prune_to_macs(model: nn.Module, example_inputs: torch.Tensor, target_macs: float, criterion: str = "l1",
                   loader: Iterable | None = None, loss_fn: Callable = F.cross_entropy, round_to: int | None = None,
-                  tolerance: float = 0.03, steps: int = 100, grad_batches: int = 2) -> PruneReport:
+                  tolerance: float = 0.03, steps: int = 100, grad_batches: int = 2,
+                  global_pruning: bool = False) -> PruneReport:
     """Prune ``model`` in place until its MACs are within ``tolerance`` of ``target_macs`` (or just below).
 
     Args:
         target_macs: MACs per sample to reach (must be below the current MACs).
         loader: batches for the gradient-based criteria (``taylor``, ``hessian``).
         round_to: keep every pruned width a multiple of this (coarser steps; the tolerance may then be missed).
-        steps: uniform steps to remove 90 % of every prunable layer's channels; finer retries double it.
+        steps: steps to remove 90 % of the prunable channels (of every layer, or of all together with
+            ``global_pruning``); finer retries double it.
+        global_pruning: rank channels across layers (widths chosen by the criterion, each layer kept at 10 % or
+            more of its width) instead of pruning every layer by the same fraction; see the module docstring.
     """
     imp = importance(criterion)
     before, _ = count_macs(model, example_inputs)
@@ -125,17 +179,25 @@ def prune_to_macs(model: nn.Module, example_inputs: torch.Tensor, target_macs: f
     prunable = set(growable_layers(model, example_inputs))
     ignored = [m for n, m in model.named_modules()  # depthwise convs follow their group; never list them
                if isinstance(m, nn.modules.conv._ConvNd | nn.Linear) and not is_depthwise(m) and n not in prunable]
+    sizes, unit = layer_sizes(model), round_to or 1  # global pruning's floors: 10 %, up to a multiple of round_to
+    floors = {m: min(sizes[n][0], unit * math.ceil((1 - MAX_GLOBAL_RATIO) * sizes[n][0] / unit))
+              for n, m in model.named_modules() if n in prunable}
     was = model.training
     model.eval()
     macs, taken = before, 0
     try:
         while macs > target_macs * (1 + tolerance) and steps <= 6400:
-            pruner = tp.pruner.BasePruner(model, example_inputs, importance=imp, pruning_ratio=0.9,
-                                          iterative_steps=steps, ignored_layers=ignored, round_to=round_to)
+            pruner = tp.pruner.BasePruner(model, example_inputs, importance=_TieBroken(imp) if global_pruning else imp,
+                                          pruning_ratio=0.9, iterative_steps=steps, ignored_layers=ignored,
+                                          round_to=round_to, global_pruning=global_pruning,
+                                          max_pruning_ratio=MAX_GLOBAL_RATIO if global_pruning else 1.0)
             for _ in range(steps):
                 snapshot = copy.deepcopy(model.state_dict()), layer_sizes(model)
                 _gradients(model, criterion, imp, batches, loss_fn)
-                pruner.step()
+                if global_pruning:
+                    _global_step(pruner, floors)
+                else:
+                    pruner.step()
                 taken += 1
                 new, _ = count_macs(model, example_inputs)
                 if new < target_macs * (1 - tolerance) and round_to is None:

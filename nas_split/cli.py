@@ -240,8 +240,9 @@ def _compare(a: argparse.Namespace, cfg, runs) -> int:
     from .distributed import is_main
     from .report import write_report
 
+    curve = sum(r.phase == "curve" for r in runs)
     log(f"{len(runs)} runs ({len(cfg.entries())} methods x {len(cfg.targets_mmacs) or 1} targets x "
-        f"{len(cfg.seeds)} seeds) -> {cfg.out}")
+        f"{len(cfg.seeds)} seeds{f', plus {curve} on the scratch curve' if curve else ''}) -> {cfg.out}")
     shared = gpus_shared(cfg)
     if shared:
         log(f"warning: {shared}")

@@ -13,6 +13,7 @@ comparison loses at most the runs in flight and a rerun skips the finished ones.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -24,13 +25,20 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._io import atomic_write_json, output_lock
-from .config import ConfigError, MethodRunConfig, RunConfig
+from .config import ConfigError, MethodRunConfig, Protocol, RunConfig
 from .distributed import broadcast_object, is_main
 from .errors import DivergedError, NasSplitError
 
-__all__ = ["MethodEntry", "CompareConfig", "PlannedRun", "plan_runs", "retrain_runs",
+__all__ = ["CURVE_LABEL", "MethodEntry", "CompareConfig", "PlannedRun", "plan_runs", "retrain_runs",
            "validate_compare", "run_compare",
            "finished_result", "worker_threads", "gpus_shared", "run_one", "describe", "log"]
+
+
+#: What a method label may hold: it becomes a directory name below ``<out>/runs``.
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+#: Label of the scratch-curve runs (``phase="curve"``, below ``<out>/curve``).
+CURVE_LABEL = "scratch-curve"
 
 
 class MethodEntry(BaseModel):
@@ -42,17 +50,26 @@ class MethodEntry(BaseModel):
     label: str | None = Field(None, description="name in tables and run directories (default: method)")
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("label")
+    @classmethod
+    def _safe(cls, v: str | None) -> str | None:
+        if v is not None and not _LABEL.fullmatch(v):
+            raise ValueError("a label names a run directory: letters, digits and . _ + - only, starting with a "
+                             "letter or digit, at most 64 characters")
+        return v
+
     @property
     def name(self) -> str:
         """The label, or the method's name."""
         return self.label or self.method
 
 
-class CompareConfig(RunConfig):
+class CompareConfig(RunConfig, Protocol):
     """What ``nas-split compare`` runs: methods x seeds x MAC targets on one dataset, backbone and recipe.
 
     ``backbone_options`` build the full-width model (pruning starts there); ``seed_options`` are merged over them
-    for the thin seed of growth methods.  Every method trains ``seed_epochs + rounds x train.epochs`` epochs.
+    for the thin seed of growth methods.  Every method trains ``seed_epochs + rounds x train.epochs +
+    finetune_epochs`` epochs under the shared :class:`~nas_split.config.Protocol`.
     """
 
     methods: list[MethodEntry] = Field(
@@ -60,10 +77,10 @@ class CompareConfig(RunConfig):
         description="registered names, or {method, label, options}")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     targets_mmacs: list[float] = Field(default_factory=list, description="MAC targets (empty: growth rounds only)")
-    seed_options: dict[str, Any] = Field(default_factory=lambda: {"width_mult": 0.25})
-    rounds: int = Field(3, ge=0)
-    seed_epochs: int | None = Field(None, ge=0, description="seed / full-model epochs (default train.epochs)")
-    tolerance: float = Field(0.05, gt=0, description="a final MAC count further than this from its target is flagged")
+    scratch_curve: list[float] = Field(
+        default_factory=list, description="factors of each MAC target at which uniform-width scratch runs trace the "
+        "accuracy-vs-MACs curve every run is also scored against, at its own MACs (e.g. [0.5, 0.7, 1.4, 2.0])")
+    tolerance: float = Field(0.03, gt=0, description="a final MAC count further than this from its target is flagged")
     retrain: bool = Field(False, description="retrain every method's final architecture from scratch with the "
                                              "scratch recipe (search -> export -> retrain)")
     baseline: str = Field("scratch", description="label the paired differences (and their CIs) are taken to")
@@ -83,6 +100,13 @@ class CompareConfig(RunConfig):
         if len(set(v)) != len(v):
             raise ValueError("a MAC target is listed twice")
         return v
+
+    @field_validator("scratch_curve")
+    @classmethod
+    def _factors(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f < float("inf") for f in v):
+            raise ValueError("scratch-curve factors must be finite and > 0")
+        return sorted(set(v))
 
     @field_validator("seeds")
     @classmethod
@@ -108,13 +132,15 @@ class CompareConfig(RunConfig):
             raise ConfigError(f"methods: label {dup[0]!r} is used twice; give each entry its own label")
         if not out:
             raise ConfigError("methods: the list is empty")
+        if self.scratch_curve and CURVE_LABEL in names:
+            raise ConfigError(f"methods: label {CURVE_LABEL!r} names the scratch-curve runs; choose another")
         return out
 
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One run of a comparison: a method's search run (``phase="search"``) or the retraining of its final
-    architecture from scratch (``phase="retrain"``)."""
+    """One run of a comparison: a method's search run (``phase="search"``), the retraining of its final
+    architecture from scratch (``phase="retrain"``) or a point of the scratch curve (``phase="curve"``)."""
 
     label: str
     seed: int
@@ -124,15 +150,17 @@ class PlannedRun:
 
     @property
     def key(self) -> str:
-        """``label/target/seed`` (the run directory below ``<out>/runs``, or ``<out>/retrain`` when retraining)."""
+        """``label/target/seed`` (the run directory below ``<out>/runs``, ``<out>/retrain`` when retraining,
+        ``<out>/curve`` for the scratch curve)."""
         t = "rounds" if self.target_mmacs is None else f"{self.target_mmacs:g}mmacs"
         return f"{self.label}/{t}/seed{self.seed}"
 
 
 def plan_runs(cfg: CompareConfig) -> list[PlannedRun]:
-    """Every method x target x seed, in that order, as a :class:`MethodRunConfig` each."""
+    """Every method x target x seed, in that order, as a :class:`MethodRunConfig` each; then the scratch curve:
+    ``scratch`` at every ``target x factor`` of ``scratch_curve`` (distinct MAC counts) x seed."""
     common = cfg.model_dump(include={"dataset", "dataset_options", "data_dir", "backbone", "backbone_options",
-                                     "latency", "cost_model", "seed_options", "rounds", "seed_epochs"})
+                                     "latency", "cost_model", *Protocol.model_fields})
     runs = []
     for e in cfg.entries():
         for target in cfg.targets_mmacs or [None]:
@@ -143,6 +171,14 @@ def plan_runs(cfg: CompareConfig) -> list[PlannedRun]:
                 run = PlannedRun(e.name, seed, target, rc)
                 runs.append(PlannedRun(e.name, seed, target,
                                        rc.model_copy(update={"out": str(Path(cfg.out) / "runs" / run.key)})))
+    points = sorted({float(f"{t * f:.6g}") for t in cfg.targets_mmacs for f in cfg.scratch_curve})
+    for target in points:
+        for seed in cfg.seeds:
+            train = cfg.train.model_copy(update={"seed": seed, "progress": False})
+            run = PlannedRun(CURVE_LABEL, seed, target, MethodRunConfig(**common, train=train, method="scratch",
+                                                                        target_mmacs=target, out=""), "curve")
+            runs.append(PlannedRun(CURVE_LABEL, seed, target, run.config.model_copy(
+                update={"out": str(Path(cfg.out) / "curve" / run.key)}), "curve"))
     return runs
 
 
@@ -281,9 +317,9 @@ def _run_compare(cfg: CompareConfig, overwrite: bool, on_done: Callable[[Planned
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob("runs/*/*/.*.partial-*"):  # runs killed mid-way (never published)
             shutil.rmtree(stale, ignore_errors=True)
-        for stale in out.glob("retrain/*/*/.*.partial-*"):
+        for stale in [*out.glob("retrain/*/*/.*.partial-*"), *out.glob("curve/*/*/.*.partial-*")]:
             shutil.rmtree(stale, ignore_errors=True)
-        if runs and runs[0].phase == "search":
+        if runs and runs[0].phase != "retrain":
             atomic_write_json(out / "compare.json", {"config": cfg.model_dump(), "runs": [r.key for r in runs]})
     found = {r.key: finished_result(r) for r in runs} if is_main() else {}
     left = broadcast_object([k for k, res in found.items() if res is None] if is_main() else None)
@@ -334,7 +370,7 @@ def describe(run: PlannedRun, res: dict, skipped: bool) -> str:
     """One line about a finished run."""
     f = res["final"]
     t = "" if run.target_mmacs is None else f" @ {run.target_mmacs:g}"
-    t += " retrained" if run.phase == "retrain" else ""
+    t += {"retrain": " retrained", "curve": " (scratch curve)"}.get(run.phase, "")
     what = "skipped (finished before)" if skipped else f"{res['wall_seconds']:.0f} s"
     return (f"{run.label:>14s}{t} seed {run.seed}: top-1 {100 * f['test_acc']:.2f} %, {f['mmacs']:.3f} MMACs"
             f" | {what}")

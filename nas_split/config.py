@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .training import TrainConfig
 
-__all__ = ["ConfigError", "SPLITTING_ONLY", "RunConfig", "GrowthConfig", "GrowRunConfig", "MethodRunConfig",
+__all__ = ["ConfigError", "SPLITTING_ONLY", "RunConfig", "GrowthConfig", "GrowRunConfig", "Protocol",
+           "MethodRunConfig",
            "NniRunConfig", "load_config", "apply_overrides", "validation_message"]
 
 M = TypeVar("M", bound=BaseModel)
@@ -45,8 +46,8 @@ class RunConfig(BaseModel):
 
 
 #: Fields of :class:`GrowthConfig` only the splitting variants read; another growth method refuses them.
-SPLITTING_ONLY = frozenset({"eps", "c", "max_copies", "only_negative", "energy_aware", "cost", "max_width",
-                            "round_to", "beta", "analysis_batches", "fast_passes", "fast_lr"})
+SPLITTING_ONLY = frozenset({"eps", "c", "max_copies", "only_negative", "s3d_rank", "selection", "energy_aware",
+                            "cost", "max_width", "round_to", "beta", "analysis_batches", "fast_passes", "fast_lr"})
 
 
 class GrowthConfig(BaseModel):
@@ -72,6 +73,10 @@ class GrowthConfig(BaseModel):
     mup: bool | None = Field(None, description="vt: muP per-layer learning-rate factors for the input and output "
                                                "layers (nas_split.surgery.rates.LayerRates); default off")
     only_negative: bool = True
+    s3d_rank: Literal["neuron", "total"] = Field("neuron", description="S3D: rank schemes and candidates by gain "
+                                                 "per added neuron, or by total gain")
+    selection: Literal["top", "reverse", "layer-random", "random-direction"] = Field(
+        "top", description="the method's choice, or an ablation arm (nas_split.splitting.selection.ARMS)")
     energy_aware: bool = False
     cost: Literal["macs", "model"] = Field("macs", description="what the energy-aware LP prices: MACs or "
                                            "the run's cost_model")
@@ -109,8 +114,32 @@ class GrowRunConfig(RunConfig):
     out: str = "runs/grow"
 
 
-class MethodRunConfig(RunConfig):
-    """What ``nas-split run`` runs: one registered method (growth or baseline) under a MAC target or rounds.
+class Protocol(BaseModel):
+    """The schedule every method of ``run`` / ``compare`` shares, so that all train the same total epochs
+    ``seed_epochs + rounds x train.epochs + finetune_epochs`` (:attr:`nas_split.methods.MethodContext.scratch_epochs`).
+
+    ``finetune_epochs`` trains a growth method's final network that many more epochs after its last growth step
+    (the protocol of S2D's and the energy-aware paper's code), a pruned network that much longer, and a network
+    trained from scratch that much longer.  ``schedule_span: run`` runs one learning-rate schedule over the whole
+    run with the growth steps inside it (variance-transfer growth's protocol); ``stage`` restarts it every stage.
+    ``growth_warmup_epochs`` ramps the rate up linearly at the start of every stage after a growth step.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed_options: dict[str, Any] = Field(default_factory=lambda: {"width_mult": 0.25})
+    rounds: int = Field(3, ge=0)
+    seed_epochs: int | None = Field(None, ge=0, description="seed / full-model epochs (default train.epochs)")
+    finetune_epochs: int = Field(0, ge=0, description="epochs after the last growth step (every method trains "
+                                                      "them too)")
+    schedule_span: Literal["stage", "run"] = Field("stage", description="one learning-rate schedule per stage, "
+                                                   "or one over the whole run")
+    growth_warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up after each growth step")
+
+
+class MethodRunConfig(RunConfig, Protocol):
+    """What ``nas-split run`` runs: one registered method (growth or baseline) under a MAC target or rounds, with
+    the shared :class:`Protocol`.
 
     ``backbone_options`` build the full-width model (pruning starts there); ``seed_options`` are merged over them
     for the thin seed that growth methods start from.
@@ -118,9 +147,6 @@ class MethodRunConfig(RunConfig):
 
     method: str = "fast"
     method_options: dict[str, Any] = Field(default_factory=dict)
-    seed_options: dict[str, Any] = Field(default_factory=lambda: {"width_mult": 0.25})
-    rounds: int = Field(3, ge=0)
-    seed_epochs: int | None = Field(None, ge=0, description="seed / full-model epochs (default train.epochs)")
     target_mmacs: float | None = Field(None, gt=0, allow_inf_nan=False)
     out: str = "runs/method"
 

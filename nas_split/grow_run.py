@@ -131,7 +131,8 @@ def growth_method(g: GrowthConfig) -> GrowthMethod:
         if g.mup is not None:
             raise ConfigError(f"growth.mup applies to vt, not to the splitting method {g.method!r}")
         return create_method(g.method, grow_ratio=g.grow_ratio, eps=g.eps, c=g.c, max_copies=g.max_copies,
-                             only_negative=g.only_negative, energy_aware=g.energy_aware, cost=g.cost,
+                             only_negative=g.only_negative, s3d_rank=g.s3d_rank, selection=g.selection,
+                             energy_aware=g.energy_aware, cost=g.cost,
                              max_width=g.max_width, round_to=g.round_to, beta=g.beta,
                              analysis_batches=g.analysis_batches, fast_passes=g.fast_passes, fast_lr=g.fast_lr,
                              **shared)

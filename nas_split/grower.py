@@ -34,8 +34,8 @@ from .errors import ConfigError
 from .splitting.analysis import Spectrum
 from .splitting.channel_cost import channel_costs, prefix_within_macs
 from .splitting.neurons import Neuron, NotAnalyzableError, splittable_layers
-from .splitting.schemes import NeuronSplit
-from .splitting.selection import Candidate, select_lp, select_ratio
+from .splitting.schemes import RANKS, NeuronSplit
+from .splitting.selection import ARMS, Candidate, random_directions, select_lp, select_ratio, within_layer_random
 from .splitting.variants import VARIANTS
 from .surgery import CouplingGraph, NotGrowableError, layer_sizes, split
 
@@ -84,6 +84,11 @@ class Grower:
         c: S3D mass budget ``Σ|w_i| <= c`` (``c >= 1``; 1 is S2D).
         max_copies: 3 or 4 (S3D's 4-copy scheme).
         only_negative: split only neurons whose predicted loss change is negative.
+        s3d_rank: how S3D chooses a neuron's scheme and ranks candidates: ``"neuron"`` (gain per added neuron,
+            the default) or ``"total"`` (total gain; :mod:`nas_split.splitting.schemes`).
+        selection: ``"top"`` (the method's choice) or an ablation arm of
+            :data:`~nas_split.splitting.selection.ARMS` (``reverse``, ``layer-random``, ``random-direction``);
+            the arms need the ratio or MAC-cap selection, not the LP.
         energy_aware: select with the LP over costs instead of the ratio.
         cost: the LP's cost: ``"macs"`` or ``"model"`` (``cost_model``'s price of a new channel).
         cost_model: a :class:`~nas_split.cost_models.CostModel` or its name (default ``horowitz-45nm``).
@@ -105,7 +110,8 @@ class Grower:
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, method: str = "s2d", *,
                  grow_ratio: float | None = 0.3, eps: float = 1e-2, c: float = 3.0, max_copies: int = 4,
-                 only_negative: bool = True, energy_aware: bool = False, cost: str = "macs",
+                 only_negative: bool = True, s3d_rank: str = "neuron", selection: str = "top",
+                 energy_aware: bool = False, cost: str = "macs",
                  cost_model: CostModel | str | None = None, budget_scale: float = 1.0,
                  groups: Mapping[str, str] | None = None, quotas: Mapping[str, float] | None = None,
                  max_width: int | Mapping[str, int] | None = None, round_to: int | None = None,
@@ -122,6 +128,13 @@ class Grower:
             raise ConfigError(f"the S3D mass budget c must be >= 1, got {c}")
         if max_copies not in (3, 4):
             raise ConfigError(f"max_copies must be 3 or 4, got {max_copies}")
+        if s3d_rank not in RANKS:
+            raise ConfigError(f"s3d_rank must be one of {', '.join(RANKS)}, got {s3d_rank!r}")
+        if selection not in ARMS:
+            raise ConfigError(f"selection must be one of {', '.join(ARMS)}, got {selection!r}")
+        if selection != "top" and (energy_aware or VARIANTS[method].energy_aware):
+            raise ConfigError(f"selection {selection!r} is an arm of the ratio / MAC-cap selection, not of the "
+                              "energy-aware LP")
         if cost not in ("macs", "model"):
             raise ConfigError(f"cost must be 'macs' or 'model', got {cost!r}")
         if grow_ratio is None and max_macs is None:
@@ -132,6 +145,7 @@ class Grower:
         self.method, self.variant = method, VARIANTS[method]
         self.grow_ratio, self.eps, self.c, self.max_copies = grow_ratio, eps, c, max_copies
         self.only_negative, self.cost, self.budget_scale = only_negative, cost, budget_scale
+        self.s3d_rank, self.selection = s3d_rank, selection
         self.energy_aware = energy_aware or self.variant.energy_aware
         self.cost_model = build_cost_model(cost_model)
         self.groups, self.quotas = dict(groups or {}), dict(quotas or {})
@@ -175,8 +189,9 @@ class Grower:
                 for o in range(sp.lam_min.shape[0])]
 
     def select(self, splits: list[NeuronSplit]) -> list[NeuronSplit]:
-        """Choose splits by grow ratio (with quotas) or, when ``energy_aware``, by the LP over costs; best first,
-        cut at ``max_macs`` when set."""
+        """Choose splits by grow ratio (with quotas) or, when ``energy_aware``, by the LP over costs; best first
+        (worst first for ``selection="reverse"``), cut at ``max_macs`` when set; then the ``layer-random`` /
+        ``random-direction`` arms redraw the neurons within each layer / the directions of what was chosen."""
         graph = self.graph()
         layers = sorted({s.layer for s in splits})
         widths = {n: graph.group(n).width for n in layers}
@@ -185,7 +200,8 @@ class Grower:
             chosen = [Candidate(s) for s in splits if not self.only_negative or s.gain < 0]
         elif not self.energy_aware:
             cands = [Candidate(s, 0.0, groups[s.layer]) for s in splits]
-            chosen = select_ratio(cands, widths, self.grow_ratio, self.only_negative, self.quotas, groups)
+            chosen = select_ratio(cands, widths, self.grow_ratio, self.only_negative, self.quotas, groups,
+                                  reverse=self.selection == "reverse")
         else:
             per = channel_costs(self.model, self.example_inputs, {n: graph.group(n) for n in layers},
                                 self.cost_model)
@@ -210,11 +226,15 @@ class Grower:
                 room = {n: (cap.get(n) if isinstance(cap, Mapping) else cap) - widths[n] for n in layers
                         if (cap.get(n) if isinstance(cap, Mapping) else cap) is not None}
             chosen, _ = select_lp(cands, budgets, room)
-        picked = sorted((c.split for c in chosen), key=lambda s: s.gain)
+        picked = sorted((c.split for c in chosen), key=lambda s: s.score, reverse=self.selection == "reverse")
         if self.max_macs is not None:
             k = prefix_within_macs(self.model, self.example_inputs, [(s.layer, s.new_neurons) for s in picked],
                                    self.max_macs, graph)
             picked = picked[:k]
+        if self.selection == "layer-random":
+            picked = within_layer_random(picked, splits, self.generator)
+        elif self.selection == "random-direction":
+            picked = random_directions(picked, self.generator)
         return picked
 
     def step(self, loader: Iterable) -> GrowthReport:
@@ -226,10 +246,10 @@ class Grower:
         candidates = self.candidates(spectra)
         chosen = self.select(candidates)
         if world_size() > 1:  # process 0 decides (the spectra agree, so this only guards against float ties)
-            by_key = {(s.layer, s.channel, s.kind): s for s in candidates}
+            by_key = {(s.layer, s.channel, s.kind): s for s in [*candidates, *chosen]}
             chosen = [by_key[k] for k in broadcast_object([(s.layer, s.channel, s.kind) for s in chosen])]
         by_layer: dict[str, list] = {}
-        for s in sorted(chosen, key=lambda s: s.gain):
+        for s in sorted(chosen, key=lambda s: s.score):
             by_layer.setdefault(s.layer, []).append((s.channel, s.scheme))
         report = split(self.model, self.example_inputs, by_layer, eps=self.eps, optimizer=self.optimizer,
                        max_width=self.max_width, round_to=self.round_to, graph=self.graph())

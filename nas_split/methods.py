@@ -59,13 +59,14 @@ class MethodContext(StageRunner):
     seed_epochs: int
     epochs: int
     rounds: int
+    finetune_epochs: int = 0
     target_mmacs: float | None = None
 
     @property
     def scratch_epochs(self) -> int:
-        """Epochs of a network trained from scratch in one stage: ``seed_epochs + rounds x epochs``, what every
-        method trains in all."""
-        return self.seed_epochs + self.rounds * self.epochs
+        """Epochs of a network trained from scratch in one stage: ``seed_epochs + rounds x epochs +
+        finetune_epochs``, what every method trains in all."""
+        return self.seed_epochs + self.rounds * self.epochs + self.finetune_epochs
 
 
 class Method(ABC):
@@ -232,9 +233,14 @@ class GrowthMethod(Method):
         check_target(self.name, seed_macs, ctx.target_mmacs, ctx.rounds, self.max_round_factor)
 
     def run(self, ctx: MethodContext) -> nn.Module:
+        """Seed, growth rounds, then (with ``finetune_epochs`` or one schedule over the run) a ``finetune`` stage
+        that trains the final network until the run's total :attr:`~MethodContext.scratch_epochs`."""
         model = ctx.build_seed()
-        grow_rounds(ctx, model, self, seed_epochs=ctx.seed_epochs, epochs=ctx.epochs, rounds=ctx.rounds,
-                    target_mmacs=ctx.target_mmacs)
+        optimizer = grow_rounds(ctx, model, self, seed_epochs=ctx.seed_epochs, epochs=ctx.epochs, rounds=ctx.rounds,
+                                target_mmacs=ctx.target_mmacs)
+        left = ctx.scratch_epochs - ctx.epochs_total
+        if left > 0 and (ctx.finetune_epochs or ctx.schedule_epochs is not None):
+            ctx.stage(model, "finetune", left, optimizer)
         return model
 
 

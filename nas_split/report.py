@@ -20,7 +20,8 @@ from ._io import atomic_write_text
 from .records import RunResult
 from .runlog import Tags
 
-__all__ = ["CSV_FIELDS", "Row", "PairedCI", "paired_ci", "paired_to", "collect", "write_csv", "summary",
+__all__ = ["CSV_FIELDS", "Row", "PairedCI", "paired_ci", "paired_to", "interp_log_macs", "to_curve", "collect",
+           "write_csv", "summary",
            "markdown_table", "write_report",
            "pareto_figure", "widths_figure"]
 
@@ -50,17 +51,52 @@ class Row:
     train_macs: float = 0.0
     retrained_acc: float | None = None
     cost_model: str = "horowitz-45nm µJ (estimated)"
+    curve_acc: float | None = None
 
 
-def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row]]:
-    """``(run, results)`` pairs -> CSV rows (every stage of every run) and one :class:`Row` per search run.
+def interp_log_macs(points: Sequence[tuple[float, float]], macs: float) -> float | None:
+    """The accuracy of a curve ``[(macs, acc), ...]`` at ``macs``, linear in ``log(macs)`` between the two
+    neighbouring points (points at equal MACs are averaged); ``None`` outside the curve's range or with fewer than
+    two distinct MAC counts.  E.g. points ``(1, 0.5)`` and ``(4, 0.7)`` give ``0.6`` at ``2`` MACs."""
+    by: dict[float, list[float]] = defaultdict(list)
+    for m, a in points:
+        by[m].append(a)
+    xs = sorted(by)
+    if len(xs) < 2 or not xs[0] <= macs <= xs[-1]:
+        return None
+    for lo, hi in zip(xs, xs[1:], strict=False):
+        if lo <= macs <= hi:
+            t = (math.log(macs) - math.log(lo)) / (math.log(hi) - math.log(lo))
+            return (1 - t) * statistics.fmean(by[lo]) + t * statistics.fmean(by[hi])
+    return None
 
-    A search run of a method that trains from scratch (``scratch``, ``random-arch``) is its own retraining;
-    other runs take the accuracy of their ``phase="retrain"`` run when there is one.
+
+def to_curve(finals: Sequence[Row], retrained: bool = False, level: float = 0.95) -> dict[tuple, PairedCI | None]:
+    """``{(target, label): CI}`` of each method's top-1 (in %, in-run or retrained) minus the scratch curve's at
+    the MACs the run reached (:attr:`Row.curve_acc`, the same seed's curve): the comparison at equal final MACs,
+    so a run that lands short of its target is neither penalised nor flattered.  A t interval of the per-seed
+    differences (each is paired with its own seed's curve)."""
+    groups: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for r in finals:
+        a = r.retrained_acc if retrained else r.test_acc
+        groups.setdefault((r.target, r.label), [])
+        if a is not None and r.curve_acc is not None:
+            groups[(r.target, r.label)].append((100 * a, 100 * r.curve_acc))
+    return {k: paired_ci([p[0] for p in v], [p[1] for p in v], level) for k, v in groups.items()}
+
+
+def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row], list[Row]]:
+    """``(run, results)`` pairs -> CSV rows (every stage of every run), one :class:`Row` per search run and one
+    per run of the scratch curve (``phase="curve"``).
+
+    A search run of a method that trains from scratch (``scratch``, ``random-arch``, ``bottleneck``) is its own
+    retraining; other runs take the accuracy of their ``phase="retrain"`` run when there is one.  Each search row's
+    :attr:`Row.curve_acc` is its seed's scratch curve (the curve runs and the ``scratch`` runs) at its MACs
+    (:func:`interp_log_macs`).
     """
     from .methods import trains_from_scratch
 
-    rows, finals, retrained = [], [], {}
+    rows, finals, retrained, curve = [], [], {}, []
     for run, results in pairs:
         res = RunResult.from_dict(results)
         phase = getattr(run, "phase", "search")
@@ -84,13 +120,18 @@ def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row]]:
         last = res.last
         own = trains_from_scratch(res.config.get("method", ""), res.config.get("method_options")) \
             if res.config.get("method") else False
-        finals.append(Row(run.label, run.seed, run.target_mmacs, last.test_acc, last.mmacs,
-                          _priced(last.cost), res.wall_seconds,
-                          sum(s.analysis_seconds for s in res.stages), last.epochs_total, last.widths,
-                          res.train_macs, last.test_acc if own else None, cost_label(last.cost)))
-    finals = [replace(r, retrained_acc=retrained.get((r.label, r.target, r.seed), r.retrained_acc))
-              for r in finals]
-    return rows, finals
+        (curve if phase == "curve" else finals).append(
+            Row(run.label, run.seed, run.target_mmacs, last.test_acc, last.mmacs, _priced(last.cost),
+                res.wall_seconds, sum(s.analysis_seconds for s in res.stages), last.epochs_total, last.widths,
+                res.train_macs, last.test_acc if own else None, cost_label(last.cost)))
+    points: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    scratch = {run.label for run, res in pairs if getattr(run, "phase", "search") == "search"
+               and (res.get("config") or {}).get("method") == "scratch"}
+    for r in curve + [r for r in finals if r.label in scratch]:
+        points[r.seed].append((r.mmacs, r.test_acc))
+    finals = [replace(r, retrained_acc=retrained.get((r.label, r.target, r.seed), r.retrained_acc),
+                      curve_acc=interp_log_macs(points[r.seed], r.mmacs)) for r in finals]
+    return rows, finals, curve
 
 
 def _priced(cost: dict) -> float:
@@ -198,40 +239,60 @@ def _delta(ci: PairedCI | None) -> str:
     return f"**{text}**" if ci.excludes_zero else text
 
 
-def markdown_table(finals: list[Row], tolerance: float = 0.05, baseline: str = "scratch") -> str:
+def markdown_table(finals: list[Row], tolerance: float = 0.03, baseline: str = "scratch",
+                   curve: Sequence[Row] = ()) -> str:
     """One Markdown table per MAC target: in-run and retrained top-1 (mean ± std over seeds), each with its paired
-    difference to ``baseline`` and 95 % CI (bold where the interval excludes 0), MACs, training MACs, the cost
+    difference to ``baseline`` and 95 % CI (bold where the interval excludes 0) and, when the runs have a scratch
+    curve, its difference to the curve at the run's own MACs (:func:`to_curve`), MACs, training MACs, the cost
     model's price (the header names the model, its unit and whether it was measured), epochs and wall time.  A
-    method whose mean MACs are further than ``tolerance`` from the target is marked ``†``.
+    method with runs further than ``tolerance`` from the target is marked ``† k/n`` (``k`` of its ``n`` runs);
+    the ``curve`` runs get a table of their own.
     """
     s = summary(finals)
     d_run, d_re = paired_to(finals, baseline), paired_to(finals, baseline, retrained=True)
+    with_curve = any(r.curve_acc is not None for r in finals)
+    c_run, c_re = to_curve(finals), to_curve(finals, retrained=True)
     has_ref = any(lab == baseline for _, lab in s)
+    off = defaultdict(int)
+    for r in finals:
+        off[(r.target, r.label)] += r.target is not None and abs(r.mmacs / r.target - 1) > tolerance
     out = []
     for target in dict.fromkeys(t for t, _ in s):
         rows = {lab: v for (t, lab), v in s.items() if t == target}
         title = "growth rounds only" if target is None else f"target {target:g} MMACs"
+        extra = " | Δ vs scratch curve | Δ retrained vs curve" if with_curve else ""
         out += [f"**{title}** (mean ± std over seeds; wall time = the whole run: training, analysis, surgery)", "",
-                f"| method | in-run top-1 % | Δ vs {baseline} | retrained top-1 % | Δ retrained vs {baseline} | "
+                f"| method | in-run top-1 % | Δ vs {baseline} | retrained top-1 % | Δ retrained vs {baseline}{extra} | "
                 f"MMACs | training TMACs | {_cost_axis(finals)} | epochs | wall time s | analysis s | seeds |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_curve else "")]
         for lab, v in rows.items():
             top = f"{v['top1'][0]:.2f} ± {v['top1'][1]:.2f}"
             re = "–" if v["retrained"] is None else f"{v['retrained'][0]:.2f} ± {v['retrained'][1]:.2f}"
-            off = target is not None and abs(v["mmacs"][0] / target - 1) > tolerance
+            k = off[(target, lab)]
+            mark = f" † {k}/{v['n']}" if k else ""
+            cur = f" | {_delta(c_run.get((target, lab)))} | {_delta(c_re.get((target, lab)))}" if with_curve else ""
             out.append(f"| {lab} | {top} | {_delta(d_run.get((target, lab)))} | {re} | "
-                       f"{_delta(d_re.get((target, lab)))} | {v['mmacs'][0]:.3f}{' †' if off else ''} | "
+                       f"{_delta(d_re.get((target, lab)))}{cur} | {v['mmacs'][0]:.3f}{mark} | "
                        f"{v['train_tmacs'][0]:.3f} | {v['priced'][0]:.4g} | {v['epochs']} | "
                        f"{v['seconds'][0]:.0f} ± {v['seconds'][1]:.0f} | {v['analysis'][0]:.1f} | {v['n']} |")
+        out.append("")
+    if curve:
+        out += ["**scratch curve** (uniform widths from scratch, mean ± std over seeds)", "",
+                "| MMACs | top-1 % | seeds |", "|---|---|---|"]
+        for (_, _), v in summary(list(curve)).items():
+            out.append(f"| {v['mmacs'][0]:.3f} | {v['top1'][0]:.2f} ± {v['top1'][1]:.2f} | {v['n']} |")
         out.append("")
     if has_ref:
         out.append(f"Δ: paired difference to {baseline} on the same seeds, in points: mean [95 % CI, t distribution]; "
                    "bold where the interval excludes 0.")
+    if with_curve:
+        out.append("Δ vs scratch curve: the run's top-1 minus its seed's scratch curve (the curve runs and scratch, "
+                   "linear in log MACs) at the MACs the run reached, in points: mean [95 % CI]; equal final MACs.")
     out.append("Retrained: the final architecture, freshly initialised, trained with the scratch recipe, epochs and "
-               "seed (scratch and random-arch are their own retraining). Training MACs: 3 x forward MACs per "
-               "training sample, summed over the run's stages, plus the growth / pruning decision passes.")
-    if any(t is not None and abs(v["mmacs"][0] / t - 1) > tolerance for (t, _), v in s.items()):
-        out.append(f"† final MACs more than {100 * tolerance:g} % from the target.")
+               "seed (scratch, random-arch and bottleneck are their own retraining). Training MACs: 3 x forward MACs "
+               "per training sample, summed over the run's stages, plus the growth / pruning decision passes.")
+    if any(off.values()):
+        out.append(f"† k/n: k of the n runs ended more than {100 * tolerance:g} % from the target.")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -242,11 +303,11 @@ def _colors(labels: list[str]) -> dict[str, tuple]:
     return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
 
 
-def pareto_figure(finals: list[Row]):
+def pareto_figure(finals: list[Row], curve: Sequence[Row] = ()):
     """Test top-1 against MMACs, the cost model's price (the axis names the model, its unit and whether it was
     measured), training MACs and wall time: mean ± std over seeds, one line per method; on the MMACs panel, hollow
-    markers give the retrained accuracy (of the methods that do not train from scratch already); one legend below
-    the panels."""
+    markers give the retrained accuracy (of the methods that do not train from scratch already) and a dashed grey
+    line the scratch curve; one legend below the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,6 +330,9 @@ def pareto_figure(finals: list[Row]):
                 re = [(p[0][0], p[2][0]) for p in pts if p[2] is not None]
                 ax.scatter([r[0] for r in re], [r[1] for r in re], facecolors="none", edgecolors=[colors[lab]],
                            s=60, label=f"{lab} (retrained)")
+        if key == "mmacs" and curve:
+            pts = sorted((v["mmacs"][0], v["top1"][0]) for v in summary(list(curve)).values())
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls="--", color="grey", label="scratch curve")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test top-1 %")
         ax.grid(alpha=0.3)
@@ -315,7 +379,7 @@ LAYOUT = {"nas-split: methods overlaid": {
 }}
 
 
-def write_report(out: str | Path, pairs: Sequence[tuple], tolerance: float = 0.05,
+def write_report(out: str | Path, pairs: Sequence[tuple], tolerance: float = 0.03,
                  baseline: str = "scratch") -> dict[str, Path]:
     """Write ``results.csv``, ``table.md``, ``pareto.png``, ``widths.png`` and the TensorBoard ``summary`` run.
 
@@ -324,13 +388,13 @@ def write_report(out: str | Path, pairs: Sequence[tuple], tolerance: float = 0.0
     from torch.utils.tensorboard import SummaryWriter
 
     out = Path(out)
-    rows, finals = collect(pairs)
+    rows, finals, curve = collect(pairs)
     paths = {"csv": out / "results.csv", "table": out / "table.md", "pareto": out / "pareto.png",
              "widths": out / "widths.png", "summary": out / "summary"}
     write_csv(paths["csv"], rows)
-    table = markdown_table(finals, tolerance, baseline)
+    table = markdown_table(finals, tolerance, baseline, curve)
     atomic_write_text(paths["table"], table)
-    figs = {"pareto": pareto_figure(finals), "widths": widths_figure(finals)}
+    figs = {"pareto": pareto_figure(finals, curve), "widths": widths_figure(finals)}
     import matplotlib.pyplot as plt
 
     for name, fig in figs.items():

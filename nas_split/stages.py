@@ -42,6 +42,11 @@ class StageRunner:
     epoch_hook: Callable[[int, dict], None] = lambda epoch, rec: None
     latency: bool = True
     cost_model: CostModel | None = None
+    #: ``schedule_span: run``: the run's total epochs, one learning-rate schedule over all stages (``None``: each
+    #: stage's fit has its own)
+    schedule_epochs: int | None = None
+    #: epochs of linear learning-rate warm-up at the start of every stage that follows a growth step
+    growth_warmup_epochs: float = 0.0
     trainer: Trainer | None = None
     records: list[StageRecord] = field(default_factory=list)
 
@@ -70,7 +75,9 @@ class StageRunner:
         """Train ``model`` for ``epochs`` (0: evaluate only), evaluate on test, measure costs, record the stage.
 
         The record's ``train_macs`` is :func:`~nas_split.cost.training_macs` of the samples trained on at the
-        model's MACs; ``extra`` may add ``analysis_macs`` (the decision passes before the stage).
+        model's MACs; ``extra`` may add ``analysis_macs`` (the decision passes before the stage).  The fit is a
+        part of the run's one schedule with :attr:`schedule_epochs`, and a stage whose ``extra`` holds a
+        ``growth`` starts with :attr:`growth_warmup_epochs` of warm-up.
 
         Returns the optimizer (the one given, or the one the fit created).
         """
@@ -79,6 +86,8 @@ class StageRunner:
         done = self.epochs_total
         fit = self.trainer.fit(model, tr, va, epochs=epochs, optimizer=optimizer, desc=f"{kind} {stage}",
                                regularizer=regularizer,
+                               schedule=None if self.schedule_epochs is None else (done, self.schedule_epochs),
+                               rewarm_epochs=self.growth_warmup_epochs if "growth" in extra else 0.0,
                                on_epoch_end=lambda r: self.epoch_hook(done + r["epoch"], r)) if epochs else None
         test = self.trainer.evaluate(model, te)
         # costs (and CPU latency) on a CPU copy: the live model stays on its device for the growth that follows

@@ -97,9 +97,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def lr_factor(cfg: TrainConfig, progress: float) -> float:
-    """Learning-rate multiplier at ``progress`` in [0, 1] of a fit: linear warm-up, then cosine / step / constant."""
-    total = max(cfg.epochs, 1e-12)
+def lr_factor(cfg: TrainConfig, progress: float, epochs: float | None = None) -> float:
+    """Learning-rate multiplier at ``progress`` in [0, 1] of a schedule ``epochs`` long (default ``cfg.epochs``):
+    linear warm-up over ``cfg.warmup_epochs`` of those epochs, then cosine / step / constant."""
+    total = max(cfg.epochs if epochs is None else epochs, 1e-12)
     warm = cfg.warmup_epochs / total
     if progress < warm:
         return (progress + 1e-3) / warm
@@ -156,8 +157,10 @@ class Trainer:
     def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None = None,
             epochs: int | None = None, optimizer: torch.optim.Optimizer | None = None,
             on_epoch_end: Callable[[dict], None] | None = None, desc: str = "train",
-            regularizer: Callable[[nn.Module], torch.Tensor] | None = None) -> FitResult:
-        """Train ``model`` in place for ``epochs`` (default ``cfg.epochs``) with a fresh learning-rate schedule.
+            regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+            schedule: tuple[int, int] | None = None, rewarm_epochs: float = 0.0) -> FitResult:
+        """Train ``model`` in place for ``epochs`` (default ``cfg.epochs``) with a fresh learning-rate schedule, or
+        as a part of a longer one.
 
         Args:
             optimizer: an optimizer to continue (e.g. one whose state was carried through surgery); its learning
@@ -165,6 +168,11 @@ class Trainer:
             on_epoch_end: called with each epoch's record ``{epoch, train_loss, train_acc, val_loss, val_acc, lr,
                 seconds}``.
             regularizer: a term added to the loss, e.g. network slimming's L1 penalty on BN scales.
+            schedule: ``(start, length)``: this fit is epochs ``start .. start + epochs`` of one schedule ``length``
+                epochs long (a whole growth run under ``schedule_span: run``); default ``(0, epochs)``, a schedule of
+                its own.  ``cfg.warmup_epochs`` are the first epochs of the schedule.
+            rewarm_epochs: multiply the rate by a linear ramp ``min(1, (step + 1) / (rewarm_epochs x steps per
+                epoch))`` at the start of this fit (a warm-up after a growth step).
 
         Returns:
             :class:`FitResult` with the history and the (raw, unwrapped) optimizer.
@@ -180,11 +188,14 @@ class Trainer:
         fmodel, fopt = self.fabric.setup(step_model, optimizer)
         loader = self.batches(train_loader, fmt)
         crit = self.criterion()
-        steps = max(len(loader), 1) * max(epochs, 1)
+        per_epoch = max(len(loader), 1)
+        start, length = schedule or (0, epochs)
+        steps = per_epoch * max(length, 1)
+        offset, ramp = per_epoch * start, rewarm_epochs * per_epoch
         result = FitResult(optimizer=optimizer)
         t0 = time.perf_counter()
         show = self.cfg.progress and self.fabric.is_global_zero
-        bar = tqdm(total=steps, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=per_epoch * max(epochs, 1), desc=desc, disable=not show, leave=False, dynamic_ncols=True)
         step = 0
         for epoch in range(epochs):
             fmodel.train()
@@ -194,7 +205,9 @@ class Trainer:
             finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked every check_every steps
             n = 0
             for x, y in loader:
-                lr = self.cfg.lr * lr_factor(self.cfg, step / steps)
+                lr = self.cfg.lr * lr_factor(self.cfg, (offset + step) / steps, length)
+                if ramp:
+                    lr *= min(1.0, (step + 1) / ramp)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 out = fmodel(x)

@@ -89,7 +89,7 @@ def _with_random_norms(model_cls) -> nn.Module:
 def _schemes(layer: str, o: int, sp) -> list:
     """S2D and every S3D scheme (mass budget 3, up to 4 copies) of neuron ``o``."""
     args = float(sp.lam_min[o]), sp.v_min[o], float(sp.lam_max[o]), sp.v_max[o]
-    return [s2d_split(layer, o, args[0], args[1]), *s3d_splits(layer, o, *args, c=3.0, max_copies=4)]
+    return s3d_splits(layer, o, *args, c=3.0, max_copies=4)  # S2D's split comes first
 
 
 def _measured_over_predicted(model, x, y, split_: object, eps: float) -> float:

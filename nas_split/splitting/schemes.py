@@ -14,7 +14,16 @@ scheme            copies (weight, displacement)                                 
 ``s3d-both``      (P/2, +v), (P/2, −v), (−N/2, +u), (−N/2, −u)                  P λ_min − N λ_max
 ================  ===========================================================  ======================
 
-S3D picks per neuron the scheme with the most negative gain (``s3d-both`` only when ``max_copies >= 4``).  The
+S2D's two copies are also within every budget (``Σ|w_i| = 1 ≤ c``), so S3D chooses among all four.  Which one, and
+how candidates are ranked, is ``rank``:
+
+* ``"neuron"`` (default): the most negative gain *per added neuron*, ``G / (copies − 1)``.  Under a MAC (or
+  neuron) budget this is the criterion that matters: a 4-copy split adds three neurons, so it must lower the loss
+  three times as much as a 2-copy split to be worth its cost.
+* ``"total"``: the most negative total gain ``G`` (the rule of earlier versions): with ``c > 1`` ``s3d-both``
+  then nearly always wins, spending the budget on few neurons.
+
+:attr:`NeuronSplit.score` holds the ranking value, which selection sorts by.  The
 mass budget is the formalisation of algorithms.md §3.2: the exact constraint of the S3D paper is unconfirmed,
 so ``c`` is a parameter (default 3, as in ``check_split.py``).
 """
@@ -26,18 +35,30 @@ import torch
 
 from ..surgery import SplitScheme
 
-__all__ = ["NeuronSplit", "s2d_split", "s3d_splits", "best_s3d_split"]
+__all__ = ["RANKS", "NeuronSplit", "s2d_split", "s3d_splits", "best_s3d_split"]
+
+#: How splits are ranked: by total gain ``G`` or by ``G`` per added neuron.
+RANKS = ("neuron", "total")
 
 
 @dataclass
 class NeuronSplit:
-    """A candidate split of one neuron: its scheme and second-order gain ``G`` (more negative is better)."""
+    """A candidate split of one neuron: its scheme and second-order gain ``G`` (more negative is better).
+
+    ``rank`` says what :attr:`score`, the value selection sorts by, is: ``G`` per added neuron (``"neuron"``) or
+    ``G`` itself (``"total"``); both agree for two-copy splits."""
 
     layer: str
     channel: int
     kind: str
     scheme: SplitScheme
     gain: float
+    rank: str = "neuron"
+
+    @property
+    def score(self) -> float:
+        """The ranking value: ``G / new_neurons`` or ``G`` (see :attr:`rank`); more negative is better."""
+        return self.gain / self.new_neurons if self.rank == "neuron" else self.gain
 
     @property
     def new_neurons(self) -> int:
@@ -55,12 +76,16 @@ def s2d_split(layer: str, channel: int, lam_min: float, v_min: torch.Tensor) -> 
 
 
 def s3d_splits(layer: str, channel: int, lam_min: float, v_min: torch.Tensor, lam_max: float,
-               v_max: torch.Tensor, c: float = 3.0, max_copies: int = 4) -> list[NeuronSplit]:
-    """All signed schemes under mass budget ``c`` (``c = 1`` gives only S2D)."""
+               v_max: torch.Tensor, c: float = 3.0, max_copies: int = 4, rank: str = "neuron") -> list[NeuronSplit]:
+    """S2D's split and every signed scheme under mass budget ``c`` (``c = 1`` gives only S2D), ranked by ``rank``."""
     if c < 1:
         raise ValueError(f"the mass budget c must be >= 1, got {c}")
+    if rank not in RANKS:
+        raise ValueError(f"rank must be one of {', '.join(RANKS)}, got {rank!r}")
+    two = s2d_split(layer, channel, lam_min, v_min)
+    two.rank = rank
     if c == 1:
-        return [s2d_split(layer, channel, lam_min, v_min)]
+        return [two]
     p, n = (c + 1) / 2, (c - 1) / 2
     zero = torch.zeros_like(v_min)
     out = [
@@ -69,15 +94,17 @@ def s3d_splits(layer: str, channel: int, lam_min: float, v_min: torch.Tensor, la
         NeuronSplit(layer, channel, "s3d-max", SplitScheme((p, -n / 2, -n / 2), torch.stack([zero, v_max, -v_max])),
                     float(-n * lam_max)),
     ]
+    for s in out:
+        s.rank = rank
     if max_copies >= 4:
         out.append(NeuronSplit(layer, channel, "s3d-both",
                                SplitScheme((p / 2, p / 2, -n / 2, -n / 2), torch.stack([v_min, -v_min, v_max, -v_max])),
-                               float(p * lam_min - n * lam_max)))
-    return out
+                               float(p * lam_min - n * lam_max), rank))
+    return [two, *out]
 
 
 def best_s3d_split(layer: str, channel: int, lam_min: float, v_min: torch.Tensor, lam_max: float,
-                   v_max: torch.Tensor, c: float = 3.0, max_copies: int = 4) -> NeuronSplit:
-    """The signed scheme with the most negative gain (ties: fewer copies)."""
-    cands = s3d_splits(layer, channel, lam_min, v_min, lam_max, v_max, c, max_copies)
-    return min(cands, key=lambda s: (s.gain, s.scheme.copies))
+                   v_max: torch.Tensor, c: float = 3.0, max_copies: int = 4, rank: str = "neuron") -> NeuronSplit:
+    """The scheme with the most negative :attr:`~NeuronSplit.score` under ``rank`` (ties: fewer copies)."""
+    cands = s3d_splits(layer, channel, lam_min, v_min, lam_max, v_max, c, max_copies, rank)
+    return min(cands, key=lambda s: (s.score, s.scheme.copies))

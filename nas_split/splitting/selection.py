@@ -1,7 +1,14 @@
-"""Which neurons to split: a grow ratio with quotas, or the energy-aware linear program.
+"""Which neurons to split: a grow ratio with quotas, or the energy-aware linear program; and the ablation arms.
 
-**Ratio**: candidates sorted by gain ``G`` (most negative first) are taken until their new neurons reach
-``ratio x`` the current neurons (per group with ``quotas``); ``only_negative`` keeps only ``G < 0``.
+**Ratio**: candidates sorted by their score (gain ``G``, or ``G`` per added neuron for S3D:
+:attr:`~nas_split.splitting.schemes.NeuronSplit.score`, most negative first) are taken until their new neurons
+reach ``ratio x`` the current neurons (per group with ``quotas``); ``only_negative`` keeps only ``G < 0``.
+
+**Arms** (:data:`ARMS`, the ablation of what splitting's choice adds, README "Benchmark"): ``top`` is the rule
+above; ``reverse`` takes candidates in the reverse order (least promising first); ``layer-random`` keeps how many
+neurons ``top`` takes in each layer but draws them at random within the layer (:func:`within_layer_random`);
+``random-direction`` keeps ``top``'s neurons but splits each along a random unit direction instead of
+``v_min`` (:func:`random_directions`).
 
 **Energy-aware** (Wang et al. 2019, §2.3 of algorithms.md): with ``cost_i`` the MAC increase of split ``i``, or
 its price under a cost model (:mod:`nas_split.cost_models`),
@@ -19,10 +26,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from ..surgery import SplitScheme
 from .schemes import NeuronSplit
 
-__all__ = ["Candidate", "select_ratio", "select_lp", "LPResult"]
+__all__ = ["ARMS", "Candidate", "select_ratio", "select_lp", "LPResult", "within_layer_random",
+           "random_directions"]
+
+#: Selection arms: the method's own choice and the three ablations of it.
+ARMS = ("top", "reverse", "layer-random", "random-direction")
 
 
 @dataclass
@@ -48,8 +61,9 @@ class Candidate:
 
 def select_ratio(cands: Sequence[Candidate], neurons: Mapping[str, int], ratio: float,
                  only_negative: bool = True, quotas: Mapping[str, float] | None = None,
-                 groups: Mapping[str, str] | None = None) -> list[Candidate]:
-    """Best candidates until their new neurons reach ``ratio x`` current neurons (per group with ``quotas``).
+                 groups: Mapping[str, str] | None = None, reverse: bool = False) -> list[Candidate]:
+    """Best candidates (worst first with ``reverse``) until their new neurons reach ``ratio x`` current neurons
+    (per group with ``quotas``).
 
     Args:
         neurons: current width of every candidate layer.
@@ -63,9 +77,9 @@ def select_ratio(cands: Sequence[Candidate], neurons: Mapping[str, int], ratio: 
         g = groups.get(layer, "all")
         allowance[g] += (quotas or {}).get(g, ratio) * width
     chosen = []
-    for cand in sorted(cands, key=lambda c: c.gain):
+    for cand in sorted(cands, key=lambda c: c.split.score, reverse=reverse):
         if only_negative and not cand.gain < 0:
-            break
+            continue
         g = groups.get(cand.layer, "all")
         if cand.new <= allowance[g] + 1e-9:
             allowance[g] -= cand.new
@@ -105,3 +119,38 @@ def select_lp(cands: Sequence[Candidate], budgets: Mapping[str, float],
     beta = res.x
     chosen = [c for c, b in zip(cands, beta, strict=True) if b >= threshold]
     return chosen, LPResult(beta, float(res.fun), dict(budgets))
+
+
+def within_layer_random(picked: Sequence[NeuronSplit], candidates: Sequence[NeuronSplit],
+                        generator: torch.Generator) -> list[NeuronSplit]:
+    """``picked``'s count of splits per layer, each layer's drawn uniformly without replacement from that layer's
+    ``candidates`` (every neuron's split, with its own scheme): the allocation of ``picked`` without its choice of
+    neurons.  With one scheme per layer (S2D) the new neurons, hence the MACs, per layer are ``picked``'s."""
+    counts: dict[str, int] = defaultdict(int)
+    for s in picked:
+        counts[s.layer] += 1
+    out = []
+    for layer, k in counts.items():
+        pool = [s for s in candidates if s.layer == layer]
+        out += [pool[i] for i in torch.randperm(len(pool), generator=generator)[:k].tolist()]
+    return out
+
+
+def random_directions(picked: Sequence[NeuronSplit], generator: torch.Generator) -> list[NeuronSplit]:
+    """``picked``'s neurons and copy weights, each split's displacements rotated into a random subspace: with
+    ``B`` an orthonormal basis of the scheme's directions (``v_min``, and ``v_max`` for S3D) and ``C`` each
+    displacement's coordinates in it, the new displacements are ``C Qᵀ`` for a random orthonormal ``Q`` (QR of a
+    Gaussian matrix drawn from ``generator``).  So ``±v`` becomes ``±r``, zero stays zero, norms and the
+    pairing of the copies are kept, and only the direction is random.  Its gain is unknown, recorded as 0."""
+    out = []
+    for s in picked:
+        d = s.scheme.directions
+        flat = d.flatten(1).double().cpu()
+        _, sv, vh = torch.linalg.svd(flat, full_matrices=False)
+        k = int((sv > 1e-6 * sv.max().clamp_min(1e-30)).sum())
+        basis = vh[:k]  # (k, n)
+        q, _ = torch.linalg.qr(torch.randn(flat.shape[1], k, generator=generator, dtype=torch.float64))
+        new = (flat @ basis.T @ q.T).to(d.dtype).to(d.device).view_as(d)
+        out.append(NeuronSplit(s.layer, s.channel, f"{s.kind}+random-direction", SplitScheme(s.scheme.weights, new),
+                               0.0, s.rank))
+    return out

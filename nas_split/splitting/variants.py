@@ -45,9 +45,10 @@ def s2d_scheme(g: Grower, layer: str, o: int, sp: Spectrum) -> NeuronSplit:
 
 
 def s3d_scheme(g: Grower, layer: str, o: int, sp: Spectrum) -> NeuronSplit:
-    """S3D: the best signed split of the neuron under the Grower's mass budget ``c`` and copy count."""
+    """S3D: the best split of the neuron under the Grower's mass budget ``c``, copy count and ranking
+    (``s3d_rank``: gain per added neuron, or total gain)."""
     return best_s3d_split(layer, o, float(sp.lam_min[o]), sp.v_min[o], float(sp.lam_max[o]), sp.v_max[o], g.c,
-                          g.max_copies)
+                          g.max_copies, g.s3d_rank)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,206 @@
+"""Contrasts of issue 24's pre-registered ablation of splitting's choice, from finished ``compare`` directories.
+
+For each comparison directory (one protocol: ``finetune_epochs`` 0 or N), paired by seed:
+
+==========================  =====================================  ==========================================
+contrast                    arms                                   what it isolates
+==========================  =====================================  ==========================================
+A − B                       fast − fast-reverse                    any signal in the ranking
+A − C                       fast − fast-layer-random               which neuron, given the per-layer counts
+A − D                       fast − fast-random-direction           the split direction v_min
+C − E                       fast-layer-random − random             the per-layer allocation
+A retrained − curve         retrained fast − scratch curve         the found architecture at equal MACs
+A − curve                   fast (in-run) − scratch curve          growth in-run at equal MACs
+s3d − s3d-total             per-neuron − total ranking of S3D      the S3D ranking rule
+bottleneck − curve          known-bad control − scratch curve      whether the benchmark sees architecture
+random-arch-k − curve       random architectures − curve           the negative control
+==========================  =====================================  ==========================================
+
+Each contrast is reported as the mean paired difference in top-1 points with its 95 % t interval, the paired
+t test's p value and the Holm-adjusted p value over the whole family of one protocol (the contrasts above, top-1
+and test NLL together): "holm" marks a contrast whose adjusted p is below 0.05.  Test NLL (nats) is reported
+beside top-1; a lower NLL is better, so its sign is the reverse.  The curve is the seed's scratch curve
+(:func:`nas_split.report.interp_log_macs`) at the MACs the run reached.
+
+Usage::
+
+    python benchmarks/ablation.py benchmarks/results/ablation_pointnet benchmarks/results/ablation_pointnet_finetune
+
+writes ``contrasts.md``, ``contrasts.json`` and ``contrasts.png`` into each directory and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from nas_split._io import atomic_write_text
+from nas_split.compare import CompareConfig, finished_result, plan_runs, retrain_runs
+from nas_split.report import interp_log_macs, paired_ci
+
+#: (name, a, b, phase of a): ``b`` is a label or ``"curve"``; phase ``retrain`` takes a's retrained run.
+CONTRASTS = [
+    ("A - B (ranking vs reversed)", "fast", "fast-reverse", "search"),
+    ("A - C (neuron choice in layer)", "fast", "fast-layer-random", "search"),
+    ("A - D (direction)", "fast", "fast-random-direction", "search"),
+    ("C - E (allocation)", "fast-layer-random", "random", "search"),
+    ("A - curve (in-run, equal MACs)", "fast", "curve", "search"),
+    ("A retrained - curve", "fast", "curve", "retrain"),
+    ("A retrained - B retrained", "fast", "fast-reverse", "retrain"),
+    ("C retrained - E retrained", "fast-layer-random", "random", "retrain"),
+    ("s3d - s3d-total (per-neuron rank)", "s3d", "s3d-total", "search"),
+    ("bottleneck - curve (known-bad control)", "bottleneck", "curve", "search"),
+    ("random-arch-0 - curve", "random-arch-0", "curve", "search"),
+    ("random-arch-1 - curve", "random-arch-1", "curve", "search"),
+    ("random-arch-2 - curve", "random-arch-2", "curve", "search"),
+]
+
+
+def load(directory: Path) -> tuple[CompareConfig, list[tuple]]:
+    """The comparison's configuration and its finished ``(run, results)`` pairs."""
+    cfg = CompareConfig.model_validate(json.loads((directory / "compare.json").read_text())["config"])
+    cfg = cfg.model_copy(update={"out": str(directory)})
+    runs = plan_runs(cfg)
+    if cfg.retrain:
+        runs += retrain_runs(cfg, [r for r in runs if r.phase == "search"])
+    pairs = []
+    for r in runs:
+        res = finished_result(r)
+        if res is not None:
+            pairs.append((r, res))
+    return cfg, pairs
+
+
+def metrics(pairs: list[tuple]) -> tuple[dict, dict]:
+    """``{(label, phase, seed): (top1 %, nll, mmacs)}`` and the per-seed scratch curves ``{seed: {metric: pts}}``
+    (the curve runs and the scratch runs, at the MACs they reached)."""
+    out, curve = {}, defaultdict(lambda: defaultdict(list))
+    for run, res in pairs:
+        last = res["stages"][-1]
+        m = (100 * last["test_acc"], last["test_loss"], last["cost"]["mmacs"])
+        out[(run.label, run.phase, run.seed)] = m
+        if run.phase == "curve" or (run.phase == "search" and res["config"]["method"] == "scratch"):
+            curve[run.seed]["top1"].append((m[2], m[0]))
+            curve[run.seed]["nll"].append((m[2], m[1]))
+    return out, curve
+
+
+def contrast(m: dict, curve: dict, a: str, b: str, phase: str, seeds: list[int]) -> dict | None:
+    """Paired differences ``a − b`` over ``seeds`` for top-1 and NLL; ``None`` when fewer than two pairs."""
+    d1, d2 = [], []
+    for s in seeds:
+        ka = (a, phase, s)
+        if ka not in m:
+            continue
+        macs = m[(a, "search", s)][2] if (a, "search", s) in m else m[ka][2]
+        if b == "curve":
+            ref = (interp_log_macs(curve[s]["top1"], macs), interp_log_macs(curve[s]["nll"], macs))
+            if ref[0] is None:
+                continue
+        else:
+            kb = (b, phase, s)
+            if kb not in m:
+                continue
+            ref = m[kb][:2]
+        d1.append((m[ka][0], ref[0]))
+        d2.append((m[ka][1], ref[1]))
+    if len(d1) < 2:
+        return None
+    from scipy.stats import ttest_rel
+
+    out = {"n": len(d1)}
+    for name, d in (("top1", d1), ("nll", d2)):
+        ci = paired_ci([x for x, _ in d], [y for _, y in d])
+        diffs = [x - y for x, y in d]
+        p = 1.0 if statistics.pstdev(diffs) == 0 else float(ttest_rel([x for x, _ in d], [y for _, y in d]).pvalue)
+        out[name] = {"mean": ci.mean, "low": ci.low, "high": ci.high, "p": p}
+    return out
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjusted p values (same order as ``ps``)."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adj, run = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        run = max(run, min(1.0, (len(ps) - rank) * ps[i]))
+        adj[i] = run
+    return adj
+
+
+def analyse(directory: Path) -> tuple[dict, str]:
+    """The contrasts of one comparison directory, as JSON and as a Markdown table."""
+    cfg, pairs = load(directory)
+    m, curve = metrics(pairs)
+    rows = {}
+    for name, a, b, phase in CONTRASTS:
+        c = contrast(m, curve, a, b, phase, cfg.seeds)
+        if c is not None:
+            rows[name] = c
+    keys = [(n, k) for n in rows for k in ("top1", "nll")]
+    for (n, k), p in zip(keys, holm([rows[n][k]["p"] for n, k in keys]), strict=True):
+        rows[n][k]["p_holm"] = p
+    lines = [f"**{directory.name}**: finetune_epochs {cfg.finetune_epochs}, schedule_span {cfg.schedule_span}, "
+             f"{len(cfg.seeds)} seeds, target {', '.join(f'{t:g}' for t in cfg.targets_mmacs)} MMACs", "",
+             "| contrast | n | Δ top-1 points [95 % CI] | p (Holm) | Δ test NLL [95 % CI] | p (Holm) |",
+             "|---|---|---|---|---|---|"]
+    for n, c in rows.items():
+        t, ll = c["top1"], c["nll"]
+        bold = "**" if t["p_holm"] < 0.05 else ""
+        lines.append(f"| {n} | {c['n']} | {bold}{t['mean']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}]{bold} | "
+                     f"{t['p_holm']:.3g} | {ll['mean']:+.4f} [{ll['low']:+.4f}, {ll['high']:+.4f}] | "
+                     f"{ll['p_holm']:.3g} |")
+    lines += ["", "Paired by seed; 95 % t intervals (unadjusted); p: paired t test, Holm-adjusted over the "
+              f"{len(keys)} tests of this table; bold: adjusted p < 0.05. Curve: the seed's scratch curve at the "
+              "run's MACs (linear in log MACs)."]
+    return {"config": {"finetune_epochs": cfg.finetune_epochs, "schedule_span": cfg.schedule_span,
+                       "seeds": cfg.seeds, "targets_mmacs": cfg.targets_mmacs}, "contrasts": rows}, "\n".join(lines)
+
+
+def figure(results: dict[str, dict], path: Path) -> None:
+    """A forest plot of the top-1 contrasts, one colour per protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(n for r in results.values() for n in r["contrasts"]))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5), layout="constrained")
+    for k, (proto, r) in enumerate(results.items()):
+        for i, n in enumerate(names):
+            c = r["contrasts"].get(n)
+            if c is None:
+                continue
+            t = c["top1"]
+            y = i + 0.2 * k
+            ax.errorbar(t["mean"], y, xerr=[[t["mean"] - t["low"]], [t["high"] - t["mean"]]], fmt="o", capsize=3,
+                        color=f"C{k}", label=proto if i == 0 else None)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("Δ test top-1, points (95 % CI, paired by seed)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="+", type=Path, help="finished compare directories")
+    a = ap.parse_args()
+    results = {}
+    for d in a.dirs:
+        res, table = analyse(d)
+        results[d.name] = res
+        atomic_write_text(d / "contrasts.md", table + "\n")
+        atomic_write_text(d / "contrasts.json", json.dumps(res, indent=1, default=lambda x: None
+                                                           if isinstance(x, float) and math.isnan(x) else x))
+        print(table, "\n")
+    for d in a.dirs:
+        figure(results, d / "contrasts.png")
+
+
+if __name__ == "__main__":
+    main()
