@@ -94,12 +94,20 @@ class _VarianceTransfer(GrowthMethod):
 
 
 class PruneMethod(Method):
-    """Train the full-width model, prune it to the MAC target, fine-tune for the rounds' epochs."""
+    """Train the full-width model, prune it to the MAC target, fine-tune for the rounds' epochs.
 
-    def __init__(self, criterion: str, round_to: int | None = None, slim_penalty: float = 1e-4):
+    ``prune-<criterion>`` prunes uniformly: every layer loses the same fraction of its channels, so the widths
+    keep the full model's proportions.  ``prune-<criterion>-global`` (``global_pruning=True``, Torch-Pruning's
+    ``global_pruning=True``) ranks the channels of all layers together, so the criterion chooses the widths
+    (each layer keeps at least 10 % of its channels); see :mod:`baselines.pruning`.
+    """
+
+    def __init__(self, criterion: str, round_to: int | None = None, slim_penalty: float = 1e-4,
+                 global_pruning: bool = False):
         if criterion not in CRITERIA:
             raise ConfigError(f"unknown pruning criterion {criterion!r}; known: {', '.join(CRITERIA)}")
         self.criterion, self.round_to, self.slim_penalty = criterion, round_to, slim_penalty
+        self.global_pruning = global_pruning
 
     def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
         if ctx.target_mmacs is None:
@@ -115,7 +123,8 @@ class PruneMethod(Method):
         tr, _, _ = ctx.loaders(len(ctx.records))
         with PassCounter(model) as passes:
             rep = prune_to_macs(model, ctx.example_inputs, ctx.target_mmacs * 1e6, self.criterion,
-                                loader=ShardedBatches(tr), round_to=self.round_to)
+                                loader=ShardedBatches(tr), round_to=self.round_to,
+                                global_pruning=self.global_pruning)
         ctx.stage(model, "pruned", 0, pruning={"macs_before": rep.macs_before, "macs_after": rep.macs_after,
                                               "target_error": rep.error, "steps": rep.steps},
                   analysis_macs=summed(passes.macs(rep.macs_before)))
@@ -228,3 +237,5 @@ register_method("random-arch")(RandomArchMethod)
 register_method("bottleneck")(BottleneckMethod)
 for _c in CRITERIA:
     register_method(f"prune-{_c}")(partial(PruneMethod, _c))
+for _c in ("l1", "taylor", "slim"):
+    register_method(f"prune-{_c}-global")(partial(PruneMethod, _c, global_pruning=True))

@@ -16,7 +16,8 @@ import torch
 
 from .distributed import is_main
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "output_lock", "remove_path"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "output_lock", "remove_path",
+           "interrupt_on_termination", "MAX_CONFIG_BYTES", "load_yaml", "read_mapping"]
 
 
 def _atomic(path: str | os.PathLike, write) -> Path:
@@ -140,3 +141,81 @@ def remove_path(path: str | os.PathLike) -> None:
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)
+
+
+def _interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def interrupt_on_termination() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise ``KeyboardInterrupt`` in the main thread, as Ctrl-C does, so a
+    terminated command releases its locks, removes its partial directories and stops its workers; the previous
+    handlers are restored on exit (a no-op outside the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    old = {s: signal.signal(s, _interrupt) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+#: Largest configuration or profile file read (a run's configuration is a few kB; a measured profile some 100 kB).
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def load_yaml(text: str) -> Any:
+    """YAML's safe loader without aliases: ``*name`` is refused (``yaml.YAMLError``), so a few hundred bytes of
+    nested aliases (a "billion laughs" file) cannot expand into gigabytes."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.events.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed here",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=Loader)
+
+
+def read_mapping(path: str | os.PathLike, what: str) -> dict:
+    """The mapping a YAML or JSON file holds (``.json`` files are read by the JSON parser, which is fast; YAML by
+    :func:`load_yaml`); every problem (missing, a directory, over :data:`MAX_CONFIG_BYTES`, not UTF-8, not valid,
+    not a mapping) is one :class:`~nas_split.errors.ConfigError` naming ``what`` and the file."""
+    import yaml
+
+    from .errors import ConfigError
+
+    p = Path(path)
+    where = f"{what} {str(p)!r}"
+    if p.is_dir():
+        raise ConfigError(f"{where} is a directory, not a file")
+    try:
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where} is {size} bytes; at most {MAX_CONFIG_BYTES} are read")
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text) if p.suffix.lower() == ".json" else load_yaml(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{where} not found") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping, not {type(data).__name__}")
+    return data

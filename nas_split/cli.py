@@ -348,11 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import search_spaces
 
+    from ._io import interrupt_on_termination
     from .errors import NasSplitError
 
     try:
-        return {"train": _cmd_train, "grow": _cmd_grow, "run": _cmd_run, "compare": _cmd_compare,
-                "nni": _cmd_nni, "retrain": _cmd_retrain, "list": _cmd_list}[args.verb](args)
+        with interrupt_on_termination():  # SIGTERM / SIGHUP end a command as Ctrl-C does
+            return {"train": _cmd_train, "grow": _cmd_grow, "run": _cmd_run, "compare": _cmd_compare,
+                    "nni": _cmd_nni, "retrain": _cmd_retrain, "list": _cmd_list}[args.verb](args)
     except (NasSplitError, search_spaces.UnknownSpaceError) as e:  # anything else is a bug: traceback, exit 1
         return _fail((str(e).strip().splitlines() or [type(e).__name__])[0])
     except KeyboardInterrupt:

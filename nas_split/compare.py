@@ -351,19 +351,39 @@ def _run_parallel(todo: list[PlannedRun], jobs: int, threads: int, results: dict
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        pending = {pool.submit(run_one, r.config.model_dump(), threads): r for r in todo}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    run = pending.pop(fut)
-                    results[run.key] = fut.result()
-                    on_done(run, results[run.key], False)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+    pending = {pool.submit(run_one, r.config.model_dump(), threads): r for r in todo}
+    try:
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                run = pending.pop(fut)
+                results[run.key] = fut.result()
+                on_done(run, results[run.key], False)
+    except BaseException:
+        # stop the workers too (a SIGTERM reaches this process only): each gets SIGTERM, which its initializer
+        # turns into SystemExit, so it removes its partial run directory, releases its lock and exits quietly
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+        for w in workers:
+            w.join(timeout=30)
+            if w.is_alive():
+                w.kill()
+        raise
+    pool.shutdown()
+
+
+def _worker_init() -> None:
+    """A terminated comparison worker unwinds (cleaning up as on Ctrl-C) and exits (see :func:`_run_parallel`)."""
+    import signal
+
+    def stop(signum: int, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def describe(run: PlannedRun, res: dict, skipped: bool) -> str:

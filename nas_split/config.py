@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ._io import load_yaml, read_mapping
 from .errors import ConfigError
 from .training import TrainConfig
 
@@ -173,7 +174,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
             node = nxt
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            node[parts[-1]] = load_yaml(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e.problem})") from None
     return data
@@ -194,15 +195,7 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
     """Build ``model`` from ``base``, then the YAML file ``path``, then ``overrides`` (later wins)."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping, not {type(loaded).__name__}")
+        loaded = read_mapping(path, "config file")
         data = _merge(data, loaded)
     data = apply_overrides(data, overrides or [])
     try:

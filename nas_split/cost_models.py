@@ -282,18 +282,11 @@ class ProfileModel(CostModel):
     @classmethod
     def load(cls, path: str | Path) -> ProfileModel:
         """Read a profile file (YAML or JSON); every problem is a :class:`ConfigError` naming the file."""
-        import yaml
+        from ._io import read_mapping
 
         p = Path(path)
         where = f"cost profile {str(p)!r}"
-        try:
-            data = yaml.safe_load(p.read_text())  # JSON is YAML
-        except OSError as e:
-            raise ConfigError(f"{where}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where} is not valid YAML/JSON: {getattr(e, 'problem', e)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where} must hold a mapping")
+        data = read_mapping(p, "cost profile")
         unknown = set(data) - {"name", "unit", "measured", "source", "coefficients", "layers", "device", "torch",
                                "threads"}
         if unknown:

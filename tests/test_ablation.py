@@ -10,6 +10,7 @@ import torch
 import search_spaces
 from baselines.scratch import bottleneck_widths, log_distance, random_widths
 from nas_split import Grower
+from nas_split._io import MAX_CONFIG_BYTES
 from nas_split.cli import main
 from nas_split.cost import count_macs
 from nas_split.report import interp_log_macs
@@ -212,3 +213,54 @@ def test_warmup_fraction_is_of_the_schedule_not_of_train_epochs():
     assert lr_factor(c, 0.05, 2) == pytest.approx((0.05 + 1e-3) / 0.5)
     assert lr_factor(c, 0.05) == pytest.approx((0.05 + 1e-3) / 0.1)
     assert lr_factor(c, 0.6, 2) == 1.0
+
+
+def test_scratch_curve_scores_each_run_at_its_own_macs(tmp_path):
+    import numpy as np
+
+    out = tmp_path / "c"
+    assert main([*COMPARE, "--out", str(out), "--seeds", "0,1", "--set", "scratch_curve=[0.7, 1.4]",
+                 "--set", "methods=[scratch, bottleneck]"]) == 0
+    res = {}
+    for p in [*out.glob("runs/*/*/seed*/results.json"), *out.glob("curve/*/*/seed*/results.json")]:
+        r = json.loads(p.read_text())
+        res[(p.parts[-4], int(p.parts[-2][4:]))] = (r["final"]["mmacs"], 100 * r["final"]["test_acc"])
+    assert sorted(k[0] for k in res) == ["bottleneck"] * 2 + ["scratch"] * 2 + ["scratch-curve"] * 4
+    d = []
+    for seed in (0, 1):  # numpy's linear interpolation in log MACs over the seed's curve (curve runs + scratch)
+        pts = sorted(v for (lab, s), v in res.items() if s == seed and lab in ("scratch", "scratch-curve"))
+        macs, acc = res[("bottleneck", seed)]
+        d.append(acc - float(np.interp(np.log(macs), np.log([p[0] for p in pts]), [p[1] for p in pts])))
+    row = next(ln for ln in (out / "table.md").read_text().splitlines() if ln.startswith("| bottleneck |"))
+    assert f"{sum(d) / 2:+.2f} [" in row.split("|")[6]  # the Δ-vs-curve column
+    assert "| MMACs | top-1 % | seeds |" in (out / "table.md").read_text()  # the curve's own table
+
+
+@pytest.mark.parametrize("label", ["../../../escaped", "a/b", ".hidden", "x" * 65, "sp ace"])
+def test_a_label_that_is_not_a_safe_directory_name_is_refused_before_anything_is_written(tmp_path, capsys, label):
+    out = tmp_path / "cmp" / "inner"
+    code = main([*COMPARE, "--out", str(out), "--set", f"methods=[{{method: scratch, label: '{label}'}}]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "label" in err[0]
+    assert not any(tmp_path.rglob("*"))  # nothing written, neither under --out nor beside it
+
+
+# --- configuration files that must not hang or crash (issue 28, item 3) -------------------------------------------
+
+def test_yaml_aliases_size_and_directories_are_refused_in_one_line(tmp_path, capsys):
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * MAX_CONFIG_BYTES + "\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"dataset: \xff\xfe\n")
+    cases = {"laughs.yaml": (laughs, "aliases"), "big.yaml": (None, "at most"), "bad.yaml": (None, "UTF-8"),
+             ".": (None, "directory")}
+    for name, (text, words) in cases.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        code = main(["compare", "--config", str(path), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and words in err[0], (name, err)
+    assert not (tmp_path / "o").exists()

@@ -191,3 +191,28 @@ def test_bad_config_refused_before_training(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_sigterm_stops_the_workers_and_the_rerun_completes(tmp_path):
+    import psutil
+
+    out = tmp_path / "c"
+    cmd = [sys.executable, "-m", "nas_split.cli", *_compare(out, "random,scratch", seeds="0,1,2"), "--jobs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline, kids = time.time() + 240, []
+    while time.time() < deadline:  # both workers busy on a run
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        if len(list(out.glob("runs/*/*/.*partial*"))) >= 1 and len(kids) >= 2:
+            break
+        time.sleep(0.2)
+    assert len(kids) >= 2
+    proc.send_signal(signal.SIGTERM)  # to the parent only, as a job scheduler or `kill` does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip().splitlines()[-1] == "nas-split: error: interrupted"
+    gone, alive = psutil.wait_procs(kids, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]  # no worker, no resource tracker left behind
+    assert not list(out.glob("runs/*/*/.*partial*")) and not list(out.glob("**/.*.lock"))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert len(list(out.glob("runs/*/*/seed*/results.json"))) == 6
