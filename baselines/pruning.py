@@ -14,15 +14,17 @@ Two ways to share the cut among the layers:
   the criterion picks *which* channels go, the widths keep the original proportions.
 * global (``global_pruning=True``, Torch-Pruning's ``global_pruning=True``): every step ranks the channels of
   all prunable layers together and removes the least important ones wherever they are, so the criterion also
-  chooses the widths.  Scores are compared across layers after Torch-Pruning's default normalisation
-  (``normalizer="mean"``: each layer's scores divided by their mean, so a layer's overall scale does not
-  matter, the spread of its scores does).  Every layer keeps at least ``1 - MAX_GLOBAL_RATIO`` (10 %) of its
-  original channels, rounded up: Torch-Pruning's ``max_pruning_ratio`` (passed, 0.9) drops a layer from the
-  ranking once below that share of its width *when the schedule started* and only before a step, so
-  :func:`prune_to_macs` also trims each step to the floor of the widths it was called with.  Equal scores
-  are told apart by channel position within the layer (a relative nudge below float32's resolution): global
-  ranking prunes every channel at or under the threshold, so a layer of equal scores (BatchNorm scales at
-  their initial 1) would otherwise be all-or-nothing, and Torch-Pruning skips a step that would empty a layer.
+  chooses the widths.  Scores are compared across layers after Torch-Pruning's default normalisation, kept
+  as it is (``normalizer="mean"``: each layer's scores divided by their mean, so a layer's overall scale does
+  not matter, the spread of its scores does; at initialisation the layers with the fewest inputs per channel
+  spread most and go first).  Every layer keeps at least ``1 - MAX_GLOBAL_RATIO`` (10 %) of the channels it
+  had when :func:`prune_to_macs` was called, rounded up: Torch-Pruning's ``max_pruning_ratio`` (passed, 0.9)
+  only drops a layer from the ranking once below that share of its width *when the schedule started* and
+  *before* a step (without more, layers fell to 1 channel of 32 or 64), so each step is also trimmed to the
+  floor.  Equal scores are ordered by the fraction of its width each layer would have lost (a relative nudge
+  below float32's resolution): Torch-Pruning's global threshold prunes every channel at or under it and skips
+  a step that would empty a layer, so equal scores (BatchNorm scales at their initial 1) left a model unpruned;
+  ordered, layers of equal scores are cut alike.
 """
 from __future__ import annotations
 
@@ -62,28 +64,33 @@ def importance(criterion: str) -> tp.importance.Importance:
 
 
 class _TieBroken(tp.importance.Importance):
-    """``imp``'s scores in float64, times ``1 + 2**-30 * i / n`` for channel ``i`` of ``n``: equal scores are
-    ordered by relative position (evenly over the layers), distinct float32 scores keep their order."""
+    """``imp``'s scores in float64, times ``1 + 2**-30 * (n0 - n + i + 1/2) / n0`` for channel ``i`` of a group
+    now ``n`` wide and ``n0`` wide when first scored: equal scores go in the order of the fraction of its width
+    the group would have lost, so groups of equal scores lose the same fraction; distinct float32 scores keep
+    their order (the nudge is below float32's resolution)."""
 
     def __init__(self, imp: tp.importance.Importance):
-        self.imp = imp
+        self.imp, self.widths = imp, {}
 
     def __call__(self, group, **kwargs):
         s = self.imp(group, **kwargs)
         if s is None:
             return None
-        pos = torch.arange(len(s), device=s.device, dtype=torch.float64) / len(s)
+        n0 = self.widths.setdefault(group[0].dep.target.module, len(s))
+        pos = (torch.arange(len(s), device=s.device, dtype=torch.float64) + n0 - len(s) + 0.5) / n0
         return s.double() * (1 + 2.0 ** -30 * pos)
 
 
 def _global_step(pruner: tp.pruner.BasePruner, floors: dict[nn.Module, int]) -> None:
-    """One step of ``pruner``, each group cut to the channels that keep its root layer at ``floors`` or above
-    (the least important of those Torch-Pruning chose; a group that cannot be cut so is skipped)."""
+    """One step of ``pruner``, each group cut to the channels that keep every layer whose output channels it
+    prunes at its ``floors`` or above (the least important of those Torch-Pruning chose; a group that cannot be
+    cut so is skipped)."""
     for group in pruner.step(interactive=True):
         dep, idxs = group[0]
-        root = dep.target.module
+        root = dep.target.module  # may be a depthwise conv: it roots the group of the layer before it
         width = pruner.DG.get_out_channels(root)
-        room = width - floors.get(root, 1)
+        room = width - max((floors.get(d.target.module, 1) for d, _ in group
+                            if pruner.DG.is_out_channel_pruning_fn(d.handler)), default=1)
         if len(idxs) <= room:
             group.prune()
             continue
@@ -182,14 +189,15 @@ def prune_to_macs(model: nn.Module, example_inputs: torch.Tensor, target_macs: f
     sizes, unit = layer_sizes(model), round_to or 1  # global pruning's floors: 10 %, up to a multiple of round_to
     floors = {m: min(sizes[n][0], unit * math.ceil((1 - MAX_GLOBAL_RATIO) * sizes[n][0] / unit))
               for n, m in model.named_modules() if n in prunable}
+    ranked = _TieBroken(imp) if global_pruning else imp
     was = model.training
     model.eval()
     macs, taken = before, 0
     try:
         while macs > target_macs * (1 + tolerance) and steps <= 6400:
-            pruner = tp.pruner.BasePruner(model, example_inputs, importance=_TieBroken(imp) if global_pruning else imp,
-                                          pruning_ratio=0.9, iterative_steps=steps, ignored_layers=ignored,
-                                          round_to=round_to, global_pruning=global_pruning,
+            pruner = tp.pruner.BasePruner(model, example_inputs, importance=ranked, pruning_ratio=0.9,
+                                          iterative_steps=steps, ignored_layers=ignored, round_to=round_to,
+                                          global_pruning=global_pruning,
                                           max_pruning_ratio=MAX_GLOBAL_RATIO if global_pruning else 1.0)
             for _ in range(steps):
                 snapshot = copy.deepcopy(model.state_dict()), layer_sizes(model)

@@ -12,7 +12,7 @@ C − E                       fast-layer-random − random             the per-l
 A retrained − curve         retrained fast − scratch curve         the found architecture at equal MACs
 A − curve                   fast (in-run) − scratch curve          growth in-run at equal MACs
 s3d − s3d-total             per-neuron − total ranking of S3D      the S3D ranking rule
-bottleneck − curve          known-bad control − scratch curve      whether the benchmark sees architecture
+bottleneck(-*) − curve      known-bad controls − scratch curve     whether the benchmark sees architecture
 random-arch-k − curve       random architectures − curve           the negative control
 ==========================  =====================================  ==========================================
 
@@ -53,6 +53,8 @@ CONTRASTS = [
     ("C retrained - E retrained", "fast-layer-random", "random", "retrain"),
     ("s3d - s3d-total (per-neuron rank)", "s3d", "s3d-total", "search"),
     ("bottleneck - curve (known-bad control)", "bottleneck", "curve", "search"),
+    ("bottleneck-global - curve (known-bad control)", "bottleneck-global", "curve", "search"),
+    ("bottleneck-strong - curve (known-bad control)", "bottleneck-strong", "curve", "search"),
     ("random-arch-0 - curve", "random-arch-0", "curve", "search"),
     ("random-arch-1 - curve", "random-arch-1", "curve", "search"),
     ("random-arch-2 - curve", "random-arch-2", "curve", "search"),
