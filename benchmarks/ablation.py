@@ -38,7 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from nas_split._io import atomic_write_text
-from nas_split.compare import CompareConfig, finished_result, plan_runs, retrain_runs
+from nas_split.compare import CompareConfig, plan_runs, retrain_runs
 from nas_split.report import interp_log_macs, paired_ci
 
 #: (name, a, b, phase of a): ``b`` is a label or ``"curve"``; phase ``retrain`` takes a's retrained run.
@@ -69,9 +69,10 @@ def load(directory: Path) -> tuple[CompareConfig, list[tuple]]:
     if cfg.retrain:
         runs += retrain_runs(cfg, [r for r in runs if r.phase == "search"])
     pairs = []
-    for r in runs:
-        res = finished_result(r)
-        if res is not None:
+    for r in runs:  # read where the runs are now (a copied directory keeps its runs' original `out`)
+        p = Path(r.config.out) / "results.json"
+        res = json.loads(p.read_text()) if p.is_file() else None
+        if res is not None and res.get("status") == "done":
             pairs.append((r, res))
     return cfg, pairs
 

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("source", metavar="RUN_DIR|CHECKPOINT",
                     help="a run / compare / grow run directory, a grow checkpoint or an exported NNI stage's file")
     rt.add_argument("--dataset", help="dataset (needed only when the source does not name one)")
-    rt.add_argument("--epochs", type=int, help="epochs (default: as many as the source model trained in all)")
+    rt.add_argument("--epochs", type=_positive_int,
+                    help="epochs (default: as many as the source model trained in all)")
     rt.add_argument("--lr", type=float, help="base learning rate (default: the source's)")
     rt.add_argument("--batch-size", type=int, help="training batch size (default: the source's)")
     rt.add_argument("--seed", type=int, help="seed of data order and initialisation (default: the source's)")
@@ -107,6 +108,17 @@ def _output_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a retraining of 0 epochs would leave an untrained model)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
 
 
 def _list(csv: str | None) -> str | None:

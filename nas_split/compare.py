@@ -1,7 +1,10 @@
 """``nas-split compare``: every method x seed x MAC target under one recipe, resumable, then one report.
 
 A comparison is a list of :class:`PlannedRun` (one ``nas-split run`` each, written to
-``<out>/runs/<label>/<target>mmacs/seed<k>``).  :func:`validate_compare` refuses a configuration that cannot run
+``<out>/runs/<label>/<target>mmacs/seed<k>``), plus the retraining of every found architecture
+(``<out>/retrain/...``, ``retrain: true``) and the scratch curve (``<out>/curve/...``, ``scratch_curve``: uniform
+widths at factors of each target, against which :mod:`nas_split.report` scores every run at the MACs it
+reached).  :func:`validate_compare` refuses a configuration that cannot run
 before anything trains: an unknown method or option, a backbone that does not take the dataset, a MAC target a
 method cannot reach (growth: not above the seed; pruning: not below the full model).  :func:`run_compare` runs
 what is not finished yet (in this process, or ``jobs`` worker processes) and :mod:`nas_split.report` writes the

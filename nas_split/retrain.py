@@ -29,6 +29,10 @@ from .errors import ConfigError
 __all__ = ["retrain_config", "retrain"]
 
 _RUN_KEYS = ("dataset", "dataset_options", "data_dir", "train", "latency")
+#: Keys of a run configuration that a retraining fixes (its architecture, its one stage) and refuses to take.
+_ARCHITECTURE_KEYS = frozenset({"method", "method_options", "backbone", "backbone_options", "seed_options", "rounds",
+                                "seed_epochs", "target_mmacs", "finetune_epochs", "schedule_span",
+                                "growth_warmup_epochs"})
 
 
 def _read_json(path: Path) -> dict | None:
@@ -92,6 +96,13 @@ def retrain_config(source: str | Path | Mapping[str, Any], overrides: list[str] 
     """
     from .surgery.export import read_grown
 
+    overrides = list(overrides or [])
+    fixed = sorted({o.partition("=")[0].strip().split(".")[0] for o in overrides} & _ARCHITECTURE_KEYS)
+    if fixed:
+        raise ConfigError(f"retrain trains the source's architecture in one stage: {fixed[0]!r} cannot be set "
+                          "(it would be ignored or change the architecture)")
+    if isinstance(source, str | Path):
+        source = Path(source).resolve()  # "." or a relative path names the run by its directory
     arch, run, epochs = _source(source)
     spec = read_grown(arch)["spec"]
     base: dict[str, Any] = {k: run[k] for k in _RUN_KEYS if k in run}
@@ -103,15 +114,14 @@ def retrain_config(source: str | Path | Mapping[str, Any], overrides: list[str] 
     if epochs is not None:
         train["epochs"] = epochs
     base["train"] = train
-    overrides = list(overrides or [])
     if "dataset" not in base and not any(o.partition("=")[0].strip() == "dataset" for o in overrides):
         raise ConfigError(f"{str(arch)!r} does not say which dataset it was trained on: pass --dataset")
     name = Path(source["checkpoint"] if isinstance(source, Mapping) else source)
     base.update(method="retrain", method_options={"architecture": str(arch)}, rounds=0, seed_options={},
                 out=out or str(name.with_name(f"{name.stem if name.is_file() else name.name}-retrain")))
     cfg = load_config(MethodRunConfig, None, overrides, base=base)
-    # one stage of train.epochs epochs: the scratch schedule with no rounds
-    return cfg.model_copy(update={"seed_epochs": cfg.train.epochs, "rounds": 0})
+    # one stage of train.epochs epochs: the scratch schedule with no rounds and no fine-tuning
+    return cfg.model_copy(update={"seed_epochs": cfg.train.epochs, "rounds": 0, "finetune_epochs": 0})
 
 
 def retrain(source: str | Path | Mapping[str, Any], overrides: list[str] | None = None, out: str | None = None,

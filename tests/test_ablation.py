@@ -264,3 +264,22 @@ def test_yaml_aliases_size_and_directories_are_refused_in_one_line(tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and words in err[0], (name, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_retrain_refuses_zero_epochs_and_keys_it_would_ignore_and_takes_dot(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "r"
+    assert main(["run", "--dataset", "digits", "--backbone", "mobilenetv1_cifar_025", "--method", "scratch",
+                 "--target-mmacs", "3", "--set", "backbone_options.width_mult=0.25", "--epochs", "1",
+                 "--seed-epochs", "1", "--rounds", "0", "--no-latency", "--no-progress", "--out", str(run)]) == 0
+    capsys.readouterr()
+    for extra, words in ((["--epochs", "0"], "must be >= 1"), (["--set", "rounds=2"], "'rounds' cannot be set"),
+                         (["--set", "method=fast"], "'method' cannot be set")):
+        code = main(["retrain", str(run), "--no-progress", "--no-latency", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and words in err[0], (extra, err)
+    assert not (tmp_path / "r-retrain").exists()
+    monkeypatch.chdir(run)  # "." is the run directory itself; the retraining goes beside it
+    assert main(["retrain", ".", "--epochs", "1", "--no-progress", "--no-latency"]) == 0
+    res = json.loads((tmp_path / "r-retrain" / "results.json").read_text())
+    first = json.loads((run / "results.json").read_text())
+    assert res["stages"][0]["widths"] == first["stages"][-1]["widths"] and res["stages"][0]["epochs"] == 1
