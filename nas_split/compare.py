@@ -288,7 +288,15 @@ def run_one(config: dict, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     cfg = MethodRunConfig.model_validate(config)
-    return run_method(cfg, overwrite=True)
+    try:
+        return run_method(cfg, overwrite=True)
+    except SystemExit as e:
+        if _STOPPED:  # a terminated worker: its run cleaned up as it unwound; leave now, take no queued run
+            os._exit(e.code if isinstance(e.code, int) else 1)
+        raise
+
+
+_STOPPED = False  # set in a comparison worker by SIGTERM (_worker_init)
 
 
 def run_compare(cfg: CompareConfig, overwrite: bool = False,
@@ -384,6 +392,8 @@ def _worker_init() -> None:
     import signal
 
     def stop(signum: int, _frame) -> None:
+        global _STOPPED
+        _STOPPED = True
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

@@ -130,7 +130,8 @@ def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row], list[Row]]:
     for r in curve + [r for r in finals if r.label in scratch]:
         points[r.seed].append((r.mmacs, r.test_acc))
     finals = [replace(r, retrained_acc=retrained.get((r.label, r.target, r.seed), r.retrained_acc),
-                      curve_acc=interp_log_macs(points[r.seed], r.mmacs)) for r in finals]
+                      curve_acc=None if r.label in scratch else interp_log_macs(points[r.seed], r.mmacs))
+              for r in finals]  # scratch is a point of the curve: no difference to itself
     return rows, finals, curve
 
 
