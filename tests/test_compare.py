@@ -209,7 +209,8 @@ def test_sigterm_stops_the_workers_and_the_rerun_completes(tmp_path):
     assert len(kids) >= 2
     proc.send_signal(signal.SIGTERM)  # to the parent only, as a job scheduler or `kill` does
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and err.strip().splitlines()[-1] == "nas-split: error: interrupted"
+    # (the multiprocessing resource tracker may add a "leaked semaphore" warning after it)
+    assert proc.returncode == 2 and "nas-split: error: interrupted" in err.strip().splitlines()
     gone, alive = psutil.wait_procs(kids, timeout=30)
     assert not alive, [p.cmdline() for p in alive]  # no worker, no resource tracker left behind
     assert not list(out.glob("runs/*/*/.*partial*")) and not list(out.glob("**/.*.lock"))
