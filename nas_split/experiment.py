@@ -163,15 +163,15 @@ def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
         if isinstance(e, NasSplitError):
             raise
         raise ConfigError(f"options of {cfg.method!r} or seed_options: {str(e).splitlines()[0]}") from None
-    seed_epochs = cfg.seed_epochs if cfg.seed_epochs is not None else cfg.train.epochs
     ctx = MethodContext(data=p.data, recipe=cfg.train, example_inputs=p.example_inputs, record=record,
                         latency=cfg.latency, cost_model=p.cost_model, build_seed=lambda: build(**cfg.seed_options),
                         build_full=build, build_width=build_width,
-                        seed_epochs=seed_epochs, epochs=cfg.train.epochs, rounds=cfg.rounds,
+                        seed_epochs=cfg.seed_epochs if cfg.seed_epochs is not None else cfg.train.epochs,
+                        epochs=cfg.train.epochs, rounds=cfg.rounds,
                         finetune_epochs=cfg.finetune_epochs, target_mmacs=cfg.target_mmacs,
-                        growth_warmup_epochs=cfg.growth_warmup_epochs,
-                        schedule_epochs=None if cfg.schedule_span == "stage" else
-                        seed_epochs + cfg.rounds * cfg.train.epochs + cfg.finetune_epochs)
+                        growth_warmup_epochs=cfg.growth_warmup_epochs)
+    if cfg.schedule_span == "run":  # one schedule over every epoch the run trains
+        ctx.schedule_epochs = ctx.scratch_epochs
     method.check(ctx, count_macs(seed, p.example_inputs)[0], count_macs(p.model, p.example_inputs)[0])
     return ctx, method
 
