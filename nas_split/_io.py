@@ -17,7 +17,7 @@ import torch
 from .distributed import is_main
 
 __all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "output_lock", "remove_path",
-           "interrupt_on_termination", "MAX_CONFIG_BYTES", "load_yaml", "read_mapping"]
+           "interrupt_on_termination", "MAX_CONFIG_BYTES", "load_yaml", "read_mapping", "load_plain"]
 
 
 def _atomic(path: str | os.PathLike, write) -> Path:
@@ -219,3 +219,29 @@ def read_mapping(path: str | os.PathLike, what: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must hold a mapping, not {type(data).__name__}")
     return data
+
+
+def load_plain(path: str | os.PathLike, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """What the torch file ``path`` holds, read with ``torch.load(weights_only=True)``: tensors and plain data only,
+    so a pickle naming code is refused, never run.  Every failure (missing, truncated, not a torch file, an object
+    ``weights_only`` refuses) is one :class:`~nas_split.errors.RunFileError` naming ``what`` and the file; torch's
+    warnings about legacy files are not shown."""
+    import pickle
+    import warnings
+
+    from .errors import RunFileError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise RunFileError(f"{what} {str(path)!r} not found") from None
+    except pickle.UnpicklingError as e:
+        refused = any(w in str(e).lower() for w in ("unsupported global", "unsupported class"))  # names code
+        why = "it holds objects other than tensors and plain data (not unpickled)" if refused \
+            else "not a file torch.save wrote"
+        raise RunFileError(f"{what} {str(path)!r} cannot be read: {why}") from None
+    except Exception as e:  # truncated zip, wrong magic number, ...
+        raise RunFileError(f"{what} {str(path)!r} cannot be read: not a file torch.save wrote "
+                           f"({type(e).__name__})") from None

@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ._io import atomic_write_json, output_lock
 from .config import ConfigError, MethodRunConfig, Protocol, RunConfig
 from .distributed import broadcast_object, is_main
-from .errors import DivergedError, NasSplitError
+from .errors import DivergedError, NasSplitError, RunFileError
+from .records import RunResult
 
 __all__ = ["CURVE_LABEL", "MethodEntry", "CompareConfig", "PlannedRun", "plan_runs", "retrain_runs",
            "validate_compare", "run_compare",
@@ -243,6 +244,10 @@ def finished_result(run: PlannedRun) -> dict | None:
     except ValueError:  # damaged: the run is redone
         return None
     if not isinstance(res, dict) or res.get("status") != "done":
+        return None
+    try:
+        RunResult.from_dict(res)
+    except RunFileError:  # valid JSON of another shape: damaged too
         return None
     try:  # read with today's defaults: a key added since the run was made, at its default, is the same run
         same = MethodRunConfig.model_validate(res.get("config")).model_dump() == run.config.model_dump()

@@ -42,12 +42,23 @@ import math
 import os
 import platform
 import re
+import warnings
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 from torch import nn
 
 from .errors import ConfigError
@@ -281,53 +292,91 @@ class ProfileModel(CostModel):
 
     @classmethod
     def load(cls, path: str | Path) -> ProfileModel:
-        """Read a profile file (YAML or JSON); every problem is a :class:`ConfigError` naming the file."""
+        """Read a profile file (YAML or JSON) checked by :class:`ProfileFile`; every problem is a
+        :class:`ConfigError` naming the file and the key."""
         from ._io import read_mapping
 
         p = Path(path)
-        where = f"cost profile {str(p)!r}"
-        data = read_mapping(p, "cost profile")
-        unknown = set(data) - {"name", "unit", "measured", "source", "coefficients", "layers", "device", "torch",
-                               "threads"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-        for key in ("name", "unit"):
-            if not isinstance(data.get(key), str) or not data[key]:
-                raise ConfigError(f"{where}: {key!r} must be a non-empty string")
+        f = ProfileFile.read(read_mapping(p, "cost profile"), f"cost profile {str(p)!r}")
         coef, per_op = None, {}
-        if "coefficients" in data:
-            c = dict(data["coefficients"] or {})
-            per_op = {op: _coefficients(v, f"{where}: coefficients.per_op.{op}")
-                      for op, v in (c.pop("per_op", None) or {}).items()}
-            if set(per_op) - {"conv", "depthwise", "linear"}:
-                raise ConfigError(f"{where}: per_op keys are conv, depthwise and linear")
-            coef = _coefficients(c, f"{where}: coefficients")
-        entries = {}
-        for i, e in enumerate(data.get("layers") or []):
-            try:
-                shape = LayerShape.from_config(e)
-                cost = float(e["cost"])
-            except (TypeError, KeyError, ValueError) as err:
-                raise ConfigError(f"{where}: layers[{i}] is not a layer entry ({err})") from None
-            if shape.op not in _OPS or not math.isfinite(cost) or cost < 0:
-                raise ConfigError(f"{where}: layers[{i}] needs op in {sorted(_OPS)} and a finite cost >= 0")
-            entries[shape.key()] = cost
-        if coef is None and not entries:
-            raise ConfigError(f"{where}: give coefficients, layers, or both")
-        return cls(data["name"], data["unit"], bool(data.get("measured", False)), str(data.get("source", "")),
-                   coef, per_op, entries)
+        if f.coefficients is not None:
+            coef = Coefficients(**f.coefficients.model_dump(exclude={"per_op"}))
+            per_op = {op: Coefficients(**c.model_dump()) for op, c in f.coefficients.per_op.items()}
+        entries = {LayerShape.from_config(e.model_dump()).key(): e.cost for e in f.layers}
+        return cls(f.name, f.unit, f.measured, f.source, coef, per_op, entries)
 
 
-def _coefficients(d: Any, where: str) -> Coefficients:
-    if not isinstance(d, dict) or set(d) - {"mac", "weight_byte", "activation_byte"}:
-        raise ConfigError(f"{where} takes mac, weight_byte and activation_byte")
-    try:
-        c = Coefficients(**{k: float(v) for k, v in d.items()})
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: every coefficient must be a number") from None
-    if not all(math.isfinite(v) and v >= 0 for v in asdict(c).values()):
-        raise ConfigError(f"{where}: coefficients must be finite and >= 0")
-    return c
+_Cost = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class _CoefficientsSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mac: _Cost = 0.0
+    weight_byte: _Cost = 0.0
+    activation_byte: _Cost = 0.0
+
+
+class _CoefficientsFile(_CoefficientsSpec):
+    per_op: dict[Literal["conv", "depthwise", "linear"], _CoefficientsSpec] = Field(default_factory=dict)
+
+
+class _LayerEntry(BaseModel):
+    """One ``layers`` entry: a :class:`LayerShape`'s configuration, its ``cost`` and (latency caches) the spread."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    op: Literal["Conv1d", "Conv2d", "Conv3d", "Linear"]
+    in_channels: PositiveInt
+    out_channels: PositiveInt
+    input_size: list[PositiveInt] = Field(min_length=1)
+    kernel_size: list[PositiveInt] = Field(default_factory=list)
+    stride: list[PositiveInt] = Field(default_factory=list)
+    padding: list[NonNegativeInt] | Literal["same", "valid"] = Field(default_factory=list)
+    dilation: list[PositiveInt] = Field(default_factory=list)
+    groups: PositiveInt = 1
+    bias: StrictBool = False
+    cost: _Cost
+    low: _Cost | None = None
+    high: _Cost | None = None
+    min: _Cost | None = None
+    max: _Cost | None = None
+    runs: NonNegativeInt | None = None
+
+
+class ProfileFile(BaseModel):
+    """The schema of a profile file (module docstring): unknown keys, wrong types and strings for booleans
+    (``measured: "no"``) are errors, not guesses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    unit: str = Field(min_length=1)
+    measured: StrictBool = False
+    source: str = ""
+    coefficients: _CoefficientsFile | None = None
+    layers: list[_LayerEntry] = Field(default_factory=list)
+    device: str | None = None
+    torch: str | None = None
+    threads: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _priced(self) -> ProfileFile:
+        if self.coefficients is None and not self.layers:
+            raise ValueError("give coefficients, layers, or both")
+        return self
+
+    @classmethod
+    def read(cls, data: Any, where: str) -> ProfileFile:
+        """``data`` checked against the schema; raises :class:`ConfigError` naming ``where``, the key and the
+        problem on one line."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            key = ".".join(str(k) for k in first["loc"]) or "(root)"
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            raise ConfigError(f"{where}: {key}: {msg}") from None
 
 
 def _table_step(shape: LayerShape) -> int:
@@ -385,13 +434,16 @@ class LatencyTable(CostModel):
                        f"torch {torch.__version__}" + ("" if device.startswith("cuda") else
                                                       f", {torch.get_num_threads()} threads"))
         self.entries: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            try:
-                for e in json.loads(self.path.read_text()).get("layers", []):
-                    self.entries[LayerShape.from_config(e).key()] = e
-            except (ValueError, TypeError, AttributeError):  # a damaged cache is measured again
-                logging.getLogger(__name__).warning("ignoring the damaged latency cache %s", self.path)
-                self.entries = {}
+        self.cached = True  # False once the cache could not be written: measured entries then live in memory
+        try:
+            if self.path.is_file():
+                from ._io import read_mapping
+
+                f = ProfileFile.read(read_mapping(self.path, "latency cache"), f"latency cache {str(self.path)!r}")
+                self.entries = {LayerShape.from_config(e.model_dump()).key(): e.model_dump(exclude_none=True)
+                                for e in f.layers}
+        except (ConfigError, OSError) as e:  # a damaged or unreadable cache is measured again
+            logging.getLogger(__name__).warning("ignoring the latency cache: %s", e)
 
     def layer_cost(self, shape: LayerShape) -> float:
         return self.entry(shape)["cost"]
@@ -437,12 +489,21 @@ class LatencyTable(CostModel):
                 "runs": runs}
 
     def save(self) -> None:
-        """Write the table (atomically) as a profile file :class:`ProfileModel` can read."""
+        """Write the table (atomically) as a profile file :class:`ProfileModel` can read.  Where the cache cannot be
+        written (``$NAS_SPLIT_CACHE`` under a file, a read-only directory) it warns once and the table lives in
+        memory: every shape is still timed once per run."""
         from ._io import atomic_write_json
 
-        atomic_write_json(self.path, {"name": self.label, "unit": self.unit, "measured": True,
-                                      "source": self.source, "device": self.name,
-                                      "torch": torch.__version__, "layers": list(self.entries.values())})
+        if not self.cached:
+            return
+        try:
+            atomic_write_json(self.path, {"name": self.label, "unit": self.unit, "measured": True,
+                                          "source": self.source, "device": self.name,
+                                          "torch": torch.__version__, "layers": list(self.entries.values())})
+        except OSError as e:
+            self.cached = False
+            warnings.warn(f"nas-split: cannot write the latency cache {str(self.path)!r} ({e.strerror or e}); "
+                          "measuring without caching (set NAS_SPLIT_CACHE to a writable directory)", stacklevel=2)
 
 
 def _latency(device: str | None = None) -> LatencyTable:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["world_size", "rank", "is_main", "all_reduce_sum", "batch_share", "summed", "broadcast_object", "shard",
-           "ShardedBatches", "multi_process", "launch"]
+           "ShardedBatches", "make_fabric", "join", "multi_process", "launch"]
 
 T = TypeVar("T")
 
@@ -112,25 +112,58 @@ class ShardedBatches:
             yield shard(batch, self.r, self.world)
 
 
+def make_fabric(cfg: Any) -> Any:
+    """The Lightning Fabric of a training recipe (:class:`~nas_split.training.TrainConfig`).  A DDP strategy named
+    by string (``ddp``, ``ddp_spawn``, ..., or ``auto`` where Fabric picks DDP) waits ``cfg.init_timeout`` seconds
+    for the other processes to join, instead of torch's 30 minutes."""
+    from datetime import timedelta
+
+    from lightning_fabric import Fabric
+    from lightning_fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
+
+    kwargs = {"accelerator": cfg.accelerator, "devices": cfg.devices, "num_nodes": cfg.num_nodes,
+              "precision": cfg.precision}
+    fabric = Fabric(strategy=cfg.strategy, **kwargs)
+    name = cfg.strategy if cfg.strategy != "auto" else ("ddp" if type(fabric.strategy) is DDPStrategy else None)
+    entry = dict.get(STRATEGY_REGISTRY, name) if name else None  # the registry's own .get() builds a strategy
+    if entry is None or not issubclass(entry["strategy"], DDPStrategy):
+        return fabric
+    strategy = entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=cfg.init_timeout))
+    return Fabric(strategy=strategy, **kwargs)
+
+
+def join(fabric: Any, cfg: Any) -> None:
+    """``fabric.launch()``: start the local processes and join the process group.
+
+    Raises:
+        ConfigError: the group did not form within ``cfg.init_timeout`` seconds (an unreachable master, a missing
+            node), one line naming the variables a launcher sets.
+    """
+    from .errors import ConfigError
+
+    try:
+        fabric.launch()
+    except (dist.DistError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"the {cfg.num_nodes}-node process group did not form within train.init_timeout="
+                          f"{cfg.init_timeout:g} s ({reason}); every node needs MASTER_ADDR, MASTER_PORT and its "
+                          "NODE_RANK") from None
+
+
 def multi_process(cfg: Any) -> bool:
     """Whether a training recipe (:class:`~nas_split.training.TrainConfig`) runs several processes."""
-    from lightning_fabric import Fabric
-
     if cfg.num_nodes > 1:
         return True
     if isinstance(cfg.devices, int) and cfg.devices in (0, 1):
         return False
-    return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
-                  precision=cfg.precision).world_size > 1
+    return make_fabric(cfg).world_size > 1
 
 
 def launch(cfg: Any) -> None:
     """Start the processes a recipe asks for (Fabric's launcher re-runs this command once per extra local process;
     on several machines the launcher or scheduler sets ``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``,
-    ``WORLD_SIZE`` and ``LOCAL_RANK``) and join the process group.  Call it before anything is written."""
+    ``WORLD_SIZE`` and ``LOCAL_RANK``) and join the process group (:func:`join`: at most ``cfg.init_timeout``
+    seconds).  Call it before anything is written."""
     if not multi_process(cfg) or _active():
         return
-    from lightning_fabric import Fabric
-
-    Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
-           precision=cfg.precision).launch()
+    join(make_fabric(cfg), cfg)

@@ -7,7 +7,7 @@ plugin) and keeps its traceback (exit code 1).
 """
 from __future__ import annotations
 
-__all__ = ["NasSplitError", "ConfigError", "UntrustedFileError", "RunLockedError", "DivergedError"]
+__all__ = ["NasSplitError", "ConfigError", "RunFileError", "UntrustedFileError", "RunLockedError", "DivergedError"]
 
 
 class NasSplitError(Exception):
@@ -19,6 +19,11 @@ class NasSplitError(Exception):
 
 class ConfigError(NasSplitError, ValueError):
     """A configuration or option value that cannot be used; the message names the key and the problem."""
+
+
+class RunFileError(NasSplitError, ValueError):
+    """A file a run wrote (``results.json``, a checkpoint, a stage state) is damaged or of another shape; the
+    message names the file and the first wrong key."""
 
 
 class UntrustedFileError(NasSplitError, ValueError):

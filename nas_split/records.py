@@ -11,6 +11,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import RunFileError
+
 __all__ = ["RESULTS_SCHEMA_VERSION", "StageRecord", "RunResult"]
 
 #: Version of the ``results.json`` layout; bump it when a field changes meaning or disappears.
@@ -121,8 +125,18 @@ class RunResult:
                 "wall_seconds": self.wall_seconds}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunResult:
-        """Read the ``results.json`` layout."""
+    def from_dict(cls, d: Any, where: str = "results.json") -> RunResult:
+        """Read the ``results.json`` layout, checked by :class:`_ResultsFile` first.
+
+        Raises:
+            RunFileError: ``d`` is not of that layout (``where`` and the first wrong key in one line).
+        """
+        try:
+            _ResultsFile.model_validate(d)
+        except ValidationError as e:
+            first = e.errors()[0]
+            key = ".".join(str(k) for k in first["loc"]) or "(root)"
+            raise RunFileError(f"{where} is not a results file nas-split wrote: {key}: {first['msg']}") from None
         known = {"schema_version", "command", "config", "stages", "final", "status", "wall_seconds"}
         return cls(d.get("command", ""), d.get("status", ""), d.get("config", {}),
                    [StageRecord.from_dict(s) for s in d.get("stages", [])], d.get("final"),
@@ -131,5 +145,41 @@ class RunResult:
 
     @classmethod
     def load(cls, path: str | Path) -> RunResult:
-        """Read a ``results.json`` file."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a ``results.json`` file (:class:`RunFileError` if it is not JSON or not of the layout)."""
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise RunFileError(f"{str(path)!r} cannot be read as JSON ({type(e).__name__})") from None
+        return cls.from_dict(d, repr(str(path)))
+
+
+class _StageFile(BaseModel):
+    """The keys every stage of ``results.json`` holds (others are :attr:`StageRecord.extra`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    stage: int
+    kind: str
+    epochs: int = Field(ge=0)
+    epochs_total: int = Field(ge=0)
+    test_acc: float
+    test_loss: float
+    val_acc: float | None
+    train_seconds: float
+    history: list[dict[str, Any]]
+    cost: dict[str, Any]
+    widths: dict[str, int]
+
+
+class _ResultsFile(BaseModel):
+    """The layout of ``results.json`` that :meth:`RunResult.from_dict` reads."""
+
+    model_config = ConfigDict(extra="allow")
+
+    command: str = ""
+    status: str = ""
+    config: dict[str, Any] = Field(default_factory=dict)
+    stages: list[_StageFile] = Field(default_factory=list)
+    final: dict[str, Any] | None = None
+    wall_seconds: float = 0.0
+    schema_version: int = RESULTS_SCHEMA_VERSION

@@ -16,15 +16,16 @@ many as the source model was trained in all (its last stage's ``epochs_total``),
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._io import load_plain
 from .config import MethodRunConfig, load_config
-from .errors import ConfigError
+from .errors import ConfigError, RunFileError
+from .records import RunResult
 
 __all__ = ["retrain_config", "retrain"]
 
@@ -35,12 +36,14 @@ _ARCHITECTURE_KEYS = frozenset({"method", "method_options", "backbone", "backbon
                                 "growth_warmup_epochs"})
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
+def _run_file(d: Any, where: str) -> tuple[dict[str, Any], int | None]:
+    """``(config, epochs of the last stage)`` of a ``results.json`` layout (:class:`RunFileError` if it is not
+    one, or its ``config`` holds a non-mapping where a mapping belongs)."""
+    res = RunResult.from_dict(d, where)
+    bad = [k for k in ("train", "dataset_options") if not isinstance(res.config.get(k, {}), dict)]
+    if bad:
+        raise RunFileError(f"{where} is not a results file nas-split wrote: config.{bad[0]} is not a mapping")
+    return res.config, (res.last.epochs_total if res.stages else None)
 
 
 def _source(source: str | Path | Mapping[str, Any]) -> tuple[Path, dict[str, Any], int | None]:
@@ -54,16 +57,14 @@ def _source(source: str | Path | Mapping[str, Any]) -> tuple[Path, dict[str, Any
         source = source["checkpoint"]
     p = Path(source)
     if p.is_dir():
-        res = _read_json(p / "results.json")
         if (p / MODEL_FILE).is_file():
-            if res is None or not isinstance(res.get("config"), dict):
-                raise ConfigError(f"{str(p)!r} holds {MODEL_FILE} but no readable results.json")
-            epochs = res["stages"][-1]["epochs_total"] if res.get("stages") else None
-            return p / MODEL_FILE, res["config"], epochs
+            if not (p / "results.json").is_file():
+                raise ConfigError(f"{str(p)!r} holds {MODEL_FILE} but no results.json")
+            res = RunResult.load(p / "results.json")
+            return p / MODEL_FILE, *_run_file(res.to_dict(), repr(str(p / "results.json")))
         point = resume_point(p)  # a grow run: its newest good checkpoint (raises naming what is wrong)
-        results = point.checkpoint["results"]
-        return p / "checkpoints" / f"stage{point.stage}.pt", results["config"], \
-            results["stages"][-1]["epochs_total"]
+        ckpt = p / "checkpoints" / f"stage{point.stage}.pt"
+        return ckpt, *_run_file(point.checkpoint["results"], repr(str(ckpt)))
     if not p.is_file():
         raise ConfigError(f"{str(p)!r} is neither a run directory nor a model file")
     try:
@@ -71,13 +72,14 @@ def _source(source: str | Path | Mapping[str, Any]) -> tuple[Path, dict[str, Any
     except Exception:
         payload = None  # read_grown gives the reason later
     if isinstance(payload, dict) and isinstance(payload.get("results"), dict):  # a grow checkpoint
-        res = payload["results"]
-        return p, res.get("config", {}), (res["stages"][-1]["epochs_total"] if res.get("stages") else None)
+        return p, *_run_file(payload["results"], repr(str(p)))
     state = p.with_suffix(".state.pt")
     if state.is_file():  # an NNI stage
-        st = torch.load(state, map_location="cpu", weights_only=True)
-        if isinstance(st, dict) and isinstance(st.get("run"), dict):
-            return p, st["run"], st.get("epochs_total")
+        st = load_plain(state, "stage state")
+        if not (isinstance(st, dict) and isinstance(st.get("run"), dict)
+                and isinstance(st.get("epochs_total", 0), int)):
+            raise RunFileError(f"{str(state)!r} is not a stage state nas-split wrote (no 'run' settings)")
+        return p, st["run"], st.get("epochs_total")
     return p, {}, None
 
 

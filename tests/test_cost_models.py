@@ -1,6 +1,7 @@
 """Cost models: device profiles against hand-computed prices, a measured latency table against a direct timing,
 and energy-aware growth under two opposite profiles."""
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,19 +42,84 @@ def test_worked_example_profile_prices_by_hand():
 
 
 @pytest.mark.parametrize("body, words", [
-    ({"unit": "uJ", "coefficients": {"mac": 1}}, "'name'"),
+    ({"unit": "uJ", "coefficients": {"mac": 1}}, "name: Field required"),
     ({"name": "x", "unit": "uJ"}, "give coefficients, layers"),
-    ({"name": "x", "unit": "uJ", "coefficients": {"mac": -1}}, "finite and >= 0"),
-    ({"name": "x", "unit": "uJ", "coefficients": {"flops": 1}}, "takes mac"),
-    ({"name": "x", "unit": "uJ", "layers": [{"op": "Linear", "cost": 1}]}, "layers[0]"),
-    ({"name": "x", "unit": "uJ", "colour": 1, "coefficients": {"mac": 1}}, "unknown key 'colour'"),
+    ({"name": "x", "unit": "uJ", "coefficients": {"mac": -1}}, "coefficients.mac: Input should be greater than"),
+    ({"name": "x", "unit": "uJ", "coefficients": {"mac": float("inf")}}, "coefficients.mac: Input should be a finite"),
+    ({"name": "x", "unit": "uJ", "coefficients": {"flops": 1}}, "coefficients.flops: unknown key"),
+    ({"name": "x", "unit": "uJ", "layers": [{"op": "Linear", "cost": 1}]}, "layers.0.in_channels: Field required"),
+    ({"name": "x", "unit": "uJ", "colour": 1, "coefficients": {"mac": 1}}, "colour: unknown key"),
+    # issue 28: wrong shapes were tracebacks, strings for booleans were read as true
+    ({"name": "x", "unit": "uJ", "coefficients": [1, 2]}, "coefficients: Input should be a valid dictionary"),
+    ({"name": "x", "unit": "uJ", "coefficients": {"per_op": [1]}}, "coefficients.per_op: Input should be a valid"),
+    ({"name": "x", "unit": "uJ", "coefficients": {"per_op": {"pool": {"mac": 1}}}}, "coefficients.per_op.pool"),
+    ({"name": "x", "unit": "uJ", "layers": 5}, "layers: Input should be a valid list"),
+    ({"name": "x", "unit": "uJ", "measured": "no", "coefficients": {"mac": 1}}, "measured: Input should be a valid"),
+    ({"name": 3, "unit": "uJ", "coefficients": {"mac": 1}}, "name: Input should be a valid string"),
 ])
 def test_bad_profiles_are_refused_in_one_line(tmp_path, body, words):
     p = tmp_path / "p.yaml"
     p.write_text(yaml.safe_dump(body))
     with pytest.raises(ConfigError) as e:
         cost_model(str(p))
-    assert words in str(e.value) and "\n" not in str(e.value)
+    assert words in str(e.value) and "\n" not in str(e.value) and str(p) in str(e.value)
+
+
+def test_a_profile_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_bytes(b"name: x\nunit: \xff\xfe\ncoefficients: {mac: 1}\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        cost_model(str(p))
+
+
+def test_a_measured_profile_prices_as_its_file_says(tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"name": "board", "unit": "uJ", "measured": True, "coefficients": {
+        "mac": 2.0, "per_op": {"linear": {"weight_byte": 3.0}}}}))
+    m = cost_model(str(p))
+    shape = layer_shape(nn.Linear(3, 4, bias=False), (3,), 4, 12)
+    assert m.measured is True and m.describe()["label"] == "board"
+    assert m.layer_cost(shape) == 3.0 * 4 * 12  # per_op linear: weight bytes (4 B x 12 weights) x 3, no MAC term
+    assert m.other_cost(10) == 20.0
+
+
+def _cache_base(tmp_path, how: str) -> Path:
+    if how == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        return tmp_path / "file" / "cache"
+    if os.geteuid() == 0:  # root ignores directory modes: a read-only file system instead
+        return Path("/sys/nas-split-cache")
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    return ro
+
+
+@pytest.mark.parametrize("how", ["under-a-file", "read-only"])
+def test_an_unwritable_latency_cache_warns_once_and_measures(tmp_path, monkeypatch, how):
+    base = _cache_base(tmp_path, how)
+    monkeypatch.setenv("NAS_SPLIT_CACHE", str(base))
+    table = LatencyTable("cpu", min_run_time=0.01)
+    calls = []
+    monkeypatch.setattr(LatencyTable, "time", lambda self, s: calls.append(s) or {"cost": 1.0 + len(calls)})
+    a = layer_shape(nn.Linear(3, 4), (3,), 4, 12)
+    b = layer_shape(nn.Linear(3, 5), (3,), 5, 15)
+    with pytest.warns(UserWarning, match="cannot write the latency cache") as rec:
+        assert table.layer_cost(a) == 2.0 and table.layer_cost(b) == 3.0
+    assert len(rec) == 1
+    assert table.layer_cost(a) == 2.0 and len(calls) == 2  # each shape timed once, kept in memory
+    assert not table.path.exists()
+
+
+def test_a_damaged_latency_cache_is_measured_again(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("NAS_SPLIT_CACHE", str(tmp_path))
+    path = LatencyTable("cpu").path
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"name": "x", "unit": "ms", "measured": "yes", "layers": [{"op": "Linear"}]}))
+    table = LatencyTable("cpu")
+    assert table.entries == {} and "ignoring the latency cache" in caplog.text and "measured" in caplog.text
+    monkeypatch.setattr(LatencyTable, "time", lambda self, s: {"cost": 7.0})
+    assert table.layer_cost(layer_shape(nn.Linear(3, 4), (3,), 4, 12)) == 7.0
+    assert cost_model(str(path)).measured is True  # rewritten as a valid profile
 
 
 def test_profile_without_coefficients_names_the_missing_shape():

@@ -367,3 +367,70 @@ def test_errors_share_one_base_and_bugs_keep_their_traceback(tmp_path, monkeypat
             f"sys.exit(c.main(['train', '--dataset', 'digits', '--out', r'{tmp_path / 'run'}']))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" in p.stderr and "ValueError: an internal bug" in p.stderr
+
+
+# issue 28: run files of the wrong shape, stage states that are garbage or name code
+def test_malformed_run_files_are_refused_in_one_line(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["run", "--method", "scratch", "--dataset", "digits", "--backbone", "mlp", "--epochs", "1",
+                 "--target-mmacs", "0.01", "--no-progress", "--no-latency", "--out", str(run)]) == 0
+    good = json.loads((run / "results.json").read_text())
+    marker = tmp_path / "PWNED"
+
+    class _Code:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    def results(change):
+        def write(d: Path) -> Path:
+            res = json.loads(json.dumps(good))
+            change(res)
+            (d / "results.json").write_text(json.dumps(res))
+            return d
+        return write
+
+    def state(content):
+        def write(d: Path) -> Path:
+            shutil.copy(d / "model.pt", d / "m.pt")
+            if isinstance(content, bytes):
+                (d / "m.state.pt").write_bytes(content)
+            else:
+                torch.save(content, d / "m.state.pt")
+            return d / "m.pt"
+        return write
+
+    cases = {
+        "stages-of-empty-dicts": (results(lambda r: r.update(stages=[{}])), "stages.0.stage: Field required"),
+        "stages-a-string": (results(lambda r: r.update(stages="abc")), "stages: Input should be a valid list"),
+        "train-a-string": (results(lambda r: r["config"].update(train="x")), "config.train is not a mapping"),
+        "epochs-a-string": (results(lambda r: r["stages"][0].update(epochs_total="x")), "stages.0.epochs_total"),
+        "results-a-list": (lambda d: (d / "results.json").write_text("[1, 2]") and d, "(root): Input should be"),
+        "state-garbage": (state(b"garbage"), "not a file torch.save wrote"),
+        "state-naming-code": (state({"run": _Code()}), "objects other than tensors and plain data"),
+        "state-foreign": (state({"weights": torch.zeros(2)}), "no 'run' settings"),
+    }
+    for name, (make, words) in cases.items():
+        d = shutil.copytree(run, tmp_path / name)
+        source = make(d)
+        code = main(["retrain", str(source), "--epochs", "1", "--no-progress", "--no-latency",
+                     "--out", str(tmp_path / f"{name}-out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and words in err[0], (name, err)
+        assert not (tmp_path / f"{name}-out").exists(), name
+    assert not marker.exists()
+
+
+def test_multi_node_without_a_master_fails_within_the_timeout(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK",
+                                                            "LOCAL_RANK", "WORLD_SIZE")}
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "nas_split.cli", "grow", *TINY, "--set", "train.num_nodes=2",
+                        "--set", "train.strategy=ddp", "--set", "train.accelerator=cpu",
+                        "--set", "train.init_timeout=2", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    took = time.monotonic() - t0
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and last.startswith("nas-split: error:"), p.stderr
+    assert "did not form within train.init_timeout=2 s" in last and "MASTER_ADDR" in last
+    assert took < 60  # torch's default is 30 minutes; 2 s + start-up here
+    assert not (tmp_path / "run").exists()

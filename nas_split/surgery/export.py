@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_torch_save
+from .._io import atomic_torch_save, load_plain
 from ..errors import ConfigError, NasSplitError, UntrustedFileError
 from .sizes import apply_sizes, feature_entries, layer_sizes
 
@@ -158,11 +158,7 @@ def read_grown(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     Raises:
         NasSplitError: unreadable, or neither kind of file.
     """
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or an object weights_only refuses
-        raise NasSplitError(f"{path}: cannot be read as a grown-model file ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})") from None
+    payload = load_plain(path, "grown-model file", map_location)
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):  # a grow checkpoint
         payload = payload["model"]
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
