@@ -133,9 +133,18 @@ class PruneMethod(Method):
 
 
 class ScratchMethod(FromScratch):
-    """The uniform width multiplier whose MACs match the target, trained for the same total epochs."""
+    """The uniform width multiplier whose MACs match the target, trained for the same total epochs.
 
-    def __init__(self):
+    Args:
+        epoch_fraction: train ``round(epoch_fraction x scratch epochs)`` epochs (at least 1) instead, e.g. the
+            growth runs' training MACs over scratch's, for scratch at equal *training* compute.  Such a run is
+            not a point of the scratch curve.
+    """
+
+    def __init__(self, epoch_fraction: float = 1.0):
+        if not 0 < epoch_fraction <= 1:
+            raise ConfigError(f"scratch: epoch_fraction must lie in (0, 1], got {epoch_fraction}")
+        self.epoch_fraction = float(epoch_fraction)
         self._mult: float | None = None  # found by check()
 
     def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
@@ -150,6 +159,14 @@ class ScratchMethod(FromScratch):
         if self._mult is None:
             self.check(ctx, 0.0, 0.0)
         return ctx.build_width(self._mult), {"width_mult": self._mult}
+
+    def run(self, ctx: MethodContext) -> nn.Module:
+        if self.epoch_fraction == 1:
+            return super().run(ctx)
+        model, extra = self.architecture(ctx)
+        epochs = max(1, round(self.epoch_fraction * ctx.scratch_epochs))
+        ctx.stage(model, self.kind, epochs, **extra, epoch_fraction=self.epoch_fraction)
+        return model
 
 
 class _WidthsArch(FromScratch):

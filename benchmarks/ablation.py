@@ -11,6 +11,8 @@ A − D                       fast − fast-random-direction           the split
 C − E                       fast-layer-random − random             the per-layer allocation
 A retrained − curve         retrained fast − scratch curve         the found architecture at equal MACs
 A − curve                   fast (in-run) − scratch curve          growth in-run at equal MACs
+A − curve, training MACs    fast (in-run) − scratch curve          growth in-run at equal training compute
+A − scratch-compute         fast (in-run) − scratch, fewer epochs  the same, where the curve does not reach
 s3d − s3d-total             per-neuron − total ranking of S3D      the S3D ranking rule
 bottleneck(-*) − curve      known-bad controls − scratch curve     whether the benchmark sees architecture
 random-arch-k − curve       random architectures − curve           the negative control
@@ -20,7 +22,8 @@ Each contrast is reported as the mean paired difference in top-1 points with its
 t test's p value and the Holm-adjusted p value over the whole family of one protocol (the contrasts above, top-1
 and test NLL together): "holm" marks a contrast whose adjusted p is below 0.05.  Test NLL (nats) is reported
 beside top-1; a lower NLL is better, so its sign is the reverse.  The curve is the seed's scratch curve
-(:func:`nas_split.report.interp_log_macs`) at the MACs the run reached.
+(:func:`nas_split.report.interp_log_macs`) at the MACs the run reached, or, for "equal training MACs", at the
+MACs the run spent training (every stage and the decision passes; the curve's points at theirs).
 
 Usage::
 
@@ -39,15 +42,19 @@ from pathlib import Path
 
 from nas_split._io import atomic_write_text
 from nas_split.compare import CompareConfig, plan_runs, retrain_runs
-from nas_split.report import interp_log_macs, paired_ci
+from nas_split.records import RunResult
+from nas_split.report import interp_log_macs, on_scratch_curve, paired_ci
 
-#: (name, a, b, phase of a): ``b`` is a label or ``"curve"``; phase ``retrain`` takes a's retrained run.
+#: (name, a, b, phase of a): ``b`` is a label, ``"curve"`` (at a's final MACs) or ``"curve-compute"`` (at a's
+#: training MACs); phase ``retrain`` takes a's retrained run.
 CONTRASTS = [
     ("A - B (ranking vs reversed)", "fast", "fast-reverse", "search"),
     ("A - C (neuron choice in layer)", "fast", "fast-layer-random", "search"),
     ("A - D (direction)", "fast", "fast-random-direction", "search"),
     ("C - E (allocation)", "fast-layer-random", "random", "search"),
     ("A - curve (in-run, equal MACs)", "fast", "curve", "search"),
+    ("A - curve (in-run, equal training MACs)", "fast", "curve-compute", "search"),
+    ("A - scratch-compute (in-run, equal training MACs)", "fast", "scratch-compute", "search"),
     ("A retrained - curve", "fast", "curve", "retrain"),
     ("A retrained - B retrained", "fast", "fast-reverse", "retrain"),
     ("C retrained - E retrained", "fast-layer-random", "random", "retrain"),
@@ -78,16 +85,18 @@ def load(directory: Path) -> tuple[CompareConfig, list[tuple]]:
 
 
 def metrics(pairs: list[tuple]) -> tuple[dict, dict]:
-    """``{(label, phase, seed): (top1 %, nll, mmacs)}`` and the per-seed scratch curves ``{seed: {metric: pts}}``
-    (the curve runs and the scratch runs, at the MACs they reached)."""
+    """``{(label, phase, seed): (top1 %, nll, mmacs, training MACs)}`` and the per-seed scratch curves
+    ``{seed: {metric: pts}}`` (the curve runs and the scratch runs: ``top1`` / ``nll`` at the MACs they reached,
+    ``top1-compute`` / ``nll-compute`` at the MACs they spent training)."""
     out, curve = {}, defaultdict(lambda: defaultdict(list))
     for run, res in pairs:
-        last = res["stages"][-1]
-        m = (100 * last["test_acc"], last["test_loss"], last["cost"]["mmacs"])
+        rr = RunResult.from_dict(res)
+        m = (100 * rr.last.test_acc, rr.last.test_loss, rr.last.mmacs, rr.train_macs)
         out[(run.label, run.phase, run.seed)] = m
-        if run.phase == "curve" or (run.phase == "search" and res["config"]["method"] == "scratch"):
-            curve[run.seed]["top1"].append((m[2], m[0]))
-            curve[run.seed]["nll"].append((m[2], m[1]))
+        if run.phase == "curve" or (run.phase == "search" and on_scratch_curve(res["config"])):
+            for key, x in (("", m[2]), ("-compute", m[3])):
+                curve[run.seed]["top1" + key].append((x, m[0]))
+                curve[run.seed]["nll" + key].append((x, m[1]))
     return out, curve
 
 
@@ -98,9 +107,10 @@ def contrast(m: dict, curve: dict, a: str, b: str, phase: str, seeds: list[int])
         ka = (a, phase, s)
         if ka not in m:
             continue
-        macs = m[(a, "search", s)][2] if (a, "search", s) in m else m[ka][2]
-        if b == "curve":
-            ref = (interp_log_macs(curve[s]["top1"], macs), interp_log_macs(curve[s]["nll"], macs))
+        if b in ("curve", "curve-compute"):
+            at = 3 if b == "curve-compute" else 2
+            macs, key = (m[(a, "search", s)] if (a, "search", s) in m else m[ka])[at], b[5:]
+            ref = (interp_log_macs(curve[s]["top1" + key], macs), interp_log_macs(curve[s]["nll" + key], macs))
             if ref[0] is None:
                 continue
         else:

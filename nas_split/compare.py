@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -79,7 +79,7 @@ class CompareConfig(RunConfig, Protocol):
     methods: list[MethodEntry] = Field(
         default_factory=lambda: [MethodEntry(method=m) for m in ("fast", "s3d", "prune-l1", "firefly", "scratch")],
         description="registered names, or {method, label, options}")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(default_factory=lambda: [0, 1], min_length=1)
     targets_mmacs: list[float] = Field(default_factory=list, description="MAC targets (empty: growth rounds only)")
     scratch_curve: list[float] = Field(
         default_factory=list, description="factors of each MAC target at which uniform-width scratch runs trace the "

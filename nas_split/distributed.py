@@ -10,6 +10,8 @@ process holds the same model.  To keep them the same through growth, nas-split
   (:func:`all_reduce_sum`): splitting matrices, the fast method's ``S v`` and ``λ``, Firefly's scores, GradMax's
   gradients, Taylor / Hessian pruning importances; every process then holds the spectra one process would
   compute on the union of the shards;
+* with ``train.sync_batchnorm``, normalises every batch norm with the statistics of the whole batch while
+  training (:mod:`nas_split.sync_batchnorm`), so a batch-norm model trains as on one process too;
 * takes the decision on process 0 and **broadcasts** it (:func:`broadcast_object`), so float ties cannot make
   processes disagree; every process applies the same surgery, and the next fit wraps the new model for DDP;
 * writes checkpoints, ``results.json``, models and TensorBoard events from process 0 only (:func:`is_main`).

@@ -20,7 +20,8 @@ from ._io import atomic_write_text
 from .records import RunResult
 from .runlog import Tags
 
-__all__ = ["CSV_FIELDS", "Row", "PairedCI", "paired_ci", "paired_to", "interp_log_macs", "to_curve", "collect",
+__all__ = ["CSV_FIELDS", "Row", "PairedCI", "paired_ci", "paired_to", "interp_log_macs", "to_curve",
+           "on_scratch_curve", "collect",
            "write_csv", "summary",
            "markdown_table", "write_report",
            "pareto_figure", "widths_figure"]
@@ -85,6 +86,12 @@ def to_curve(finals: Sequence[Row], retrained: bool = False, level: float = 0.95
     return {k: paired_ci([p[0] for p in v], [p[1] for p in v], level) for k, v in groups.items()}
 
 
+def on_scratch_curve(config: dict) -> bool:
+    """Whether a search run of this configuration is a point of the scratch curve: ``scratch`` with its full
+    epochs (not an ``epoch_fraction`` run, which is scratch at another training budget)."""
+    return config.get("method") == "scratch" and (config.get("method_options") or {}).get("epoch_fraction", 1) == 1
+
+
 def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row], list[Row]]:
     """``(run, results)`` pairs -> CSV rows (every stage of every run), one :class:`Row` per search run and one
     per run of the scratch curve (``phase="curve"``).
@@ -126,7 +133,7 @@ def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row], list[Row]]:
                 res.train_macs, last.test_acc if own else None, cost_label(last.cost)))
     points: dict[int, list[tuple[float, float]]] = defaultdict(list)
     scratch = {run.label for run, res in pairs if getattr(run, "phase", "search") == "search"
-               and (res.get("config") or {}).get("method") == "scratch"}
+               and on_scratch_curve(res.get("config") or {})}
     for r in curve + [r for r in finals if r.label in scratch]:
         points[r.seed].append((r.mmacs, r.test_acc))
     finals = [replace(r, retrained_acc=retrained.get((r.label, r.target, r.seed), r.retrained_acc),

@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
-from .distributed import ShardedBatches
+from .distributed import ShardedBatches, join, make_fabric
 from .errors import ConfigError, DivergedError
 from .numerics import like_model
+from .sync_batchnorm import synchronized_batchnorm
 
 __all__ = ["TrainConfig", "Trainer", "FitResult", "EvalResult", "DeviceBatches", "make_optimizer", "state_to_params",
            "lr_factor", "check_devices"]
@@ -43,12 +44,14 @@ class TrainConfig(BaseModel):
     gamma: float = Field(0.1, gt=0, description="step schedule decay")
     warmup_epochs: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy and the data order")
     num_workers: int = Field(0, ge=0)
     accelerator: str = "auto"
     devices: int | str = 1
     strategy: str = "auto"
     num_nodes: int = Field(1, ge=1)
+    init_timeout: float = Field(60.0, gt=0, description="seconds to wait for every process of a multi-process "
+                                                        "recipe to join (an unreachable master fails after them)")
     precision: str = Field("32-true", description="Fabric precision; bf16-mixed = bf16 autocast for training "
                                                    "(growth analysis always runs in fp32)")
     channels_last: bool | None = Field(None, description="channels_last memory format for 4-D inputs; None: on "
@@ -58,6 +61,9 @@ class TrainConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile the training step's model (re-compiled every fit, so "
                                              "after each growth step)")
     check_every: int = Field(50, ge=1, description="steps between checks for a non-finite loss (host syncs)")
+    sync_batchnorm: bool = Field(False, description="under several processes, normalise every batch norm with the "
+                                                    "statistics of the whole batch (all processes' shards) while "
+                                                    "training; see nas_split.sync_batchnorm")
     progress: bool = True
 
 
@@ -65,11 +71,8 @@ def check_devices(cfg: TrainConfig) -> None:
     """Refuse ``accelerator`` / ``devices`` / ``strategy`` / ``num_nodes`` / ``precision`` values that Lightning
     Fabric cannot use on this machine (a GPU asked for where there is none, a misspelt name), before anything is
     written; raises :class:`~nas_split.errors.ConfigError` naming the settings and Fabric's reason."""
-    from lightning_fabric import Fabric
-
     try:
-        Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
-               precision=cfg.precision)
+        make_fabric(cfg)
     except (ValueError, RuntimeError, TypeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"train.accelerator={cfg.accelerator!r}, devices={cfg.devices!r}, strategy={cfg.strategy!r}, "
@@ -136,13 +139,10 @@ class Trainer:
     """Runs fits and evaluations with one :class:`TrainConfig` on the devices it names."""
 
     def __init__(self, cfg: TrainConfig | None = None):
-        from lightning_fabric import Fabric
-
         self.cfg = cfg or TrainConfig()
-        self.fabric = Fabric(accelerator=self.cfg.accelerator, devices=self.cfg.devices, strategy=self.cfg.strategy,
-                             num_nodes=self.cfg.num_nodes, precision=self.cfg.precision)
+        self.fabric = make_fabric(self.cfg)
         if self.fabric.world_size > 1:
-            self.fabric.launch()
+            join(self.fabric, self.cfg)
         self.fabric.seed_everything(self.cfg.seed, verbose=False)
 
     @property
@@ -184,59 +184,61 @@ class Trainer:
         model.to(self.device, memory_format=fmt)
         optimizer = optimizer or make_optimizer(model, self.cfg)
         state_to_params(optimizer)  # a state loaded from a checkpoint before the model moved stays behind otherwise
-        step_model = torch.compile(model) if self.cfg.compile else model
-        fmodel, fopt = self.fabric.setup(step_model, optimizer)
-        loader = self.batches(train_loader, fmt)
-        crit = self.criterion()
-        per_epoch = max(len(loader), 1)
-        start, length = schedule or (0, epochs)
-        steps = per_epoch * max(length, 1)
-        offset, ramp = per_epoch * start, rewarm_epochs * per_epoch
-        result = FitResult(optimizer=optimizer)
-        t0 = time.perf_counter()
-        show = self.cfg.progress and self.fabric.is_global_zero
-        bar = tqdm(total=per_epoch * max(epochs, 1), desc=desc, disable=not show, leave=False, dynamic_ncols=True)
-        step = 0
-        for epoch in range(epochs):
-            fmodel.train()
-            te = time.perf_counter()
-            loss_sum = torch.zeros((), device=self.device)
-            correct = torch.zeros((), device=self.device)
-            finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked every check_every steps
-            n = 0
-            for x, y in loader:
-                lr = self.cfg.lr * lr_factor(self.cfg, (offset + step) / steps, length)
-                if ramp:
-                    lr *= min(1.0, (step + 1) / ramp)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                out = fmodel(x)
-                loss = crit(out, y)
-                total = loss + regularizer(model) if regularizer is not None else loss
-                fopt.zero_grad(set_to_none=True)
-                self.fabric.backward(total)
-                fopt.step()
-                finite &= torch.isfinite(loss.detach())
-                loss_sum += loss.detach() * len(y)
-                correct += (out.detach().argmax(1) == y).sum()
-                n += len(y)
-                step += 1
-                bar.update(1)
-                if step % self.cfg.check_every == 0:
-                    self._check_finite(finite, loss_sum, desc, epoch, step)
-            self._check_finite(finite, loss_sum, desc, epoch, step)
-            result.samples += n * self.fabric.world_size
-            rec = {"epoch": epoch, "train_loss": (loss_sum / max(n, 1)).item(),
-                   "train_acc": (correct / max(n, 1)).item(), "lr": lr if n else self.cfg.lr,
-                   "seconds": time.perf_counter() - te}
-            if val_loader is not None:
-                ev = self.evaluate(model, val_loader)
-                rec.update(val_loss=ev.loss, val_acc=ev.acc)
-            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec.get('val_acc', rec['train_acc']):.3f}")
-            result.history.append(rec)
-            if on_epoch_end is not None:
-                on_epoch_end(rec)
-        bar.close()
+        # the batch norms synchronised for this fit only: surgery, analysis and saved files see plain ones
+        with synchronized_batchnorm(model, self.cfg.sync_batchnorm):
+            step_model = torch.compile(model) if self.cfg.compile else model
+            fmodel, fopt = self.fabric.setup(step_model, optimizer)
+            loader = self.batches(train_loader, fmt)
+            crit = self.criterion()
+            per_epoch = max(len(loader), 1)
+            start, length = schedule or (0, epochs)
+            steps = per_epoch * max(length, 1)
+            offset, ramp = per_epoch * start, rewarm_epochs * per_epoch
+            result = FitResult(optimizer=optimizer)
+            t0 = time.perf_counter()
+            show = self.cfg.progress and self.fabric.is_global_zero
+            bar = tqdm(total=per_epoch * max(epochs, 1), desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+            step = 0
+            for epoch in range(epochs):
+                fmodel.train()
+                te = time.perf_counter()
+                loss_sum = torch.zeros((), device=self.device)
+                correct = torch.zeros((), device=self.device)
+                finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked every check_every steps
+                n = 0
+                for x, y in loader:
+                    lr = self.cfg.lr * lr_factor(self.cfg, (offset + step) / steps, length)
+                    if ramp:
+                        lr *= min(1.0, (step + 1) / ramp)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                    out = fmodel(x)
+                    loss = crit(out, y)
+                    total = loss + regularizer(model) if regularizer is not None else loss
+                    fopt.zero_grad(set_to_none=True)
+                    self.fabric.backward(total)
+                    fopt.step()
+                    finite &= torch.isfinite(loss.detach())
+                    loss_sum += loss.detach() * len(y)
+                    correct += (out.detach().argmax(1) == y).sum()
+                    n += len(y)
+                    step += 1
+                    bar.update(1)
+                    if step % self.cfg.check_every == 0:
+                        self._check_finite(finite, loss_sum, desc, epoch, step)
+                self._check_finite(finite, loss_sum, desc, epoch, step)
+                result.samples += n * self.fabric.world_size
+                rec = {"epoch": epoch, "train_loss": (loss_sum / max(n, 1)).item(),
+                       "train_acc": (correct / max(n, 1)).item(), "lr": lr if n else self.cfg.lr,
+                       "seconds": time.perf_counter() - te}
+                if val_loader is not None:
+                    ev = self.evaluate(model, val_loader)
+                    rec.update(val_loss=ev.loss, val_acc=ev.acc)
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec.get('val_acc', rec['train_acc']):.3f}")
+                result.history.append(rec)
+                if on_epoch_end is not None:
+                    on_epoch_end(rec)
+            bar.close()
         if fmt != torch.contiguous_format:  # growth, checkpoints and a resumed run all see one layout
             model.to(memory_format=torch.contiguous_format)
         result.seconds = time.perf_counter() - t0

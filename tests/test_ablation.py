@@ -220,12 +220,20 @@ def test_scratch_curve_scores_each_run_at_its_own_macs(tmp_path):
 
     out = tmp_path / "c"
     assert main([*COMPARE, "--out", str(out), "--seeds", "0,1", "--set", "scratch_curve=[0.7, 1.4]",
-                 "--set", "methods=[scratch, bottleneck]"]) == 0
-    res = {}
+                 "--set", "methods=[scratch, bottleneck, {method: scratch, label: scratch-compute, "
+                 "options: {epoch_fraction: 0.5}}]"]) == 0
+    res, runs = {}, {}
     for p in [*out.glob("runs/*/*/seed*/results.json"), *out.glob("curve/*/*/seed*/results.json")]:
         r = json.loads(p.read_text())
-        res[(p.parts[-4], p.parts[-3], int(p.parts[-2][4:]))] = (r["final"]["mmacs"], 100 * r["final"]["test_acc"])
+        runs[(p.parts[-4], int(p.parts[-2][4:]))] = r
+        if p.parts[-4] != "scratch-compute":
+            res[(p.parts[-4], p.parts[-3], int(p.parts[-2][4:]))] = (r["final"]["mmacs"],
+                                                                     100 * r["final"]["test_acc"])
     assert sorted(k[0] for k in res) == ["bottleneck"] * 2 + ["scratch"] * 2 + ["scratch-curve"] * 4
+    for seed in (0, 1):  # scratch at half the training budget: 1 of the 2 epochs, half the training MACs
+        half, full = runs[("scratch-compute", seed)]["stages"][0], runs[("scratch", seed)]["stages"][0]
+        assert (half["epochs"], full["epochs"], half["epoch_fraction"]) == (1, 2, 0.5)
+        assert half["widths"] == full["widths"] and half["train_macs"] == pytest.approx(full["train_macs"] / 2)
     d = []
     for seed in (0, 1):  # numpy's linear interpolation in log MACs over the seed's curve (curve runs + scratch)
         pts = sorted(v for (lab, _, s), v in res.items() if s == seed and lab in ("scratch", "scratch-curve"))

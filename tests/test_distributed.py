@@ -98,3 +98,44 @@ def test_a_killed_two_process_growth_resumes_to_the_same_widths(tmp_path):
     assert b["config"]["train"]["devices"] == 2
     assert [s["widths"] for s in b["stages"]] == [s["widths"] for s in a["stages"]]
     assert b["final"]["test_acc"] == pytest.approx(a["final"]["test_acc"], abs=1e-9)
+
+
+def test_sync_batchnorm_grows_a_batch_norm_mobilenet_on_two_processes_as_on_one(tmp_path):
+    """``train.sync_batchnorm``: a MobileNet with batch norms grown on 2 processes x 32 samples matches 1 process x 64
+    (widths, test accuracy and loss; float64); without it the 2-process seed stage already differs; the files it
+    saves hold plain batch norm and load without a process group."""
+    from nas_split import load_grown
+    from nas_split.sync_batchnorm import SYNCED_TYPES
+
+    train = {**BASE["train"], "precision": "64-true", "sync_batchnorm": True}
+    cfg = {"dataset": "digits", "backbone": "test_mobilenetv1", "train": train, "latency": False,
+           "growth": {"method": "fast", "rounds": 1, "seed_epochs": 1, "grow_ratio": 0.5, "analysis_batches": 4}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "growth"}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process has (Fabric: CPUs / processes); faster on a busy machine
+    try:
+        assert main(["grow", "--config", str(tmp_path / "g.yaml"), "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    two = _cli(["grow", "--config", "g.yaml", "--out", "two", *DDP], tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    plain = _cli(["train", "--config", "t.yaml", "--out", "plain", *DDP, "--set", "train.sync_batchnorm=false"],
+                 tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    a, b, c = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two", "plain"))
+    assert b["config"]["train"]["sync_batchnorm"] is True and len(b["stages"]) == 2
+    assert [s["widths"] for s in b["stages"]] == [s["widths"] for s in a["stages"]]
+    assert b["stages"][1]["widths"] != b["stages"][0]["widths"]  # it grew
+    for sa, sb in zip(a["stages"], b["stages"], strict=True):
+        assert sb["test_acc"] == pytest.approx(sa["test_acc"], abs=1e-9)
+        assert sb["test_loss"] == pytest.approx(sa["test_loss"], rel=1e-9)
+    # the same seed stage without synchronised batch norm: each process normalised its own 32 samples
+    assert abs(c["stages"][0]["test_loss"] - a["stages"][0]["test_loss"]) > 1e-4
+    one, grown = load_grown(tmp_path / "one" / "checkpoints" / "stage1.pt"), \
+        load_grown(tmp_path / "two" / "checkpoints" / "stage1.pt")
+    assert not torch.distributed.is_initialized()
+    assert not any(isinstance(m, SYNCED_TYPES) for m in grown.modules())
+    assert {type(m).__name__ for m in grown.modules()} >= {"BatchNormAct2d"}
+    x = torch.randn(16, 1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(grown.double().eval()(x), one.double().eval()(x), rtol=1e-8, atol=1e-10)
