@@ -129,7 +129,7 @@ def _gradients(model: nn.Module, criterion: str, imp, batches: list, loss_fn: Ca
     Under several processes each holds its rows ``rank::world`` of every batch; the sums are added over the
     processes, so each holds what one process would compute on the whole batches.  For OBD the squares are
     accumulated here rather than by Torch-Pruning's ``HessianImportance.accumulate_grad``, whose accumulator
-    keeps only the last sample (its membership test compares a name with parameter keys; ``tests/test_baselines``
+    keeps only the last sample (its membership test compares a name with parameter keys; ``tests/test_baselines.py``
     shows it), and handed to the importance through the ``_accu_grad`` / ``_counter`` it reads."""
     world, r = world_size(), rank()
     params = [p for p in model.parameters() if p.requires_grad]

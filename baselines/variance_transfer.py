@@ -1,6 +1,6 @@
 """Variance-transfer growth with learning-rate adaptation (Yuan, Savarese & Maire, NeurIPS 2023), as ``vt``.
 
-Growth of layer ℓ adds ``Δ`` pairs of neurons with the same fan-in and opposite fan-out (algorithms.md §6.2):
+Growth of layer ℓ adds ``Δ`` pairs of neurons with the same fan-in and opposite fan-out (the paper's variance transfer):
 
     W_ℓ ← [W_ℓ ; V ; V],      W_{ℓ+1} ← [β W_{ℓ+1}, Z, −Z],
 

@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_check.sh RESULTS_DIR
 #
 # Installs nothing from the network.  The device image lacks a few of nas-split's pure-Python dependencies:
-# put their wheels in .whl/ beforehand (see the README, "GPU"), and Fashion-MNIST's four IDX files in
+# put their wheels in .whl/ beforehand (see docs/gpu.md, "Device check"), and Fashion-MNIST's four IDX files in
 # .data/fashion-mnist/ (from Debian's dataset-fashion-mnist).  GPU_CHECK_SMOKE=1 runs every step tiny, on
 # whatever device there is (that is how it is tried on a CPU before a GPU is spent on it).
 set -uo pipefail

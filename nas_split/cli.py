@@ -89,7 +89,7 @@ def _schedule(t: argparse.ArgumentParser) -> None:
 
 
 def _common(t: argparse.ArgumentParser) -> None:
-    t.add_argument("--config", help="YAML file with the run's configuration (see README)")
+    t.add_argument("--config", help="YAML file with the run's configuration (keys: docs/usage.md)")
     t.add_argument("--dataset", help="dataset name (see `nas-split list`)")
     t.add_argument("--backbone", help="backbone name (see `nas-split list`)")
     t.add_argument("--epochs", type=int, help="training epochs (per stage for grow)")

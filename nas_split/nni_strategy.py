@@ -14,7 +14,7 @@ The same strategy class serves both.  Stage history (sizes, checkpoints, metrics
 ``state_dict`` because the sequential engine does not restore its own.  :func:`stage_evaluator` builds the
 evaluator; :func:`run_compare_nni` dispatches ``nas-split compare`` runs as trials.
 
-NNI 3.0 notes (see the README): its web server listens on every interface (there is no host option), and
+NNI 3.0 notes (docs/nni.md): its web server listens on every interface (there is no host option), and
 ``nnictl`` fails on setuptools >= 81; a finished experiment is viewed again with
 ``NasExperiment(..., id=ID).view(port)``.
 """

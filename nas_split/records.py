@@ -2,7 +2,7 @@
 
 They are what the stage runner produces, the run log writes, the report and the CLI read, and the NNI adapter
 reports; ``to_dict`` / ``from_dict`` keep the ``results.json`` layout of :data:`RESULTS_SCHEMA_VERSION` (the
-README's "Records" table), so files written before these classes existed load unchanged.
+docs/records.md), so files written before these classes existed load unchanged.
 """
 from __future__ import annotations
 

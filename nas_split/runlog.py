@@ -2,7 +2,7 @@
 
 One run directory per run (per method and seed in comparisons).  Tags are constants of :class:`Tags` so that
 every method's curves overlay in TensorBoard.  ``results.json`` follows :data:`RESULTS_SCHEMA_VERSION`; its
-fields are documented in the README ("results.json").
+fields are documented in docs/records.md ("results.json").
 """
 from __future__ import annotations
 

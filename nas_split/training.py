@@ -253,7 +253,7 @@ class Trainer:
     def memory_format(self, model: nn.Module) -> torch.memory_format:
         """The layout of a fit: as ``cfg.channels_last`` says, or by default ``channels_last`` for a model with 2-D
         convolutions on the CPU (1.40x the steps/s of the contiguous loop there) and ``contiguous_format`` on a GPU
-        (where channels_last ran at 0.86x on an H100; README, "On a GPU").  The model is back in
+        (where channels_last ran at 0.86x on an H100; docs/gpu.md).  The model is back in
         ``contiguous_format`` when the fit returns."""
         use = self.cfg.channels_last
         if use is None:

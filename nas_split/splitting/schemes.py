@@ -24,8 +24,8 @@ how candidates are ranked, is ``rank``:
   then nearly always wins, spending the budget on few neurons.
 
 :attr:`NeuronSplit.score` holds the ranking value, which selection sorts by.  The
-mass budget is the formalisation of algorithms.md §3.2: the exact constraint of the S3D paper is unconfirmed,
-so ``c`` is a parameter (default 3, as in ``check_split.py``).
+mass budget formalises S3D's constraint on the copies (Wu et al. 2020, §3): its exact form in the paper is unconfirmed,
+so ``c`` is a parameter (default 3).
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ neurons ``top`` takes in each layer but draws them at random within the layer (:
 ``random-direction`` keeps ``top``'s neurons but splits each along a random unit direction instead of
 ``v_min`` (:func:`random_directions`).
 
-**Energy-aware** (Wang et al. 2019, §2.3 of algorithms.md): with ``cost_i`` the MAC increase of split ``i``, or
+**Energy-aware** (Wang et al. 2019, "Energy-Aware Neural Architecture Optimization with Fast Splitting Steepest
+Descent"): with ``cost_i`` the MAC increase of split ``i``, or
 its price under a cost model (:mod:`nas_split.cost_models`),
 
     min_β Σ_i β_i G_i   s.t.   Σ_{i∈g} β_i cost_i ≤ τ_g  for every group g,

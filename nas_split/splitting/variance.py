@@ -1,4 +1,5 @@
-"""Variance transfer (Yuan, Savarese & Maire 2023, algorithms.md §6.3) for any growth step.
+"""Variance transfer (Yuan, Savarese & Maire, "Accelerated Training via Incrementally Growing Neural Networks
+using Variance Transfer and Learning Rate Adaptation", NeurIPS 2023) for any growth step.
 
 A consumer whose fan-in grew from ``F`` to ``F'`` gets its weights (and bias) scaled by ``β = sqrt(F / F')``, so
 ``fan_in × Var W`` — its output variance for independent unit-variance inputs — is what it was before the growth

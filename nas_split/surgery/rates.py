@@ -1,5 +1,5 @@
-"""Learning-rate adaptation per growth stage (Yuan, Savarese & Maire 2023, algorithms.md §6.4, the growing_wiki
-statement, not checked against the paper), and μP's per-layer learning-rate factors (§6.1).
+"""Learning-rate adaptation per growth stage (Yuan, Savarese & Maire, NeurIPS 2023; the growing_wiki statement,
+not checked against the paper), and μP's per-layer learning-rate factors (Yang et al., "Tensor Programs V", 2022).
 
 The weights of a layer are partitioned by the growth stage that added them, ``W = {W_0, W_Δ1, ...}``, and stage
 ``t``'s slice learns at ``η_t = η_0 ‖W_Δt‖_F / ‖W_0‖_F`` (the norms when the rates are set, after each growth).
