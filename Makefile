@@ -3,7 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint clean
+
+# Two pytest workers, one file each at a time (module fixtures are built once), one torch thread per worker.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,7 +18,10 @@ demo: $(STAMP)
 	$(VENV)/bin/nas-split compare --config benchmarks/configs/digits_demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+test-fast: $(STAMP)  # the edit loop: everything but the tests marked slow
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

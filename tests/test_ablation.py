@@ -174,6 +174,7 @@ COMPARE = ["compare", "--dataset", "digits", "--backbone", "mobilenetv1_cifar_02
            "--seed-epochs", "1", "--rounds", "1", "--no-latency", "--seeds", "0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("span", ["stage", "run"])
 def test_finetune_and_schedule_span_give_every_method_the_same_epochs_and_the_stated_lr_curve(tmp_path, span):
     out = tmp_path / "c"
@@ -215,6 +216,7 @@ def test_warmup_fraction_is_of_the_schedule_not_of_train_epochs():
     assert lr_factor(c, 0.6, 2) == 1.0
 
 
+@pytest.mark.slow
 def test_scratch_curve_scores_each_run_at_its_own_macs(tmp_path):
     import numpy as np
 

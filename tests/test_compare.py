@@ -193,6 +193,7 @@ def test_bad_config_refused_before_training(tmp_path, capsys, extra, message):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_workers_and_the_rerun_completes(tmp_path):
     import psutil
 

@@ -186,6 +186,7 @@ from torch import nn
 from torch.utils import benchmark
 from nas_split.cost_models import LatencyTable, layer_shape
 
+torch.set_num_threads(int(sys.argv[2]))  # the test process's count: the cache file is named by it
 
 def in_place(module, x):  # what a user would time: torch.utils.benchmark's median, on the module itself
     with torch.no_grad():
@@ -213,8 +214,8 @@ print(json.dumps({"entries": entries, "direct": direct, "key": shape.key(), "pat
 
 def test_latency_table_reproduces_a_direct_timing(tmp_path, monkeypatch):
     # in a fresh process, as a user would time a layer: earlier tests' state shifts timings by 5-10 %
-    done = subprocess.run([sys.executable, "-c", _TIMING, str(tmp_path)], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run([sys.executable, "-c", _TIMING, str(tmp_path), str(torch.get_num_threads())],
+                          capture_output=True, text=True, check=True)
     got = json.loads(done.stdout.strip().splitlines()[-1])
     entries, direct = got["entries"], got["direct"]
     # the layer itself, timed directly, lies within the spread of the table's blocks of rebuilt copies; each

@@ -22,6 +22,8 @@ import yaml
 
 from nas_split.cli import main
 
+pytestmark = pytest.mark.slow  # each test launches 2-process runs
+
 CLI = [str(Path(sys.executable).parent / "nas-split")]  # Fabric's launcher re-runs this command per process
 DDP = ["--set", "train.devices=2", "--set", "train.strategy=ddp", "--set", "train.batch_size=32"]
 BASE = {"dataset": "digits", "backbone": "mlp", "backbone_options": {"width_mult": 0.25, "norm": False, "act": "tanh"},

@@ -200,6 +200,7 @@ def test_fuzzed_run_files_checkpoints_and_stage_states(run_dir, tmp_path):
     assert sum(a != "ok" for a in answers) > len(answers) / 2
 
 
+@pytest.mark.slow
 def test_fuzzed_compare_configs_at_the_cli(tmp_path):
     """Whole commands, in a subprocess: exit 0, or 2 with one line; nothing written outside ``--out``."""
     rng = random.Random(2)
