@@ -6,21 +6,24 @@ growable < export.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection
+from collections.abc import Collection, MutableMapping
 
 import torch
 from torch import nn
 
 from ..numerics import full_precision, like_model
-from .graph import ChannelGroup, CouplingGraph, NotGrowableError
+from .graph import ChannelGroup, CouplingGraph, NotGrowableError, output_tensors
 from .split import SplitScheme, split_groups
 
 __all__ = ["growable_layers"]
 
+_TOLERANCE = 1e-4
+
 
 @full_precision()
 def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool = True,
-                    graph: CouplingGraph | None = None, trusted: Collection[str] = ()) -> list[str]:
+                    graph: CouplingGraph | None = None, trusted: Collection[str] = (),
+                    reasons: MutableMapping[str, str] | None = None) -> list[str]:
     """Names (as in ``model.named_modules()``) of the layers whose output channels can be split.
 
     A layer qualifies when it is a dense conv or linear layer whose coupling group holds only layers nas-split
@@ -28,23 +31,33 @@ def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool
     and must keep the outputs equal (relative error ≤ 1e-4, a tolerance for IEEE fp32: the check runs in
     :func:`~nas_split.numerics.full_precision` whatever TF32 or autocast say, on the model's device), which
     catches couplings the tracer cannot see (e.g. channels reshaped into a matrix for ``torch.bmm``, as in
-    PointNet's feature transform).  Layers in ``trusted`` (verified before; widening a layer does not change
-    how its channels are coupled) skip the trial split.
+    PointNet's feature transform, or averaged over, as by a ``mean`` over channels).  Layers in ``trusted``
+    (verified before; widening a layer does not change how its channels are coupled) skip the trial split.
+
+    Every other conv and linear layer of the traced graph is left out, and its reason (the message of the
+    :class:`NotGrowableError` it raises, naming the layer) is stored in ``reasons`` when one is given.  The only
+    error raised is a :class:`NotGrowableError` when the tracer cannot trace the model at all (an error of the
+    model itself on ``example_inputs`` propagates unchanged).
     """
     graph = graph or CouplingGraph(model, example_inputs)
     names = []
     for n in graph.candidates():
         try:
             group = graph.group(n)
-        except NotGrowableError:
-            continue
-        if verify and n not in trusted and not _preserves(model, example_inputs, group):
+            if verify and n not in trusted:
+                _preserves(model, example_inputs, group)
+        except NotGrowableError as e:
+            if reasons is not None:
+                reasons[n] = str(e)
             continue
         names.append(n)
     return names
 
 
-def _preserves(model: nn.Module, x: torch.Tensor, group: ChannelGroup) -> bool:
+def _preserves(model: nn.Module, x: torch.Tensor, group: ChannelGroup) -> None:
+    """Check that splitting channel 0 of ``group.root`` (ε = 0) on a copy of ``model`` keeps its outputs on ``x``;
+    raises :class:`NotGrowableError` saying how it does not (any failure of the trial split counts: it runs the
+    user's model at a width it was not built for)."""
     trial = copy.deepcopy(model).eval()
     x = like_model(model, x)
     with torch.no_grad():
@@ -52,8 +65,16 @@ def _preserves(model: nn.Module, x: torch.Tensor, group: ChannelGroup) -> bool:
         try:
             split_groups(trial, x, {group.root: group.rebind(trial)}, {group.root: [(0, SplitScheme.s2d())]}, 0.0)
             out = trial(x)
-        except (RuntimeError, ValueError):
-            return False
-    if out.shape != ref.shape:
-        return False
-    return bool(((out - ref).norm() <= 1e-4 * ref.norm().clamp_min(1e-12)).item())
+        except Exception as e:  # noqa: BLE001 - whatever the widened model raises, the split does not work
+            raise NotGrowableError(f"layer {group.root!r} is not growable: a trial split of it fails "
+                                   f"({type(e).__name__}: {e})") from e
+    ref, out = output_tensors(ref), output_tensors(out)
+    if [t.shape for t in out] != [t.shape for t in ref]:
+        raise NotGrowableError(f"layer {group.root!r} is not growable: a trial split of it changes the output shapes "
+                               f"from {[tuple(t.shape) for t in ref]} to {[tuple(t.shape) for t in out]}")
+    ref, out = torch.cat([t.flatten() for t in ref]), torch.cat([t.flatten() for t in out])
+    err = ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+    if not err <= _TOLERANCE:  # also when NaN
+        raise NotGrowableError(f"layer {group.root!r} is not growable: a trial split of it (ε = 0) changes the "
+                               f"outputs by a relative {err:.2g} (> {_TOLERANCE:g}): its channels are coupled in a "
+                               "way the coupling graph does not see")
