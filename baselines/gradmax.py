@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas_split.distributed import all_reduce_sum, batch_share, world_size
-from nas_split.numerics import full_precision, like_model
+from nas_split.numerics import evaluating, full_precision, like_model
 from nas_split.splitting.channel_cost import prefix_within_macs
 from nas_split.splitting.neurons import find_neurons, splittable_layers
 from nas_split.surgery import CouplingGraph, NewChannels, NotGrowableError, SplitReport, add_channels
@@ -111,36 +111,34 @@ def gradmax_matrix(model: nn.Module, example_inputs: torch.Tensor, layer: str, l
 
     hooks = [root.register_forward_hook(lambda m, i, o: store.__setitem__("x", i[0].detach())),
              cons.register_forward_hook(grab_grad)]
-    was = model.training
-    model.eval()
     g_total = None
     try:
-        for x, y in itertools.islice(loader, batches):
-            x, y = like_model(model, x), like_model(model, y)
-            loss = loss_fn(model(x), y)
-            torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
-            pmap = _patch_map(root, store["x"])
-            if dw is not None:  # identity depthwise filter: picks every stride-th position
-                pmap = pmap[(..., *[slice(None, None, s) for s in dw.stride])]
-            grad = store["g"]
-            if isinstance(cons, nn.Linear):
-                if pmap.dim() > 2:  # pooled over positions before the linear consumer (see module docstring)
-                    pmap = pmap.flatten(2).mean(2)
-                g = grad.reshape(-1, grad.shape[-1]).T @ pmap.reshape(-1, pmap.shape[1])
-            elif isinstance(cons, nn.Conv1d):
-                g = torch.nn.grad.conv1d_weight(pmap, (cons.out_channels, pmap.shape[1], cons.kernel_size[0]), grad,
-                                                cons.stride, cons.padding, cons.dilation)
-            else:
-                g = torch.nn.grad.conv2d_weight(pmap, (cons.out_channels, pmap.shape[1], *cons.kernel_size), grad,
-                                                cons.stride, cons.padding, cons.dilation)
-            g = g.movedim(1, -1).reshape(-1, pmap.shape[1])  # (out * kernel, D): fan-out coordinates x fan-in
-            if world_size() > 1:  # this process's share of the whole batch's mean-loss gradient
-                g = g * batch_share(len(y), g.device)
-            g_total = g if g_total is None else g_total + g
+        with evaluating(model):
+            for x, y in itertools.islice(loader, batches):
+                x, y = like_model(model, x), like_model(model, y)
+                loss = loss_fn(model(x), y)
+                torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+                pmap = _patch_map(root, store["x"])
+                if dw is not None:  # identity depthwise filter: picks every stride-th position
+                    pmap = pmap[(..., *[slice(None, None, s) for s in dw.stride])]
+                grad = store["g"]
+                if isinstance(cons, nn.Linear):
+                    if pmap.dim() > 2:  # pooled over positions before the linear consumer (see module docstring)
+                        pmap = pmap.flatten(2).mean(2)
+                    g = grad.reshape(-1, grad.shape[-1]).T @ pmap.reshape(-1, pmap.shape[1])
+                elif isinstance(cons, nn.Conv1d):
+                    g = torch.nn.grad.conv1d_weight(pmap, (cons.out_channels, pmap.shape[1], cons.kernel_size[0]), grad,
+                                                    cons.stride, cons.padding, cons.dilation)
+                else:
+                    g = torch.nn.grad.conv2d_weight(pmap, (cons.out_channels, pmap.shape[1], *cons.kernel_size), grad,
+                                                    cons.stride, cons.padding, cons.dilation)
+                g = g.movedim(1, -1).reshape(-1, pmap.shape[1])  # (out * kernel, D): fan-out coordinates x fan-in
+                if world_size() > 1:  # this process's share of the whole batch's mean-loss gradient
+                    g = g * batch_share(len(y), g.device)
+                g_total = g if g_total is None else g_total + g
     finally:
         for h in hooks:
             h.remove()
-        model.train(was)
     return all_reduce_sum(g_total), consumer.name
 
 

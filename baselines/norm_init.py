@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from nas_split.distributed import all_reduce_sum, world_size
-from nas_split.numerics import full_precision, like_model
+from nas_split.numerics import evaluating, full_precision, like_model
 from nas_split.surgery import CouplingGraph
 
 __all__ = ["calibrate_new_norms"]
@@ -55,12 +55,10 @@ def calibrate_new_norms(model: nn.Module, example_inputs: torch.Tensor, new: Map
     hooks = [modules[n].register_forward_hook(lambda _m, i, _o, n=n: captured.__setitem__(n, i[0].detach()))
              for n in entries]
     x = like_model(model, next(iter(loader))[0])
-    was = model.training
     try:
-        with torch.no_grad():
-            model.eval()(x)
+        with evaluating(model), torch.no_grad():
+            model(x)
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     out = {}

@@ -41,7 +41,7 @@ from torch import nn
 
 from nas_split.cost import count_macs
 from nas_split.distributed import all_reduce_sum, batch_share, rank, summed, world_size
-from nas_split.numerics import like_model
+from nas_split.numerics import evaluating, like_model
 from nas_split.surgery import growable_layers
 from nas_split.surgery.handlers import is_depthwise
 from nas_split.surgery.sizes import apply_sizes, layer_sizes
@@ -190,35 +190,33 @@ def prune_to_macs(model: nn.Module, example_inputs: torch.Tensor, target_macs: f
     floors = {m: min(sizes[n][0], unit * math.ceil((1 - MAX_GLOBAL_RATIO) * sizes[n][0] / unit))
               for n, m in model.named_modules() if n in prunable}
     ranked = _TieBroken(imp) if global_pruning else imp
-    was = model.training
-    model.eval()
     macs, taken = before, 0
     try:
-        while macs > target_macs * (1 + tolerance) and steps <= 6400:
-            pruner = tp.pruner.BasePruner(model, example_inputs, importance=ranked, pruning_ratio=0.9,
-                                          iterative_steps=steps, ignored_layers=ignored, round_to=round_to,
-                                          global_pruning=global_pruning,
-                                          max_pruning_ratio=MAX_GLOBAL_RATIO if global_pruning else 1.0)
-            for _ in range(steps):
-                snapshot = copy.deepcopy(model.state_dict()), layer_sizes(model)
-                _gradients(model, criterion, imp, batches, loss_fn)
-                if global_pruning:
-                    _global_step(pruner, floors)
+        with evaluating(model):
+            while macs > target_macs * (1 + tolerance) and steps <= 6400:
+                pruner = tp.pruner.BasePruner(model, example_inputs, importance=ranked, pruning_ratio=0.9,
+                                              iterative_steps=steps, ignored_layers=ignored, round_to=round_to,
+                                              global_pruning=global_pruning,
+                                              max_pruning_ratio=MAX_GLOBAL_RATIO if global_pruning else 1.0)
+                for _ in range(steps):
+                    snapshot = copy.deepcopy(model.state_dict()), layer_sizes(model)
+                    _gradients(model, criterion, imp, batches, loss_fn)
+                    if global_pruning:
+                        _global_step(pruner, floors)
+                    else:
+                        pruner.step()
+                    taken += 1
+                    new, _ = count_macs(model, example_inputs)
+                    if new < target_macs * (1 - tolerance) and round_to is None:
+                        apply_sizes(model, snapshot[1])  # overshot: undo, continue with finer steps
+                        model.load_state_dict(snapshot[0])
+                        break
+                    macs = new
+                    if macs <= target_macs * (1 + tolerance):
+                        break
                 else:
-                    pruner.step()
-                taken += 1
-                new, _ = count_macs(model, example_inputs)
-                if new < target_macs * (1 - tolerance) and round_to is None:
-                    apply_sizes(model, snapshot[1])  # overshot: undo, continue with finer steps
-                    model.load_state_dict(snapshot[0])
-                    break
-                macs = new
-                if macs <= target_macs * (1 + tolerance):
-                    break
-            else:
-                break  # the schedule is exhausted
-            steps *= 2
+                    break  # the schedule is exhausted
+                steps *= 2
     finally:
-        model.train(was)
         model.zero_grad(set_to_none=True)
     return PruneReport(before, macs, target_macs, taken)

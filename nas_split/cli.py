@@ -72,20 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _growth_flags(t: argparse.ArgumentParser) -> None:
+    """The growth flags of ``grow`` and ``nni``."""
     from .splitting.variants import VARIANTS
 
     t.add_argument("--method", help=" | ".join(f"{v.name} ({v.description})" for v in VARIANTS.values()) +
                    " | or another growth method: vt, firefly, gradmax, random")
-    t.add_argument("--rounds", type=int, help="growth rounds after the seed stage")
-    t.add_argument("--seed-epochs", type=int, help="epochs of the seed stage (default --epochs)")
+    _stage_flags(t)
     t.add_argument("--budget-mmacs", type=float,
                    help="MAC target: the rounds follow a geometric schedule from the seed to it")
 
 
 def _schedule(t: argparse.ArgumentParser) -> None:
-    t.add_argument("--rounds", type=int, help="growth rounds (fine-tuning epochs = rounds x --epochs)")
-    t.add_argument("--seed-epochs", type=int, help="epochs of the seed / full model (default --epochs)")
+    """The shared schedule flags of ``run`` and ``compare`` (the config's ``Protocol``)."""
+    _stage_flags(t)
     t.add_argument("--seed-width-mult", type=float, help="width multiplier of the thin seed growth starts from")
+
+
+def _stage_flags(t: argparse.ArgumentParser) -> None:
+    """The stage counts of every verb that grows (``grow``, ``nni``, ``run``, ``compare``)."""
+    t.add_argument("--rounds", type=int, help="growth rounds after the seed stage, --epochs each (a pruned network "
+                                              "fine-tunes rounds x --epochs)")
+    t.add_argument("--seed-epochs", type=int, help="epochs of the seed stage, or of the full model pruning starts "
+                                                   "from (default --epochs)")
 
 
 def _common(t: argparse.ArgumentParser) -> None:

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cost_models import CostModel, EnergyModel, LayerShape, layer_shape
 from .cost_models import cost_model as _cost_model
-from .numerics import like_model
+from .numerics import evaluating, like_model
 
 __all__ = ["EnergyModel", "LayerCost", "CostReport", "count_macs", "measure_cost", "measure_latency",
            "first_sample", "TRAIN_MACS_PER_SAMPLE", "training_macs", "PassCounter"]
@@ -103,22 +103,6 @@ def first_sample(example_inputs: torch.Tensor) -> torch.Tensor:
     return example_inputs[:1]
 
 
-class _Eval:
-    """Context manager: ``model.eval()`` inside, the previous training flags restored after."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        for m, t in self.modes.items():
-            m.training = t
-
-
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, dict[str, int]]:
     """MACs for one sample: the total and a dict ``{module name: MACs}`` over every module that issued any.
 
@@ -126,7 +110,7 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, dic
     issued directly by a non-leaf module are under that module's name.
     """
     x = like_model(model, first_sample(example_inputs))
-    with _Eval(model), torch.no_grad(), FlopCounterMode(display=False, depth=None) as fc:
+    with evaluating(model), torch.no_grad(), FlopCounterMode(display=False, depth=None) as fc:
         model(x)
     counts = fc.get_flop_counts()
     root = type(model).__name__
@@ -152,7 +136,7 @@ def measure_latency(model: nn.Module, example_inputs: torch.Tensor, min_run_time
     from torch.utils import benchmark
 
     x = like_model(model, first_sample(example_inputs))
-    with _Eval(model), torch.no_grad():
+    with evaluating(model), torch.no_grad():
         model(x)  # warm-up
         t = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
         return t.blocked_autorange(min_run_time=min_run_time).median * 1e3
@@ -182,7 +166,7 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, energy_model: E
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if not list(m.children())]
     try:
-        with _Eval(model), torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(x)
     finally:
         for h in handles:

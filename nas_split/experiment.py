@@ -22,6 +22,7 @@ from .cost_models import CostModel, cost_model
 from .data import DataSplits, create_dataset
 from .distributed import is_main
 from .errors import DivergedError, NasSplitError
+from .numerics import evaluating
 from .runlog import RunWriter
 from .stages import StageRunner
 from .surgery.export import save_grown
@@ -72,12 +73,11 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise ConfigError(f"backbone_options for {cfg.backbone!r}: {str(e).splitlines()[0]}") from None
     x = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
     try:
-        with torch.no_grad():
-            model.eval()(x)
+        with evaluating(model), torch.no_grad():
+            model(x)
     except RuntimeError as e:
         raise BackboneMismatchError(f"backbone {cfg.backbone!r} does not fit dataset {info.name!r} "
                                     f"(samples {info.input_shape}): {str(e).splitlines()[0]}") from None
-    model.train()
     return Prepared(data, model, x, cost_model(cfg.cost_model))
 
 

@@ -47,10 +47,10 @@ from .cost import count_macs
 from .cost_models import cost_model
 from .engine import grow_step, reached, round_cap
 from .records import RunResult, StageRecord
-from .runlog import RunWriter, layer_widths
+from .runlog import RunWriter
 from .stages import StageRunner
 from .surgery.export import build_spec, save_grown
-from .surgery.sizes import apply_sizes
+from .surgery.sizes import apply_sizes, layer_widths
 
 __all__ = ["BackboneSpace", "SplittingDescent", "stage_evaluator", "train_stage", "check_port",
            "check_experiment", "run_nni", "run_compare_nni", "compare_trial"]

@@ -9,6 +9,10 @@ growability check, channel costs and the baselines' scoring run inside it.
 
 :func:`like_model` puts example inputs on the model's device, so growth never moves a model (a model trained on a
 GPU is analysed, selected on and split there).
+
+:func:`evaluating` runs a block with the model in eval mode (batch norm on its running statistics, no dropout) and
+gives every module its own ``training`` flag back afterwards, so a submodule the user froze in eval mode (frozen
+batch norm) stays frozen.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["full_precision", "model_device", "like_model"]
+__all__ = ["full_precision", "evaluating", "model_device", "like_model"]
 
 
 def _precision_switches() -> list[object]:
@@ -61,6 +65,22 @@ def full_precision() -> Iterator[None]:
         else:
             for h, v in zip(holders, saved, strict=True):
                 h.fp32_precision = v
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with ``model`` in eval mode; yields ``model``.
+
+    On exit, also by an exception, each module gets back its own previous ``training`` flag (not one flag for
+    all, which would unfreeze a submodule the user left in eval mode).
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -14,7 +14,7 @@ from ._io import atomic_write_json
 from .distributed import is_main
 from .records import RESULTS_SCHEMA_VERSION, StageRecord
 
-__all__ = ["Tags", "RunWriter", "RESULTS_SCHEMA_VERSION", "layer_widths"]
+__all__ = ["Tags", "RunWriter", "RESULTS_SCHEMA_VERSION"]
 
 
 
@@ -34,14 +34,6 @@ class Tags:
     PEAK_MEM = "cost/peak_activation_kb_est"
     TRAIN_SECONDS = "time/train_s"
     ANALYSIS_SECONDS = "time/analysis_s"
-
-
-def layer_widths(model) -> dict[str, int]:
-    """Output channels of every conv / linear layer, by module name."""
-    from torch import nn
-
-    return {n: (m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
-            for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)}
 
 
 class RunWriter:

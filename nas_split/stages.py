@@ -20,7 +20,7 @@ from .cost_models import CostModel
 from .data import DataSplits
 from .numerics import model_device
 from .records import StageRecord
-from .runlog import layer_widths
+from .surgery import layer_widths
 from .training import TrainConfig, Trainer
 
 __all__ = ["stage_seed", "StageRunner"]

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from .distributed import ShardedBatches, join, make_fabric
 from .errors import ConfigError, DivergedError
-from .numerics import like_model
+from .numerics import evaluating, like_model
 from .sync_batchnorm import synchronized_batchnorm
 
 __all__ = ["TrainConfig", "Trainer", "FitResult", "EvalResult", "DeviceBatches", "make_optimizer", "state_to_params",
@@ -277,16 +277,14 @@ class Trainer:
         """Loss and top-1 accuracy of ``model`` on ``loader`` (eval mode; under several processes each evaluates
         its rows of every batch and the sums are added)."""
         model.to(self.device)  # in the layout it has (channels_last inside a fit)
-        was = model.training
-        model.eval()
         crit = nn.CrossEntropyLoss(reduction="sum")
         stats = torch.zeros(3, device=self.device, dtype=torch.float64)
-        for x, y in ShardedBatches(loader):
-            x, y = like_model(model, x), y.to(self.device)
-            out = model(x)
-            stats += torch.stack([crit(out, y).double(), (out.argmax(1) == y).sum().double(),
-                                  torch.tensor(len(y), device=self.device, dtype=torch.float64)])
-        model.train(was)
+        with evaluating(model):
+            for x, y in ShardedBatches(loader):
+                x, y = like_model(model, x), y.to(self.device)
+                out = model(x)
+                stats += torch.stack([crit(out, y).double(), (out.argmax(1) == y).sum().double(),
+                                      torch.tensor(len(y), device=self.device, dtype=torch.float64)])
         stats = self.fabric.all_reduce(stats, reduce_op="sum") if self.fabric.world_size > 1 else stats
         n = max(stats[2].item(), 1.0)
         return EvalResult(stats[0].item() / n, stats[1].item() / n, int(stats[2].item()))

@@ -19,8 +19,7 @@ from baselines.scratch import random_widths
 from nas_split.cli import main
 from nas_split.cost import PassCounter, count_macs
 from nas_split.report import paired_ci
-from nas_split.runlog import layer_widths
-from nas_split.surgery import NewChannels, add_channels, apply_sizes, layer_sizes, load_grown, save_grown
+from nas_split.surgery import NewChannels, add_channels, apply_sizes, layer_sizes, layer_widths, load_grown, save_grown
 from nas_split.surgery.rebuild import fresh_model, resized_sizes, width_groups
 
 
@@ -79,6 +78,14 @@ def test_resized_sizes_equal_a_real_widening_and_a_real_pruning():
         dg.get_pruning_group(mods[name], tp.prune_conv_out_channels, idxs).prune()
     narrow = {"blocks.4.0.conv_pw": groups["blocks.4.0.conv_pw"] - 3, "conv_stem": groups["conv_stem"] - 1}
     assert resized_sizes(model, x, narrow) == layer_sizes(pruned)
+
+
+def test_layer_widths_are_the_output_channels_of_every_conv_and_linear_layer():
+    model, _ = _mbv1()
+    widths = layer_widths(model)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    assert widths == {n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features) for n, m in convs.items()}
+    assert all(layer_sizes(model)[n][0] == w for n, w in widths.items())
 
 
 def test_resized_sizes_through_a_flatten_count_every_position():

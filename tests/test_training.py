@@ -1,11 +1,15 @@
-"""The training loop: schedules, determinism, optimizer continuation, and that it actually learns."""
+"""The training loop: schedules, determinism, optimizer continuation, that it actually learns, and that evaluation
+gives every module its own training flag back."""
 import math
 
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import search_spaces
 from nas_split.data import create_dataset
+from nas_split.numerics import evaluating
 from nas_split.training import TrainConfig, Trainer, lr_factor, make_optimizer
 
 
@@ -74,3 +78,37 @@ def test_nan_loss_is_reported():
     trainer = Trainer(TrainConfig(epochs=1, progress=False))
     with pytest.raises(FloatingPointError, match="loss became nan"):
         trainer.fit(model, data.loaders(64)[0])
+
+
+def _partly_frozen() -> nn.Module:
+    """A model in train mode with one batch norm frozen in eval mode (as a user freezing its statistics would)."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 3)))
+    model.train()
+    model[1].eval()
+    return model
+
+
+def _flags(model: nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def test_evaluating_sets_eval_mode_and_restores_each_modules_own_flag():
+    model = _partly_frozen()
+    before = _flags(model)
+    assert before[""] and not before["1"]  # the parent trains, the norm is frozen
+    with evaluating(model) as inside:
+        assert inside is model
+        assert not any(_flags(model).values())
+    assert _flags(model) == before
+    with pytest.raises(RuntimeError, match="inside"), evaluating(model):
+        assert not any(_flags(model).values())
+        raise RuntimeError("inside")
+    assert _flags(model) == before
+
+
+def test_evaluate_keeps_a_frozen_norm_frozen():
+    model = _partly_frozen()
+    before = _flags(model)
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    Trainer(TrainConfig(progress=False)).evaluate(model, DataLoader(data, batch_size=4))
+    assert _flags(model) == before

@@ -53,7 +53,7 @@ from torch import nn
 
 from ..distributed import all_reduce_sum, batch_share, world_size
 from ..errors import DivergedError
-from ..numerics import full_precision, like_model, model_device
+from ..numerics import evaluating, full_precision, like_model, model_device
 from .activations import first_derivative, second_derivative
 from .neurons import Neuron, NotAnalyzableError
 
@@ -209,25 +209,23 @@ def _passes(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss
     """For each batch: forward + backward (eval mode), yield the batch size and the captured tensors."""
     device = model_device(model)
     cap = _Capture(neurons)
-    was = model.training
-    model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     try:
-        for x, y in itertools.islice(loader, max_batches):
-            x, y = like_model(model, x), y.to(device)
-            cap.data = {}
-            loss = loss_fn(model(x), y)
-            if not torch.isfinite(loss):
-                raise DivergedError(f"loss is {loss.item()} during splitting analysis")
-            torch.autograd.grad(loss, params, allow_unused=True)
-            missing = [n for n, nr in neurons.items()
-                       if not {"g"} | ({"g_dw"} if nr.tail is not None else set()) <= cap.data.get(n, {}).keys()]
-            if missing:
-                raise NotAnalyzableError(f"no gradient reached the activation of {missing[0]!r}")
-            yield len(y), cap.data
+        with evaluating(model):
+            for x, y in itertools.islice(loader, max_batches):
+                x, y = like_model(model, x), y.to(device)
+                cap.data = {}
+                loss = loss_fn(model(x), y)
+                if not torch.isfinite(loss):
+                    raise DivergedError(f"loss is {loss.item()} during splitting analysis")
+                torch.autograd.grad(loss, params, allow_unused=True)
+                missing = [n for n, nr in neurons.items()
+                           if not {"g"} | ({"g_dw"} if nr.tail is not None else set()) <= cap.data.get(n, {}).keys()]
+                if missing:
+                    raise NotAnalyzableError(f"no gradient reached the activation of {missing[0]!r}")
+                yield len(y), cap.data
     finally:
         cap.close()
-        model.train(was)
 
 
 @full_precision()

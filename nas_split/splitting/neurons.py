@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import NasSplitError
-from ..numerics import like_model
+from ..numerics import evaluating, like_model
 from ..surgery import CouplingGraph, growable_layers
 from ..surgery.handlers import is_depthwise
 from .activations import LINEAR, activation_kind
@@ -106,12 +106,10 @@ def find_neurons(model: nn.Module, example_inputs: torch.Tensor, layers: list[st
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in units.items()]
-    was = model.training
     try:
-        with torch.no_grad():
-            model.eval()(like_model(model, example_inputs))
+        with evaluating(model), torch.no_grad():
+            model(like_model(model, example_inputs))
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
 

@@ -11,10 +11,10 @@ from .graph import ChannelGroup, CouplingGraph, NotGrowableError, Slot
 from .growable import growable_layers
 from .handlers import LayerHandler, handler_for, register_handler
 from .optim import carry_optimizer_state
-from .sizes import apply_sizes, layer_sizes, refresh_feature_info
+from .sizes import apply_sizes, layer_sizes, layer_widths, refresh_feature_info
 from .split import NewChannels, SplitRecord, SplitReport, SplitScheme, add_channels, fan_in_shape, split
 
 __all__ = ["ChannelGroup", "CouplingGraph", "NotGrowableError", "Slot", "growable_layers", "NewChannels",
            "SplitRecord", "SplitReport", "SplitScheme", "add_channels", "fan_in_shape", "split",
            "carry_optimizer_state", "load_grown", "save_grown", "timm_shape_string", "apply_sizes", "layer_sizes",
-           "refresh_feature_info", "LayerHandler", "handler_for", "register_handler"]
+           "layer_widths", "refresh_feature_info", "LayerHandler", "handler_for", "register_handler"]

@@ -23,6 +23,7 @@ from torch import nn
 
 from .._io import atomic_torch_save, load_plain
 from ..errors import ConfigError, NasSplitError, UntrustedFileError
+from ..numerics import evaluating
 from .sizes import apply_sizes, feature_entries, layer_sizes
 
 __all__ = ["save_grown", "load_grown", "read_grown", "grown_payload", "build_grown", "build_spec", "timm_spec",
@@ -54,12 +55,8 @@ def timm_spec(model: nn.Module) -> dict[str, Any] | None:
         return None
     x = torch.randn(2, first.in_channels, *cfg.get("input_size", (3, 64, 64))[1:],
                     generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
-    was = model.training
-    try:
-        with torch.no_grad():
-            same = torch.allclose(model.eval()(x), rebuilt.to(x.device).eval()(x), rtol=1e-5, atol=1e-6)
-    finally:
-        model.train(was)
+    with evaluating(model), torch.no_grad():
+        same = torch.allclose(model(x), rebuilt.to(x.device).eval()(x), rtol=1e-5, atol=1e-6)
     return spec if same else None
 
 

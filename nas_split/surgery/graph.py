@@ -31,7 +31,7 @@ from torch_pruning.dependency import index_mapping as _tp_index_mapping
 from torch_pruning.dependency import shape_infer as _tp_shape_infer
 
 from ..errors import NasSplitError
-from ..numerics import like_model
+from ..numerics import evaluating, like_model
 from .handlers import handler_for
 
 __all__ = ["NotGrowableError", "Slot", "ChannelGroup", "CouplingGraph"]
@@ -111,10 +111,8 @@ class CouplingGraph:
         self.model = model
         self._unmapped: dict[tp.Node, str] = {}  # ops channels cannot pass (no or a wrong index map there): why
         outputs: list[torch.Tensor] = []
-        was = model.training
-        model.eval()
         try:
-            with warnings.catch_warnings(), _tolerant_index_maps(self._unmapped), \
+            with evaluating(model), warnings.catch_warnings(), _tolerant_index_maps(self._unmapped), \
                     torch.enable_grad():  # Torch-Pruning traces through autograd, also under a caller's no_grad
                 # Torch-Pruning's warnings are handled here (verbose=False: free parameters, see
                 # _warn_free_parameters; unknown ops, taken as elementwise, which the trial split checks); the
@@ -127,8 +125,6 @@ class CouplingGraph:
         except Exception as e:  # noqa: BLE001 - a failure of the third-party tracer, with no layer to blame
             raise NotGrowableError(f"no layer of {type(model).__name__} is growable: Torch-Pruning cannot trace "
                                    f"its coupling graph ({type(e).__name__}: {e})") from e
-        finally:
-            model.train(was)
         self.names = {m: n for n, m in model.named_modules()}
         self.modules = dict(model.named_modules())
         self._param_names = {p: n for n, p in model.named_parameters()}

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..numerics import like_model, model_device
+from ..numerics import evaluating, like_model, model_device
 from .graph import CouplingGraph
 from .handlers import handler_for
 
@@ -107,12 +107,10 @@ def io_layers(model: nn.Module, example_inputs: torch.Tensor) -> tuple[list[str]
     seen: list[tuple[str, bool, torch.Tensor]] = []  # outputs kept alive: no id is reused
     hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.append((n, inp[0] is x, out)))
              for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
-    was = model.training
     try:
-        with torch.no_grad():
-            y = model.eval()(x)
+        with evaluating(model), torch.no_grad():
+            y = model(x)
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     return [n for n, reads, _ in seen if reads], [n for n, _, out in seen if out is y]

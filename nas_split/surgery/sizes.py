@@ -5,15 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..numerics import like_model
+from ..numerics import evaluating, like_model
 from .handlers import handler_for, resize
 
-__all__ = ["layer_sizes", "apply_sizes", "feature_entries", "refresh_feature_info"]
+__all__ = ["layer_sizes", "layer_widths", "apply_sizes", "feature_entries", "refresh_feature_info"]
 
 
 def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
     """``{name: [out, in]}`` channel counts of every layer with a channel handler (conv, linear, batch norm, ...)."""
     return {n: h.sizes(m) for n, m in model.named_modules() if (h := handler_for(m)) is not None}
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """``{name: out}`` of :func:`layer_sizes` without the norms (whose width is their input's): the output channels
+    of every conv / linear layer (and any other handled layer type), as stage records keep them."""
+    modules = dict(model.named_modules())
+    return {n: out for n, (out, _) in layer_sizes(model).items()
+            if handler_for(modules[n]).kind(modules[n]) != "norm"}
 
 
 def feature_entries(model: nn.Module) -> list[dict]:
@@ -46,12 +54,10 @@ def refresh_feature_info(model: nn.Module, example_inputs: torch.Tensor) -> None
         def hook(_m, _i, out, key=e["module"]):
             chans[key] = out.shape[1]
         hooks.append(modules[e["module"]].register_forward_hook(hook))
-    was = model.training
     try:
-        with torch.no_grad():
-            model.eval()(like_model(model, example_inputs[:1]))
+        with evaluating(model), torch.no_grad():
+            model(like_model(model, example_inputs[:1]))
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     for e in entries:
