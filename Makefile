@@ -5,8 +5,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint clean
 
-# Two pytest workers, one file each at a time (module fixtures are built once), one torch thread per worker.
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+PYTEST := $(PY) -m pytest -q --durations=15
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
