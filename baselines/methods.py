@@ -158,15 +158,15 @@ class ScratchMethod(FromScratch):
     def architecture(self, ctx: MethodContext) -> tuple[nn.Module, dict]:
         if self._mult is None:
             self.check(ctx, 0.0, 0.0)
-        return ctx.build_width(self._mult), {"width_mult": self._mult}
+        extra = {"width_mult": self._mult}
+        if self.epoch_fraction != 1:
+            extra["epoch_fraction"] = self.epoch_fraction
+        return ctx.build_width(self._mult), extra
 
-    def run(self, ctx: MethodContext) -> nn.Module:
+    def epochs(self, ctx: MethodContext) -> int:
         if self.epoch_fraction == 1:
-            return super().run(ctx)
-        model, extra = self.architecture(ctx)
-        epochs = max(1, round(self.epoch_fraction * ctx.scratch_epochs))
-        ctx.stage(model, self.kind, epochs, **extra, epoch_fraction=self.epoch_fraction)
-        return model
+            return super().epochs(ctx)
+        return max(1, round(self.epoch_fraction * ctx.scratch_epochs))
 
 
 class _WidthsArch(FromScratch):

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._io import load_yaml, read_mapping
-from .errors import ConfigError
+from .errors import ConfigError, first_problem
 from .training import TrainConfig
 
 __all__ = ["ConfigError", "SPLITTING_ONLY", "RunConfig", "GrowthConfig", "GrowRunConfig", "Protocol",
@@ -182,8 +182,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def validation_message(err: ValidationError) -> str:
     """One line naming the first invalid key of a pydantic error."""
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(root)"
+    key, _, first = first_problem(err)
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"config key {key!r} does not exist{more}"

@@ -61,7 +61,7 @@ from pydantic import (
 )
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, first_problem
 
 __all__ = ["LayerShape", "layer_shape", "CostModel", "EnergyModel", "ProfileModel", "LatencyTable",
            "latency_cache_path", "device_name", "check_spec", "cost_model", "COST_MODELS"]
@@ -373,9 +373,7 @@ class ProfileFile(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            first = e.errors()[0]
-            key = ".".join(str(k) for k in first["loc"]) or "(root)"
-            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            key, msg, _ = first_problem(e)
             raise ConfigError(f"{where}: {key}: {msg}") from None
 
 

@@ -7,7 +7,10 @@ plugin) and keeps its traceback (exit code 1).
 """
 from __future__ import annotations
 
-__all__ = ["NasSplitError", "ConfigError", "RunFileError", "UntrustedFileError", "RunLockedError", "DivergedError"]
+from typing import Any
+
+__all__ = ["NasSplitError", "ConfigError", "RunFileError", "UntrustedFileError", "RunLockedError", "DivergedError",
+           "first_problem"]
 
 
 class NasSplitError(Exception):
@@ -36,3 +39,11 @@ class RunLockedError(NasSplitError, RuntimeError):
 
 class DivergedError(NasSplitError, FloatingPointError):
     """Training produced a non-finite loss (the recipe, usually the learning rate, needs changing)."""
+
+
+def first_problem(err: Any) -> tuple[str, str, dict]:
+    """``(dotted key, message, the error itself)`` of a pydantic ``ValidationError``'s first error (``(root)`` for
+    the document itself, ``unknown key`` for a key the schema forbids): one line for a user."""
+    first = err.errors()[0]
+    key = ".".join(str(k) for k in first["loc"]) or "(root)"
+    return key, ("unknown key" if first["type"] == "extra_forbidden" else first["msg"]), first

@@ -152,9 +152,13 @@ class FromScratch(Method):
     def architecture(self, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
         """The freshly initialised model, and extra fields for its stage record."""
 
+    def epochs(self, ctx: MethodContext) -> int:
+        """Epochs of the one stage: :attr:`MethodContext.scratch_epochs`, as every other method trains."""
+        return ctx.scratch_epochs
+
     def run(self, ctx: MethodContext) -> nn.Module:
         model, extra = self.architecture(ctx)
-        ctx.stage(model, self.kind, ctx.scratch_epochs, **extra)
+        ctx.stage(model, self.kind, self.epochs(ctx), **extra)
         return model
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import RunFileError
+from .errors import RunFileError, first_problem
 
 __all__ = ["RESULTS_SCHEMA_VERSION", "StageRecord", "RunResult"]
 
@@ -134,9 +134,8 @@ class RunResult:
         try:
             _ResultsFile.model_validate(d)
         except ValidationError as e:
-            first = e.errors()[0]
-            key = ".".join(str(k) for k in first["loc"]) or "(root)"
-            raise RunFileError(f"{where} is not a results file nas-split wrote: {key}: {first['msg']}") from None
+            key, msg, _ = first_problem(e)
+            raise RunFileError(f"{where} is not a results file nas-split wrote: {key}: {msg}") from None
         known = {"schema_version", "command", "config", "stages", "final", "status", "wall_seconds"}
         return cls(d.get("command", ""), d.get("status", ""), d.get("config", {}),
                    [StageRecord.from_dict(s) for s in d.get("stages", [])], d.get("final"),

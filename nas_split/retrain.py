@@ -20,8 +20,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ._io import load_plain
 from .config import MethodRunConfig, load_config
 from .errors import ConfigError, RunFileError
@@ -36,10 +34,9 @@ _ARCHITECTURE_KEYS = frozenset({"method", "method_options", "backbone", "backbon
                                 "growth_warmup_epochs"})
 
 
-def _run_file(d: Any, where: str) -> tuple[dict[str, Any], int | None]:
-    """``(config, epochs of the last stage)`` of a ``results.json`` layout (:class:`RunFileError` if it is not
-    one, or its ``config`` holds a non-mapping where a mapping belongs)."""
-    res = RunResult.from_dict(d, where)
+def _run_file(res: RunResult, where: str) -> tuple[dict[str, Any], int | None]:
+    """``(config, epochs of the last stage)`` of a run's records (:class:`RunFileError` if its ``config`` holds a
+    non-mapping where a mapping belongs)."""
     bad = [k for k in ("train", "dataset_options") if not isinstance(res.config.get(k, {}), dict)]
     if bad:
         raise RunFileError(f"{where} is not a results file nas-split wrote: config.{bad[0]} is not a mapping")
@@ -60,19 +57,19 @@ def _source(source: str | Path | Mapping[str, Any]) -> tuple[Path, dict[str, Any
         if (p / MODEL_FILE).is_file():
             if not (p / "results.json").is_file():
                 raise ConfigError(f"{str(p)!r} holds {MODEL_FILE} but no results.json")
-            res = RunResult.load(p / "results.json")
-            return p / MODEL_FILE, *_run_file(res.to_dict(), repr(str(p / "results.json")))
+            path = p / "results.json"
+            return p / MODEL_FILE, *_run_file(RunResult.load(path), repr(str(path)))
         point = resume_point(p)  # a grow run: its newest good checkpoint (raises naming what is wrong)
         ckpt = p / "checkpoints" / f"stage{point.stage}.pt"
-        return ckpt, *_run_file(point.checkpoint["results"], repr(str(ckpt)))
+        return ckpt, *_run_file(RunResult.from_dict(point.checkpoint["results"], repr(str(ckpt))), repr(str(ckpt)))
     if not p.is_file():
         raise ConfigError(f"{str(p)!r} is neither a run directory nor a model file")
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:
+        payload = load_plain(p, "model file")
+    except RunFileError:
         payload = None  # read_grown gives the reason later
     if isinstance(payload, dict) and isinstance(payload.get("results"), dict):  # a grow checkpoint
-        return p, *_run_file(payload["results"], repr(str(p)))
+        return p, *_run_file(RunResult.from_dict(payload["results"], repr(str(p))), repr(str(p)))
     state = p.with_suffix(".state.pt")
     if state.is_file():  # an NNI stage
         st = load_plain(state, "stage state")

@@ -19,9 +19,8 @@ def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """``{name: out}`` of :func:`layer_sizes` without the norms (whose width is their input's): the output channels
     of every conv / linear layer (and any other handled layer type), as stage records keep them."""
-    modules = dict(model.named_modules())
-    return {n: out for n, (out, _) in layer_sizes(model).items()
-            if handler_for(modules[n]).kind(modules[n]) != "norm"}
+    return {n: h.sizes(m)[0] for n, m in model.named_modules()
+            if (h := handler_for(m)) is not None and h.kind(m) != "norm"}
 
 
 def feature_entries(model: nn.Module) -> list[dict]:
