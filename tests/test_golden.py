@@ -1,5 +1,5 @@
 """``grow``, ``run``, ``compare``, ``nni`` and ``retrain`` on one digits config write the same records as the code
-of commit 080d774 did (stored in ``tests/golden/digits_records.json`` by ``tests/golden/records.py``): the moves
+of commit 080d774 did (stored in ``tests/golden/digits_records.json`` by ``tests/golden/fingerprint.py``): the moves
 into the ``nni/``, ``growth/`` and ``cost/`` packages changed where code lives, not what it computes."""
 import json
 import sys
