@@ -28,9 +28,9 @@ from torch import nn
 from torch.func import functional_call
 
 from nas_split.distributed import all_reduce_sum, batch_share, world_size
+from nas_split.growth.channel_cost import prefix_within_macs
+from nas_split.growth.neurons import Neuron, splittable_layers
 from nas_split.numerics import full_precision, like_model, model_device
-from nas_split.splitting.channel_cost import prefix_within_macs
-from nas_split.splitting.neurons import Neuron, splittable_layers
 from nas_split.surgery import CouplingGraph, NewChannels, SplitScheme, add_channels, split
 
 from .norm_init import calibrate_new_norms

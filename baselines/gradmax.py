@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas_split.distributed import all_reduce_sum, batch_share, world_size
+from nas_split.growth.channel_cost import prefix_within_macs
+from nas_split.growth.neurons import find_neurons, splittable_layers
 from nas_split.numerics import evaluating, full_precision, like_model
-from nas_split.splitting.channel_cost import prefix_within_macs
-from nas_split.splitting.neurons import find_neurons, splittable_layers
 from nas_split.surgery import CouplingGraph, NewChannels, NotGrowableError, SplitReport, add_channels
 
 from .norm_init import calibrate_new_norms

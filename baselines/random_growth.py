@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nas_split.splitting.channel_cost import prefix_within_macs
-from nas_split.splitting.neurons import splittable_layers
+from nas_split.growth.channel_cost import prefix_within_macs
+from nas_split.growth.neurons import splittable_layers
 from nas_split.surgery import SplitReport, split
 
 __all__ = ["random_grow"]

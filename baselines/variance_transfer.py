@@ -12,14 +12,14 @@ fan-in grew from ``F`` to ``F'`` has its old columns (and bias) scaled by ``β =
 columns drawn with the variance of the rescaled old ones, ``Var Z = β² Var W_old``; so ``fan_in × Var W`` — a
 layer's output variance for independent unit-variance inputs — is the same before and after growth once the new
 neurons carry their own signal.  The new fan-ins ``V`` have the variance of the layer's old rows.  The
-consumer's batch norm absorbs β (:mod:`nas_split.splitting.variance`, shared with the splitting methods'
+consumer's batch norm absorbs β (:mod:`nas_split.growth.variance`, shared with the splitting methods'
 ``variance_transfer`` option), so the function is kept exactly, in eval and in train mode.  A consumer without a
 norm after it (a classifier) is not rescaled (nothing would absorb the scale); its new columns get its old
 columns' variance.
 
-**Learning-rate adaptation** (§6.4): :mod:`nas_split.surgery.rates`, shared with the splitting methods' ``lra``
+**Learning-rate adaptation** (§6.4): :mod:`nas_split.growth.rates`, shared with the splitting methods' ``lra``
 option; μP's per-layer rates for the input and output layers (§6.1) are ``vt``'s ``mup`` option
-(:class:`nas_split.surgery.rates.LayerRates`).  μP's initial variances are not imposed: the new weights take the
+(:class:`nas_split.growth.rates.LayerRates`).  μP's initial variances are not imposed: the new weights take the
 empirical variances above, the rule of §6.3's App. A variant.  Optional batch-size adaptation (§6.5; its rule is
 not documented by either source) is not implemented.  The MAC schedule is the engine's, as for every growth
 method: each round grows every layer by the same fraction of its width, in pairs, until the round's cap.
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nas_split.splitting.channel_cost import prefix_within_macs
-from nas_split.splitting.neurons import splittable_layers
-from nas_split.splitting.variance import fan_in_growth, transfer_betas, transfer_variance
+from nas_split.growth.channel_cost import prefix_within_macs
+from nas_split.growth.neurons import splittable_layers
+from nas_split.growth.variance import fan_in_growth, transfer_betas, transfer_variance
 from nas_split.surgery import CouplingGraph, NewChannels, add_channels
 
 __all__ = ["VTReport", "vt_counts", "vt_grow"]

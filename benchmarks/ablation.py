@@ -156,7 +156,7 @@ def analyse(directory: Path) -> tuple[dict, str]:
     for (n, k), p in zip(keys, holm([rows[n][k]["p"] for n, k in keys]), strict=True):
         rows[n][k]["p_holm"] = p
     lines = [f"**{directory.name}**: finetune_epochs {cfg.finetune_epochs}, schedule_span {cfg.schedule_span}, "
-             f"{len(cfg.seeds)} seeds, target {', '.join(f'{t:g}' for t in cfg.targets_mmacs)} MMACs", "",
+             f"{len(cfg.seeds)} seeds, target {', '.join(f'{t:g}' for t in cfg.target_mmacs)} MMACs", "",
              "| contrast | n | Δ top-1 points [95 % CI] | p (Holm) | Δ test NLL [95 % CI] | p (Holm) |",
              "|---|---|---|---|---|---|"]
     for n, c in rows.items():
@@ -169,7 +169,7 @@ def analyse(directory: Path) -> tuple[dict, str]:
               f"{len(keys)} tests of this table; bold: adjusted p < 0.05. Curve: the seed's scratch curve at the "
               "run's MACs (linear in log MACs)."]
     return {"config": {"finetune_epochs": cfg.finetune_epochs, "schedule_span": cfg.schedule_span,
-                       "seeds": cfg.seeds, "targets_mmacs": cfg.targets_mmacs}, "contrasts": rows}, "\n".join(lines)
+                       "seeds": cfg.seeds, "target_mmacs": cfg.target_mmacs}, "contrasts": rows}, "\n".join(lines)
 
 
 def figure(results: dict[str, dict], path: Path) -> None:

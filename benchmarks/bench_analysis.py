@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 import nas_split as ns
 import search_spaces
+from nas_split.growth.neurons import find_neurons
 from nas_split.splitting.analysis import exact_spectrum, fast_spectrum
-from nas_split.splitting.neurons import find_neurons
 
 STEPS_PER_EPOCH = 782
 

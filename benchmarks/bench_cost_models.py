@@ -7,7 +7,7 @@ Both comparisons run ``benchmarks/configs/fashion_mnist_cost_models.yaml`` (resu
 model under ``--out``).  Then, for every final model, on ``--device`` at batch 1:
 
 * **predicted** latency: the sum over conv/linear layers of the latency table
-  (:class:`nas_split.cost_models.LatencyTable`, cached per device), what the LP of the latency-priced run saw;
+  (:class:`nas_split.cost.LatencyTable`, cached per device), what the LP of the latency-priced run saw;
 * **measured** latency: :func:`nas_split.cost.measure_latency` of the whole model, the median of ``--repeats``
   measurements taken in turn over all models (A, B, C, A, B, C, ...).
 
@@ -27,8 +27,7 @@ import torch
 from nas_split._io import atomic_write_json, atomic_write_text
 from nas_split.compare import CompareConfig, run_compare
 from nas_split.config import load_config
-from nas_split.cost import measure_cost, measure_latency
-from nas_split.cost_models import LatencyTable
+from nas_split.cost import LatencyTable, measure_cost, measure_latency
 from nas_split.report import paired_ci
 from nas_split.surgery.export import load_grown
 

@@ -37,9 +37,9 @@ steps_run=" ${GPU_CHECK_STEPS:-tests train cost compare} "
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   tests="tests/test_precision_and_device.py"; steps=2; repeats=1
   cost=(--set seeds=[0,1] --set rounds=1 --set seed_epochs=1 --set train.epochs=1
-        --set dataset_options.train_size=500 --set targets_mmacs=[1.5] --repeats 1)
+        --set dataset_options.train_size=500 --set target_mmacs=[1.5] --repeats 1)
   compare=(--config benchmarks/configs/fashion_mnist_gpu.yaml --methods scratch,fast --seeds 0 --rounds 1
-           --seed-epochs 1 --epochs 1 --set dataset=digits --set train.accelerator=auto --set "targets_mmacs=[1.5]")
+           --seed-epochs 1 --epochs 1 --set dataset=digits --set train.accelerator=auto --set "target_mmacs=[1.5]")
 else
   tests="tests/test_precision_and_device.py -m gpu"; steps=50; repeats=3; cost=()
   compare=(--config benchmarks/configs/fashion_mnist_gpu.yaml)

@@ -11,8 +11,15 @@ __all__ = ["main", "build_parser"]
 EXIT_USAGE = 2
 
 
+#: Flags of earlier versions and their names now.
+_RENAMED_FLAGS = {"--budget-mmacs": "--target-mmacs", "--targets": "--target-mmacs"}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
+        old = [f for f in _RENAMED_FLAGS if message.startswith("unrecognized arguments") and f in message.split()]
+        if old:
+            message += f" ({old[0]} was renamed {_RENAMED_FLAGS[old[0]]})"
         raise SystemExit(_fail(message))
 
 
@@ -36,13 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     rn = sub.add_parser("run", help="run one method (growth or baseline) by name and write its records")
     _common(rn)
     rn.add_argument("--method", help="a registered method (see `nas-split list`)")
-    rn.add_argument("--target-mmacs", type=float, help="MAC target (pruning and scratch need one)")
+    _target_flag(rn, "MAC target in MMACs (pruning and scratch need one)")
     _schedule(rn)
     cp = sub.add_parser("compare", help="run methods x seeds x MAC targets and write one report")
     _common(cp)
     cp.add_argument("--methods", help="comma-separated method names (overrides the config's list)")
     cp.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
-    cp.add_argument("--targets", help="comma-separated MAC targets in MMACs, e.g. 3,4,6")
+    _target_flag(cp, "comma-separated MAC targets in MMACs, e.g. 3,4,6")
     _schedule(cp)
     cp.add_argument("--jobs", type=int, help="runs at once, in worker processes")
     cp.add_argument("--engine", choices=["local", "nni"], default="local",
@@ -78,8 +85,13 @@ def _growth_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--method", help=" | ".join(f"{v.name} ({v.description})" for v in VARIANTS.values()) +
                    " | or another growth method: vt, firefly, gradmax, random")
     _stage_flags(t)
-    t.add_argument("--budget-mmacs", type=float,
-                   help="MAC target: the rounds follow a geometric schedule from the seed to it")
+    _target_flag(t, "MAC target in MMACs: the rounds follow a geometric schedule from the seed to it")
+
+
+def _target_flag(t: argparse.ArgumentParser, help: str) -> None:
+    """``--target-mmacs``, the MAC target of every verb that takes one (``target_mmacs`` in configs and records);
+    parsed as YAML by the config, so ``compare`` reads a comma-separated list and the others one number."""
+    t.add_argument("--target-mmacs", metavar="MMACS", help=help)
 
 
 def _schedule(t: argparse.ArgumentParser) -> None:
@@ -139,7 +151,7 @@ def _overrides(a: argparse.Namespace) -> list[str]:
     if a.verb != "retrain":
         flags.update({"backbone": a.backbone, "backbone_options.width_mult": a.width_mult})
     if a.verb == "compare":
-        flags.update({"methods": _list(a.methods), "seeds": _list(a.seeds), "targets_mmacs": _list(a.targets),
+        flags.update({"methods": _list(a.methods), "seeds": _list(a.seeds), "target_mmacs": _list(a.target_mmacs),
                       "rounds": a.rounds, "seed_epochs": a.seed_epochs, "seed_options.width_mult": a.seed_width_mult,
                       "jobs": a.jobs})
     if a.verb == "run":
@@ -147,7 +159,7 @@ def _overrides(a: argparse.Namespace) -> list[str]:
                       "seed_epochs": a.seed_epochs, "seed_options.width_mult": a.seed_width_mult})
     if a.verb in ("grow", "nni"):
         flags.update({"growth.method": a.method, "growth.rounds": a.rounds, "growth.seed_epochs": a.seed_epochs,
-                      "growth.budget_mmacs": a.budget_mmacs})
+                      "growth.target_mmacs": a.target_mmacs})
     if a.verb == "nni":
         flags.update({"engine": a.engine, "port": a.port})
     if a.verb == "grow":
@@ -261,7 +273,7 @@ def _compare(a: argparse.Namespace, cfg, runs) -> int:
     from .report import write_report
 
     curve = sum(r.phase == "curve" for r in runs)
-    log(f"{len(runs)} runs ({len(cfg.entries())} methods x {len(cfg.targets_mmacs) or 1} targets x "
+    log(f"{len(runs)} runs ({len(cfg.entries())} methods x {len(cfg.target_mmacs) or 1} targets x "
         f"{len(cfg.seeds)} seeds{f', plus {curve} on the scratch curve' if curve else ''}) -> {cfg.out}")
     shared = gpus_shared(cfg)
     if shared:

@@ -80,7 +80,7 @@ class CompareConfig(RunConfig, Protocol):
         default_factory=lambda: [MethodEntry(method=m) for m in ("fast", "s3d", "prune-l1", "firefly", "scratch")],
         description="registered names, or {method, label, options}")
     seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(default_factory=lambda: [0, 1], min_length=1)
-    targets_mmacs: list[float] = Field(default_factory=list, description="MAC targets (empty: growth rounds only)")
+    target_mmacs: list[float] = Field(default_factory=list, description="MAC targets (empty: growth rounds only)")
     scratch_curve: list[float] = Field(
         default_factory=list, description="factors of each MAC target at which uniform-width scratch runs trace the "
         "accuracy-vs-MACs curve every run is also scored against, at its own MACs (e.g. [0.5, 0.7, 1.4, 2.0])")
@@ -96,7 +96,7 @@ class CompareConfig(RunConfig, Protocol):
     def _names(cls, v: Any) -> Any:
         return [{"method": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
 
-    @field_validator("targets_mmacs")
+    @field_validator("target_mmacs")
     @classmethod
     def _positive(cls, v: list[float]) -> list[float]:
         if any(not 0 < t < float("inf") for t in v):
@@ -167,7 +167,7 @@ def plan_runs(cfg: CompareConfig) -> list[PlannedRun]:
                                      "latency", "cost_model", *Protocol.model_fields})
     runs = []
     for e in cfg.entries():
-        for target in cfg.targets_mmacs or [None]:
+        for target in cfg.target_mmacs or [None]:
             for seed in cfg.seeds:
                 train = cfg.train.model_copy(update={"seed": seed, "progress": False})
                 rc = MethodRunConfig(**common, train=train, method=e.method, method_options=e.options,
@@ -175,7 +175,7 @@ def plan_runs(cfg: CompareConfig) -> list[PlannedRun]:
                 run = PlannedRun(e.name, seed, target, rc)
                 runs.append(PlannedRun(e.name, seed, target,
                                        rc.model_copy(update={"out": str(Path(cfg.out) / "runs" / run.key)})))
-    points = sorted({float(f"{t * f:.6g}") for t in cfg.targets_mmacs for f in cfg.scratch_curve})
+    points = sorted({float(f"{t * f:.6g}") for t in cfg.target_mmacs for f in cfg.scratch_curve})
     for target in points:
         for seed in cfg.seeds:
             train = cfg.train.model_copy(update={"seed": seed, "progress": False})

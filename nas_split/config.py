@@ -14,7 +14,7 @@ from ._io import load_yaml, read_mapping
 from .errors import ConfigError, first_problem
 from .training import TrainConfig
 
-__all__ = ["ConfigError", "SPLITTING_ONLY", "RunConfig", "GrowthConfig", "GrowRunConfig", "Protocol",
+__all__ = ["ConfigError", "RunConfig", "GrowthConfig", "GrowRunConfig", "Protocol",
            "MethodRunConfig",
            "NniRunConfig", "load_config", "apply_overrides", "validation_message"]
 
@@ -35,30 +35,26 @@ class RunConfig(BaseModel):
     out: str = "runs/train"
     latency: bool = Field(True, description="measure forward latency for the records")
     cost_model: str = Field("horowitz-45nm", description="what prices layers for the records, the reports and "
-                            "energy-aware growth: a name of nas_split.cost_models.COST_MODELS or a profile file")
+                            "energy-aware growth: a name of nas_split.cost.COST_MODELS or a profile file")
 
     @field_validator("cost_model")
     @classmethod
     def _cost_model(cls, v: str) -> str:
-        from .cost_models import check_spec
+        from .cost import check_spec
 
         check_spec(v)  # a ConfigError is a ValueError: pydantic reports it under the key
         return v
 
 
-#: Fields of :class:`GrowthConfig` only the splitting variants read; another growth method refuses them.
-SPLITTING_ONLY = frozenset({"eps", "c", "max_copies", "only_negative", "s3d_rank", "selection", "energy_aware",
-                            "cost", "max_width", "round_to", "beta", "analysis_batches", "fast_passes", "fast_lr"})
-
-
 class GrowthConfig(BaseModel):
     """How ``nas-split grow`` grows the seed (see :class:`nas_split.Grower` for the meaning of each field; the
-    fields of :data:`SPLITTING_ONLY` apply to the splitting variants only)."""
+    fields the Grower takes, :data:`nas_split.grow_run.SPLITTING_ONLY`, apply to the splitting variants only)."""
 
     model_config = ConfigDict(extra="forbid")
 
     method: str = Field("fast", description="a splitting variant (nas_split.splitting.variants.VARIANTS) or another "
-                                            "registered growth method (vt, firefly, gradmax, random)")
+                                            "registered growth method (vt, firefly, gradmax, random); checked "
+                                            "against the registry by nas_split.grow_run.growth_method")
     rounds: int = Field(3, ge=0, description="growth rounds after the seed stage")
     seed_epochs: int | None = Field(None, ge=0, description="epochs of the seed stage (default train.epochs)")
     grow_ratio: float = Field(0.3, ge=0)
@@ -66,13 +62,13 @@ class GrowthConfig(BaseModel):
     c: float = Field(3.0, ge=1, description="S3D mass budget sum|w_i| <= c")
     max_copies: Literal[3, 4] = 4
     lra: bool | None = Field(None, description="learning-rate adaptation per growth stage for the new neurons "
-                                               "(nas_split.surgery.rates); default: the method's (vt: on, "
+                                               "(nas_split.growth.rates); default: the method's (vt: on, "
                                                "splitting: off)")
     variance_transfer: bool | None = Field(None, description="rescale the grown layers' consumers (nas_split."
-                                                             "splitting.variance); default: the method's (vt: on, "
+                                                             "growth.variance); default: the method's (vt: on, "
                                                              "splitting: off)")
     mup: bool | None = Field(None, description="vt: muP per-layer learning-rate factors for the input and output "
-                                               "layers (nas_split.surgery.rates.LayerRates); default off")
+                                               "layers (nas_split.growth.rates.LayerRates); default off")
     only_negative: bool = True
     s3d_rank: Literal["neuron", "total"] = Field("neuron", description="S3D: rank schemes and candidates by gain "
                                                  "per added neuron, or by total gain")
@@ -81,7 +77,7 @@ class GrowthConfig(BaseModel):
     energy_aware: bool = False
     cost: Literal["macs", "model"] = Field("macs", description="what the energy-aware LP prices: MACs or "
                                            "the run's cost_model")
-    budget_mmacs: float | None = Field(None, gt=0, allow_inf_nan=False,
+    target_mmacs: float | None = Field(None, gt=0, allow_inf_nan=False,
                                        description="MAC target of the engine's geometric round schedule")
     budget_energy_uj: float | None = Field(None, gt=0, allow_inf_nan=False,
                                            description="stop once the energy estimate reaches this")
@@ -92,20 +88,6 @@ class GrowthConfig(BaseModel):
     analysis_batches: int | None = Field(None, ge=1)
     fast_passes: int = Field(3, ge=1)
     fast_lr: float = Field(0.05, gt=0)
-
-
-    @field_validator("method")
-    @classmethod
-    def _variant(cls, v: str) -> str:
-        from .splitting.variants import VARIANTS
-
-        if v in VARIANTS:
-            return v
-        from .methods import growth_methods
-
-        if v not in growth_methods():
-            raise ValueError(f"not a growth method; known: {', '.join(growth_methods())}")
-        return v
 
 
 class GrowRunConfig(RunConfig):
@@ -180,11 +162,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+#: Config keys of earlier versions and their names now: a file that uses one gets a one-line hint.
+RENAMED = {"budget_mmacs": "target_mmacs", "targets_mmacs": "target_mmacs"}
+
+
 def validation_message(err: ValidationError) -> str:
-    """One line naming the first invalid key of a pydantic error."""
+    """One line naming the first invalid key of a pydantic error (with the new name of a :data:`RENAMED` key)."""
     key, _, first = first_problem(err)
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
+        head, _, last = key.rpartition(".")
+        if last in RENAMED:
+            return f"config key {key!r} was renamed: use {'.'.join(filter(None, (head, RENAMED[last])))!r}{more}"
         return f"config key {key!r} does not exist{more}"
     return f"config value {key}={first.get('input')!r}: {first['msg']}{more}"
 

@@ -1,7 +1,7 @@
 """The one growth loop: a seed stage, then rounds of grow + train on one MAC schedule, with one meaning of a
 budget everywhere (``nas-split grow``, every growth method of ``run`` / ``compare``, the NNI strategy).
 
-**The schedule.**  With a MAC target ``T`` (``target_mmacs``, ``growth.budget_mmacs``) round ``r`` of ``R`` may
+**The schedule.**  With a MAC target ``T`` (``target_mmacs``, ``growth.target_mmacs``) round ``r`` of ``R`` may
 reach ``M_0 (T / M_0)^{r/R}`` MACs (:func:`round_cap`), ``M_0`` the seed's: every round adds the same factor, the
 last lands on the target, and a grown model trains as many epochs as the baselines it is compared with.  The
 method chooses *which* neurons; the schedule sets *how many*.  Without a target each round grows by the method's

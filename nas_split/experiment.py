@@ -18,7 +18,7 @@ import search_spaces
 
 from ._io import output_lock, remove_path
 from .config import ConfigError, MethodRunConfig, RunConfig
-from .cost_models import CostModel, cost_model
+from .cost import CostModel, cost_model
 from .data import DataSplits, create_dataset
 from .distributed import is_main
 from .errors import DivergedError, NasSplitError
@@ -180,10 +180,12 @@ def run_method(cfg: MethodRunConfig, overwrite: bool = False, prepared: Prepared
     """Run one registered method and write its run directory (``cfg.out``): ``results.json``, the TensorBoard
     events and the final model (:data:`MODEL_FILE`, :func:`nas_split.save_grown`: what ``nas-split retrain``
     rebuilds).  Returns ``results.json``."""
+    from .methods import FromScratch
+
     check_out_dir(cfg.out, overwrite)
     p = prepared or prepare(cfg)
     ctx, method = method_context(cfg, p)
-    meta = {**_meta(cfg, p, "run"), "method": cfg.method}
+    meta = {**_meta(cfg, p, "run"), "method": cfg.method, "from_scratch": isinstance(method, FromScratch)}
 
     def body(writer):
         ctx.record, ctx.epoch_hook = writer.stage, writer.epoch

@@ -1,7 +1,7 @@
 """``nas-split grow``: seed training, then rounds of analyze -> select -> split -> train, resumable.
 
 The rounds are :func:`nas_split.engine.grow_rounds` with the registered splitting method of ``growth.method``:
-the same loop, schedule and grow step as ``run`` / ``compare`` (``growth.budget_mmacs`` is the MAC target of
+the same loop, schedule and grow step as ``run`` / ``compare`` (``growth.target_mmacs`` is the MAC target of
 the engine's schedule).
 
 Every stage ends with an atomic checkpoint ``checkpoints/stage{k}.pt`` (the grown model as
@@ -12,6 +12,7 @@ uninterrupted one.
 """
 from __future__ import annotations
 
+import inspect
 import shutil
 import sys
 from dataclasses import dataclass
@@ -20,13 +21,14 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_torch_save, output_lock
-from .config import SPLITTING_ONLY, ConfigError, GrowRunConfig, GrowthConfig
+from .config import ConfigError, GrowRunConfig, GrowthConfig
 from .cost import measure_cost
 from .distributed import is_main
 from .engine import check_target, grow_rounds
 from .errors import DivergedError, UntrustedFileError
 from .experiment import Prepared, check_out_dir, prepare
-from .methods import GrowthMethod, create_method
+from .grower import Grower
+from .methods import GrowthMethod, create_method, growth_methods
 from .records import StageRecord
 from .runlog import RunWriter
 from .stages import StageRunner
@@ -120,21 +122,27 @@ def resume_config(run_dir: str | Path) -> dict:
     return resume_point(run_dir).checkpoint["results"]["config"]
 
 
+#: The :class:`GrowthConfig` fields a :class:`~nas_split.Grower` takes besides ``grow_ratio``: the splitting
+#: variants' own options, which another growth method refuses.  Derived from the two declarations (the Grower's
+#: signature and the config's fields), so an option is declared once in each and listed nowhere else.
+SPLITTING_ONLY = frozenset(inspect.signature(Grower.__init__).parameters) & frozenset(GrowthConfig.model_fields) \
+    - {"method", "grow_ratio"}
+
+
 def growth_method(g: GrowthConfig) -> GrowthMethod:
     """The registered growth method a growth configuration describes: a splitting variant with its Grower options,
     or another growth method (``vt``, ``firefly``, ``gradmax``, ``random``) with ``grow_ratio`` and, when given,
     ``lra`` / ``variance_transfer`` / ``mup``; a field the method does not read is refused."""
     from .splitting.variants import VARIANTS
 
+    if g.method not in VARIANTS and g.method not in growth_methods():
+        raise ConfigError(f"config value growth.method={g.method!r}: not a growth method; known: "
+                          f"{', '.join(growth_methods())}")
     shared = {k: getattr(g, k) for k in ("lra", "variance_transfer", "mup") if getattr(g, k) is not None}
     if g.method in VARIANTS:
         if g.mup is not None:
             raise ConfigError(f"growth.mup applies to vt, not to the splitting method {g.method!r}")
-        return create_method(g.method, grow_ratio=g.grow_ratio, eps=g.eps, c=g.c, max_copies=g.max_copies,
-                             only_negative=g.only_negative, s3d_rank=g.s3d_rank, selection=g.selection,
-                             energy_aware=g.energy_aware, cost=g.cost,
-                             max_width=g.max_width, round_to=g.round_to, beta=g.beta,
-                             analysis_batches=g.analysis_batches, fast_passes=g.fast_passes, fast_lr=g.fast_lr,
+        return create_method(g.method, grow_ratio=g.grow_ratio, **{k: getattr(g, k) for k in SPLITTING_ONLY},
                              **shared)
     other = sorted(SPLITTING_ONLY & g.model_fields_set)
     if other:
@@ -151,11 +159,11 @@ def validate_growth(g: GrowthConfig, model, example_inputs) -> None:
     schedule would ignore is refused (a MAC budget sets how many neurons each round splits, not ``grow_ratio``)."""
     method = growth_method(g)
     method.check_growable(model, example_inputs)  # NotGrowableError names the problem
-    if g.budget_mmacs is not None and "grow_ratio" in g.model_fields_set:
-        raise ConfigError("growth.grow_ratio has no effect with growth.budget_mmacs: the MAC schedule sets how many "
+    if g.target_mmacs is not None and "grow_ratio" in g.model_fields_set:
+        raise ConfigError("growth.grow_ratio has no effect with growth.target_mmacs: the MAC schedule sets how many "
                           "neurons each round splits; give one of them")
     c = measure_cost(model, example_inputs, latency=False)
-    check_target("growth.budget_mmacs", c.macs, g.budget_mmacs, g.rounds, method.max_round_factor)
+    check_target("growth.target_mmacs", c.macs, g.target_mmacs, g.rounds, method.max_round_factor)
     if g.budget_energy_uj is not None and c.energy_uj >= g.budget_energy_uj:
         raise ConfigError(f"growth.budget_energy_uj={g.budget_energy_uj} is not above the seed's "
                           f"{c.energy_uj:.1f} uJ (estimate)")
@@ -217,7 +225,7 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
                          records=[StageRecord.from_dict(s) for s in writer.results["stages"]])
     try:
         grow_rounds(runner, model, method, seed_epochs=g.seed_epochs if g.seed_epochs is not None else
-                    cfg.train.epochs, epochs=cfg.train.epochs, rounds=g.rounds, target_mmacs=g.budget_mmacs,
+                    cfg.train.epochs, epochs=cfg.train.epochs, rounds=g.rounds, target_mmacs=g.target_mmacs,
                     budget_energy_uj=g.budget_energy_uj, carry_optimizer=g.carry_optimizer, optimizer=optimizer,
                     on_stage=lambda k, m, opt: _save(run_dir, k, m, opt, writer.results, method.state_dict()))
         return writer.finish({"method": g.method, "dataset": cfg.dataset, "backbone": cfg.backbone,

@@ -11,7 +11,7 @@ Methods: the splitting variants of :data:`nas_split.splitting.variants.VARIANTS`
 splits, ``fast`` Rayleigh-quotient analysis + S2D, ``s3d`` fast analysis of both spectrum ends + signed splits,
 ``s3d-exact``, ``energy`` = ``fast`` with the LP); ``energy_aware=True`` replaces the grow-ratio selection by the
 linear program over MAC costs, or over a cost model's prices (``cost="model"``: an analytic energy model, a
-measured latency table, a device profile; :mod:`nas_split.cost_models`), for any of them.
+measured latency table, a device profile; :mod:`nas_split.cost`), for any of them.
 
 The coupling graph and the splittable layers are traced once per architecture (cached by the layer widths), and
 the trial split that verifies a layer is growable runs once per layer in the Grower's lifetime.
@@ -26,14 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cost import count_macs
-from .cost_models import CostModel
-from .cost_models import cost_model as build_cost_model
+from .cost import CostModel, count_macs
+from .cost import cost_model as build_cost_model
 from .distributed import broadcast_object, world_size
 from .errors import ConfigError
+from .growth.channel_cost import channel_costs, prefix_within_macs
+from .growth.neurons import Neuron, NotAnalyzableError, splittable_layers
 from .splitting.analysis import Spectrum
-from .splitting.channel_cost import channel_costs, prefix_within_macs
-from .splitting.neurons import Neuron, NotAnalyzableError, splittable_layers
 from .splitting.schemes import RANKS, NeuronSplit
 from .splitting.selection import ARMS, Candidate, random_directions, select_lp, select_ratio, within_layer_random
 from .splitting.variants import VARIANTS
@@ -91,7 +90,7 @@ class Grower:
             the arms need the ratio or MAC-cap selection, not the LP.
         energy_aware: select with the LP over costs instead of the ratio.
         cost: the LP's cost: ``"macs"`` or ``"model"`` (``cost_model``'s price of a new channel).
-        cost_model: a :class:`~nas_split.cost_models.CostModel` or its name (default ``horowitz-45nm``).
+        cost_model: a :class:`~nas_split.cost.CostModel` or its name (default ``horowitz-45nm``).
         budget_scale: multiplies the LP's default budgets.
         groups, quotas: ``{layer: group}`` and ``{group: ratio}`` for per-group quotas / budgets.
         max_width, round_to: per-layer cap and width rounding, as in :func:`nas_split.split`.

@@ -28,17 +28,17 @@ from typing import Any
 
 from torch import nn
 
-from .cost_models import CostModel
+from .cost import CostModel
 from .engine import check_target, grow_rounds
 from .errors import NasSplitError
 from .grower import Grower
+from .growth.neurons import splittable_layers
+from .growth.rates import SliceRates
+from .growth.variance import fan_in_growth, transfer_betas, transfer_variance
 from .splitting.analysis import Spectrum
-from .splitting.neurons import splittable_layers
-from .splitting.variance import fan_in_growth, transfer_betas, transfer_variance
 from .splitting.variants import VARIANTS, Variant
 from .stages import StageRunner, stage_seed
 from .surgery import NotGrowableError
-from .surgery.rates import SliceRates
 
 __all__ = ["MethodContext", "Method", "FromScratch", "RetrainMethod", "trains_from_scratch", "GrowthMethod",
            "SplittingMethod", "register_method", "create_method", "list_methods", "growth_methods", "load_plugins",
@@ -253,8 +253,8 @@ class SplittingMethod(GrowthMethod):
     :class:`~nas_split.Grower` analyses, selects and splits.  With a round cap the cap alone sets how many neurons
     split (``grow_ratio`` applies to rounds without one); the fast analysis warm-starts from the previous round's
     directions (:attr:`spectra`, kept in ``grow``'s checkpoints).  ``lra=True`` gives each round's copies their
-    own learning rate (:mod:`nas_split.surgery.rates`, as ``vt`` does); ``variance_transfer=True`` rescales the
-    consumers of the split layers after each round (:mod:`nas_split.splitting.variance`, as ``vt`` does)."""
+    own learning rate (:mod:`nas_split.growth.rates`, as ``vt`` does); ``variance_transfer=True`` rescales the
+    consumers of the split layers after each round (:mod:`nas_split.growth.variance`, as ``vt`` does)."""
 
     def __init__(self, variant: Variant, grow_ratio: float = 0.3, eps: float = 1e-2, lra: bool = False,
                  variance_transfer: bool = False, **options: Any):
@@ -298,7 +298,7 @@ class SplittingMethod(GrowthMethod):
                                           {n: modules[n].weight.shape[1] - k for n, k in grows.items()})
             transfer_variance(model, betas, norms)
             info["variance_transfer"] = betas
-        if self.lra:  # the copies a round appends are that stage's slice (nas_split.surgery.rates)
+        if self.lra:  # the copies a round appends are that stage's slice (nas_split.growth.rates)
             info["lra"] = self.rates.record(model, ctx.example_inputs, report.widths, stage)
         return info
 

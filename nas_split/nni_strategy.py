@@ -43,8 +43,7 @@ with warnings.catch_warnings():  # NNI 3.0 warns about torch's Buffer at import
 
 from ._io import atomic_torch_save, atomic_write_json
 from .config import ConfigError, GrowthConfig, NniRunConfig, validation_message
-from .cost import count_macs
-from .cost_models import cost_model
+from .cost import cost_model, count_macs
 from .engine import grow_step, reached, round_cap
 from .records import RunResult, StageRecord
 from .runlog import RunWriter
@@ -164,7 +163,7 @@ def stage_evaluator(dataset: str = "digits", train: dict[str, Any] | None = None
     Args:
         train: :class:`nas_split.training.TrainConfig` fields (``epochs`` per growth stage).
         seed_epochs: epochs of stage 0 (default ``train["epochs"]``).
-        cost_model: what prices the records and energy-aware growth (:func:`nas_split.cost_models.cost_model`).
+        cost_model: what prices the records and energy-aware growth (:func:`nas_split.cost.cost_model`).
     """
     from .training import TrainConfig
 
@@ -201,18 +200,18 @@ class SplittingDescent(Strategy):
             registered growth method (``vt``, ``firefly``, ``gradmax``, ``random``); each stage's trial carries
             the method's ``state_dict()`` (directions, learning-rate slices) to the next.
         rounds: growth stages after the seed stage.
-        budget_mmacs: stop once the model reaches this many MMACs (each round is cut there).
+        target_mmacs: stop once the model reaches this many MMACs (each round is cut there).
         checkpoint_dir: where each stage's model is saved (shared with the trials on ``ts``).
         export_max_mmacs: ``list_models`` (hence ``export_top_models``) keeps only stages at or under it.
         growth: further :class:`nas_split.config.GrowthConfig` fields (``grow_ratio``, ``eps``, ``c``, ...).
     """
 
-    def __init__(self, method: str = "fast", rounds: int = 3, budget_mmacs: float | None = None,
+    def __init__(self, method: str = "fast", rounds: int = 3, target_mmacs: float | None = None,
                  checkpoint_dir: str | Path = "nas-split-nni", export_max_mmacs: float | None = None,
                  **growth: Any):
         super().__init__()
         try:
-            self.growth = GrowthConfig(method=method, rounds=rounds, budget_mmacs=budget_mmacs, **growth)
+            self.growth = GrowthConfig(method=method, rounds=rounds, target_mmacs=target_mmacs, **growth)
         except ValidationError as e:
             raise ConfigError(f"SplittingDescent: {validation_message(e)}") from None
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -221,7 +220,7 @@ class SplittingDescent(Strategy):
         self._metrics: dict[int, dict] = {}
 
     def extra_repr(self) -> str:
-        return f"method={self.growth.method!r}, rounds={self.growth.rounds}, budget_mmacs={self.growth.budget_mmacs}"
+        return f"method={self.growth.method!r}, rounds={self.growth.rounds}, target_mmacs={self.growth.target_mmacs}"
 
     # -- NNI hooks -------------------------------------------------------------------------------------------------
     def _initialize(self, model_space, engine):
@@ -273,9 +272,9 @@ class SplittingDescent(Strategy):
             apply_sizes(template.net, last["sizes"])
             template.net.load_state_dict(last["state_dict"])
         g = self.growth
-        target = None if g.budget_mmacs is None else g.budget_mmacs * 1e6
+        target = None if g.target_mmacs is None else g.target_mmacs * 1e6
         for stage in range(len(self.history), g.rounds + 1):
-            if stage > 0 and reached(self.history[-1], g.budget_mmacs, g.budget_energy_uj):
+            if stage > 0 and reached(self.history[-1], g.target_mmacs, g.budget_energy_uj):
                 break
             if not self.wait_for_resource():
                 break

@@ -114,6 +114,15 @@ class RunResult:
         return sum(s.train_macs + s.analysis_macs for s in self.stages)
 
     @property
+    def from_scratch(self) -> bool:
+        """Whether the run trained its architecture from fresh weights in one stage (``scratch``, ``random-arch``,
+        ``bottleneck``, ``retrain``), so that it is its own retraining: the ``from_scratch`` the run recorded; in
+        files written before it was recorded, a run of one stage that is not a seed stage."""
+        if "from_scratch" in self.meta:
+            return bool(self.meta["from_scratch"])
+        return len(self.stages) == 1 and self.stages[0].kind != "seed"
+
+    @property
     def last(self) -> StageRecord:
         """The last recorded stage."""
         return self.stages[-1]

@@ -101,8 +101,6 @@ def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row], list[Row]]:
     :attr:`Row.curve_acc` is its seed's scratch curve (the curve runs and the ``scratch`` runs) at its MACs
     (:func:`interp_log_macs`).
     """
-    from .methods import trains_from_scratch
-
     rows, finals, retrained, curve = [], [], {}, []
     for run, results in pairs:
         res = RunResult.from_dict(results)
@@ -125,8 +123,7 @@ def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row], list[Row]]:
             retrained[(run.label, run.target_mmacs, run.seed)] = res.last.test_acc
             continue
         last = res.last
-        own = trains_from_scratch(res.config.get("method", ""), res.config.get("method_options")) \
-            if res.config.get("method") else False
+        own = res.from_scratch and bool(res.config.get("method"))
         (curve if phase == "curve" else finals).append(
             Row(run.label, run.seed, run.target_mmacs, last.test_acc, last.mmacs, _priced(last.cost),
                 res.wall_seconds, sum(s.analysis_seconds for s in res.stages), last.epochs_total, last.widths,

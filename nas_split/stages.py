@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cost import measure_cost, training_macs
-from .cost_models import CostModel
+from .cost import CostModel, measure_cost, training_macs
 from .data import DataSplits
 from .numerics import model_device
 from .records import StageRecord

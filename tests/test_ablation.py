@@ -153,7 +153,7 @@ def test_bottleneck_widths_squeeze_one_width_at_the_target():
 
 
 def test_random_arch_draws_differ_and_draw_zero_is_the_old_architecture():
-    from baselines.methods import RandomArchMethod
+    from baselines.registration import RandomArchMethod
 
     model, x = _mbv1()
     target = 3 * count_macs(model, x)[0]
@@ -170,7 +170,7 @@ def test_random_arch_draws_differ_and_draw_zero_is_the_old_architecture():
 # --- the shared protocol ----------------------------------------------------------------------------------------------
 
 COMPARE = ["compare", "--dataset", "digits", "--backbone", "mobilenetv1_cifar_025", "--set",
-           "backbone_options.width_mult=0.25", "--seed-width-mult", "0.125", "--targets", "3", "--epochs", "1",
+           "backbone_options.width_mult=0.25", "--seed-width-mult", "0.125", "--target-mmacs", "3", "--epochs", "1",
            "--seed-epochs", "1", "--rounds", "1", "--no-latency", "--seeds", "0"]
 
 

@@ -95,11 +95,46 @@ def test_the_core_never_imports_its_plugins_or_the_nni_adapter():
 
 
 def test_surgery_is_layered_one_way():
-    order = ["handlers", "graph", "optim", "sizes", "split", "growable", "export", "rebuild", "rates"]
+    _layered("nas_split.surgery", ["handlers", "graph", "optim", "sizes", "split", "growable", "export", "rebuild"])
+
+
+def test_cost_is_layered_one_way_and_below_the_stages():
+    _layered("nas_split.cost", ["shapes", "models", "profiles", "counting", "latency", "registry", "measure"])
+    _below("nas_split.cost", {"nas_split.numerics", "nas_split.errors", "nas_split._io"})
+
+
+def test_growth_sits_below_splitting_and_the_baselines():
+    _below("nas_split.growth", {"nas_split.numerics", "nas_split.errors", "nas_split._io", "nas_split.cost",
+                                "nas_split.surgery"})
+    edges = graph()
+    users = {m for m, t in edges.items() if any(x.startswith("nas_split.growth") for x in t)}
+    assert {"nas_split.splitting.analysis", "baselines.variance_transfer", "baselines.firefly"} <= users
+
+
+def test_surgery_edits_only():
+    _below("nas_split.surgery", {"nas_split.numerics", "nas_split.errors", "nas_split._io", "search_spaces"})
+
+
+def test_no_module_is_over_450_lines():
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "nas_split").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert long == {}
+
+
+def _layered(package: str, order: list[str]) -> None:
+    """Each module of ``package`` in ``order`` imports none of those after it."""
     edges = graph()
     for i, low in enumerate(order):
         for high in order[i + 1:]:
-            assert f"nas_split.surgery.{high}" not in edges[f"nas_split.surgery.{low}"], (low, high)
+            assert f"{package}.{high}" not in edges[f"{package}.{low}"], (low, high)
+
+
+def _below(package: str, allowed: set[str]) -> None:
+    """Modules of ``package`` import only each other and modules of ``allowed`` (packages and their modules)."""
+    for mod, targets in graph().items():
+        if mod == package or mod.startswith(package + "."):
+            outside = {t for t in targets if not (t == package or t.startswith(package + "."))}
+            assert not {t for t in outside if not any(t == a or t.startswith(a + ".") for a in allowed)}, mod
 
 
 def test_grower_traces_once_per_step_and_verifies_each_layer_once(monkeypatch):

@@ -82,3 +82,20 @@ def test_console_script_exit_code(tmp_path):
                        text=True)
     assert p.returncode == 2 and p.stderr.strip().startswith("nas-split: error: unknown dataset 'nope'")
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["grow", "--target-mmacs", "3", "--budget-mmacs", "3"], "(--budget-mmacs was renamed --target-mmacs)"),
+    (["grow", "--set", "growth.budget_mmacs=3"], "config key 'growth.budget_mmacs' was renamed: use "
+                                                 "'growth.target_mmacs'"),
+    (["compare", "--set", "targets_mmacs=[3]"], "config key 'targets_mmacs' was renamed: use 'target_mmacs'"),
+    (["compare", "--targets", "3"], "(--targets was renamed --target-mmacs)"),
+])
+def test_an_old_name_of_the_mac_target_gets_a_one_line_hint(capsys, tmp_path, argv, message):
+    try:
+        code = main([*argv, "--out", str(tmp_path / "o")])
+    except SystemExit as e:  # argparse's errors leave through SystemExit
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].endswith(message), err
+    assert not (tmp_path / "o").exists()

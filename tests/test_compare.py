@@ -19,7 +19,7 @@ from nas_split.cli import main
 from nas_split.runlog import Tags
 
 ARGS = ["--dataset", "digits", "--backbone", "mobilenetv1_cifar_025", "--set", "backbone_options.width_mult=0.25",
-        "--seed-width-mult", "0.125", "--targets", "3", "--epochs", "1", "--seed-epochs", "1", "--rounds", "1",
+        "--seed-width-mult", "0.125", "--target-mmacs", "3", "--epochs", "1", "--seed-epochs", "1", "--rounds", "1",
         "--no-latency"]
 
 
@@ -180,8 +180,8 @@ def test_table_confidence_intervals_equal_scipys(finished):
 
 @pytest.mark.parametrize("extra, message", [
     (["--methods", "fast,prune-l3"], "unknown method 'prune-l3'"),
-    (["--targets", "0.5"], "at target 0.5 MMACs"),
-    (["--targets", "500"], "at target 500 MMACs"),
+    (["--target-mmacs", "0.5"], "at target 0.5 MMACs"),
+    (["--target-mmacs", "500"], "at target 500 MMACs"),
     (["--backbone", "pointnet_lite"], "takes points inputs"),
     (["--set", "methods=[{method: fast, colour: 1}]"], "does not exist"),
 ])

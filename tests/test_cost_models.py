@@ -14,11 +14,10 @@ from torch import nn
 
 from nas_split import Grower
 from nas_split.config import RunConfig, load_config
-from nas_split.cost import measure_cost
-from nas_split.cost_models import Coefficients, LatencyTable, ProfileModel, cost_model, layer_shape
+from nas_split.cost import Coefficients, LatencyTable, ProfileModel, cost_model, layer_shape, measure_cost
 from nas_split.errors import ConfigError
+from nas_split.growth.channel_cost import channel_costs
 from nas_split.report import Row, markdown_table
-from nas_split.splitting.channel_cost import channel_costs
 from nas_split.surgery import CouplingGraph
 
 EXAMPLE = Path(__file__).parents[1] / "docs" / "profiles" / "weights_dram_activations_sram.yaml"
@@ -184,7 +183,7 @@ import json, statistics, sys
 import torch
 from torch import nn
 from torch.utils import benchmark
-from nas_split.cost_models import LatencyTable, layer_shape
+from nas_split.cost import LatencyTable, layer_shape
 
 torch.set_num_threads(int(sys.argv[2]))  # the test process's count: the cache file is named by it
 

@@ -51,7 +51,7 @@ def test_two_processes_decide_as_one_process_with_the_whole_batch(tmp_path):
            "methods": [{"method": "fast", "options": {"analysis_batches": 4}}, "s2d",
                        {"method": "s3d", "options": {"analysis_batches": 4}},
                        {"method": "firefly", "options": {"steps": 4}}, "gradmax", "prune-taylor"],
-           "seeds": [0], "targets_mmacs": [0.006], "rounds": 2, "seed_epochs": 1, "jobs": 1}
+           "seeds": [0], "target_mmacs": [0.006], "rounds": 2, "seed_epochs": 1, "jobs": 1}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["compare", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "one")]) == 0
     two = _cli(["compare", "--config", "c.yaml", "--out", "two", *DDP], tmp_path)

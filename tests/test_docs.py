@@ -220,7 +220,7 @@ def test_the_module_resolvers_can_fail():
     assert resolve_path("nas_split/engine.py", files) and resolve_path("cli.py", files)
     assert not resolve_path("surgery/nothing.py", files) and not resolve_path("nowhere/", files)
     assert not resolve_path("splitting/graph.py", files)  # the file exists, but in surgery/
-    assert resolve_dotted("nas_split.surgery.rates") and resolve_dotted("engine.grow_rounds")
+    assert resolve_dotted("nas_split.growth.rates") and resolve_dotted("engine.grow_rounds")
     assert resolve_dotted("nas_split.surgery.register_handler") and resolve_dotted("surgery.split")
     assert not resolve_dotted("nas_split.nothing") and not resolve_dotted("engine.no_such_function")
     text = "`nas_split/foo.py` and `surgery/graph.py`, `nas_split.engine.grow_rounds`\n```\ncli.py  data/\n```\n"

@@ -37,7 +37,7 @@ def test_grow_run_and_nni_give_the_same_stages(tmp_path, target, monkeypatch):
     from nas_split.config import NniRunConfig, load_config
     from nas_split.nni_strategy import run_nni
 
-    assert main(["grow", *COMMON, "--method", "fast", "--budget-mmacs", str(target), "--out", str(tmp_path / "g"),
+    assert main(["grow", *COMMON, "--method", "fast", "--target-mmacs", str(target), "--out", str(tmp_path / "g"),
                  *[a for kv in FAST for a in ("--set", f"growth.{kv}")]]) == 0
     assert main(["run", *COMMON, "--method", "fast", "--target-mmacs", str(target), "--set", "seed_options={}",
                  "--out", str(tmp_path / "r"), *[a for kv in FAST for a in ("--set", f"method_options.{kv}")]]) == 0
@@ -53,7 +53,7 @@ def test_grow_run_and_nni_give_the_same_stages(tmp_path, target, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # NNI writes a manifest under $HOME
     cfg = load_config(NniRunConfig, None, ["dataset=digits", "backbone=test_mobilenetv1", "growth.method=fast",
                                            "growth.rounds=2", "growth.seed_epochs=1", "train.epochs=1",
-                                           "train.progress=false", "latency=false", f"growth.budget_mmacs={target}",
+                                           "train.progress=false", "latency=false", f"growth.target_mmacs={target}",
                                            *[f"growth.{kv}" for kv in FAST], f"out={tmp_path / 'n'}"])
     exp, strategy = run_nni(cfg)
     exp.stop()

@@ -27,7 +27,7 @@ import search_spaces
 from nas_split.cli import main
 from nas_split.compare import CompareConfig, validate_compare
 from nas_split.config import load_config
-from nas_split.cost_models import ProfileModel
+from nas_split.cost import ProfileModel
 from nas_split.errors import NasSplitError
 from nas_split.grow_run import resume_point
 from nas_split.records import RunResult
@@ -41,7 +41,7 @@ CLEAN = (NasSplitError, search_spaces.UnknownSpaceError)  # what the CLI prints 
 COMPARE = {"dataset": "digits", "backbone": "mlp", "backbone_options": {"width_mult": 0.25},
            "seed_options": {"width_mult": 0.125}, "methods": ["scratch", {"method": "fast", "label": "f",
                                                                           "options": {"analysis_batches": 2}}],
-           "seeds": [0], "targets_mmacs": [0.006], "rounds": 1, "seed_epochs": 1, "latency": False,
+           "seeds": [0], "target_mmacs": [0.006], "rounds": 1, "seed_epochs": 1, "latency": False,
            "train": {"epochs": 1, "batch_size": 64, "progress": False}, "out": "cmp"}
 PROFILE = {"name": "board", "unit": "uJ", "measured": True, "source": "meter",
            "coefficients": {"mac": 1e-6, "weight_byte": 2e-5, "per_op": {"depthwise": {"mac": 3e-6}}},

@@ -117,7 +117,7 @@ def test_failed_round_keeps_last_checkpoint_and_resumes(tmp_path, monkeypatch, c
     (["--method", "s4d"], "config value growth.method='s4d'"),
     (["--set", "growth.c=0.5"], "config value growth.c=0.5"),
     (["--eps", "0"], "config value growth.eps=0"),
-    (["--budget-mmacs", "0.001"], "not above the seed's"),
+    (["--target-mmacs", "0.001"], "not above the seed's"),
     (["--backbone", "user_linear_only"], "no growable layer"),
     (["--resume", "/no/such/run"], "no results.json"),
     (["--method", "vt"], "growth.analysis_batches applies to the splitting methods"),

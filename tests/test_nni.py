@@ -197,7 +197,7 @@ def test_compare_on_nni_runs_trials_in_parallel_with_the_same_table(tmp_path, ca
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "c"
     argv = ["compare", "--dataset", "digits", "--backbone", "mobilenetv1_cifar_025", "--set",
-            "backbone_options.width_mult=0.25", "--seed-width-mult", "0.125", "--targets", "3", "--epochs", "1",
+            "backbone_options.width_mult=0.25", "--seed-width-mult", "0.125", "--target-mmacs", "3", "--epochs", "1",
             "--seed-epochs", "1", "--rounds", "1", "--no-latency", "--methods", "random,scratch", "--seeds", "0",
             "--out", str(out)]
     assert main([*argv, "--engine", "nni", "--jobs", "2", "--port", str(_free_port())]) == 0
@@ -217,7 +217,7 @@ def test_bad_input_refused_before_the_experiment(tmp_path, capsys):
     from nas_split.surgery import NotGrowableError
 
     base = ["nni", "--dataset", "digits", "--backbone", "mobilenetv1_cifar_025", "--width-mult", "0.125"]
-    assert main([*base, "--budget-mmacs", "1", "--out", str(tmp_path / "a")]) == 2
+    assert main([*base, "--target-mmacs", "1", "--out", str(tmp_path / "a")]) == 2
     assert "not above the seed" in capsys.readouterr().err
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))

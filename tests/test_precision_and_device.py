@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import nas_split as ns
 import search_spaces
 from nas_split.data import create_dataset
+from nas_split.growth.channel_cost import channel_costs
+from nas_split.growth.neurons import splittable_layers
 from nas_split.numerics import full_precision
 from nas_split.splitting.analysis import fast_spectrum, splitting_matrices
-from nas_split.splitting.channel_cost import channel_costs
-from nas_split.splitting.neurons import splittable_layers
 from nas_split.surgery import CouplingGraph
 from nas_split.training import DeviceBatches, TrainConfig, Trainer
 

@@ -313,7 +313,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
     out = str(tmp_path / "work" / "run")
     cases = [
         (["train", "--set", "dataset_options.bogus=1"], "dataset_options.bogus: dataset 'digits' takes no such"),
-        (["compare", "--methods", "scratch", "--targets", "1", "--set", "dataset_options.bogus=1"],
+        (["compare", "--methods", "scratch", "--target-mmacs", "1", "--set", "dataset_options.bogus=1"],
          "dataset_options.bogus"),
         (["train", "--set", "dataset_options.val_fraction=abc"], "dataset_options.val_fraction='abc'"),
         (["train", "--set", "dataset_options.val_fraction=2"], "must lie strictly between 0 and 1"),
@@ -330,7 +330,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
         (["run", "--method", "scratch", "--target-mmacs", "1e9"], "outside what width multipliers"),
         (["run", "--method", "scratch", "--target-mmacs", "0.001"], "outside what width multipliers"),
         (["run", "--method", "scratch", "--target-mmacs", "inf"], "config value target_mmacs='inf'"),
-        (["compare", "--methods", "scratch", "--targets", "1", "--seeds", "0,0"], "seed 0 is listed twice"),
+        (["compare", "--methods", "scratch", "--target-mmacs", "1", "--seeds", "0,0"], "seed 0 is listed twice"),
         (["train", "--set", "backbone_options.width_mult=-1"], "width_mult must be > 0"),
         (["train", "--data-dir", str(inputs)], "dataset 'digits' reads no files"),
     ]

@@ -10,9 +10,9 @@ from torch import nn
 
 import nas_split as ns
 from nas_split.grower import Grower
+from nas_split.growth.channel_cost import channel_costs, macs_after_growth, prefix_within_macs
+from nas_split.growth.neurons import find_neurons
 from nas_split.splitting.analysis import exact_spectrum, fast_spectrum, splitting_matrices
-from nas_split.splitting.channel_cost import channel_costs, macs_after_growth, prefix_within_macs
-from nas_split.splitting.neurons import find_neurons
 from nas_split.splitting.schemes import s2d_split, s3d_splits
 from nas_split.splitting.selection import Candidate, select_lp, select_ratio
 from nas_split.surgery import CouplingGraph

@@ -11,7 +11,7 @@ from torch import nn
 
 import search_spaces
 from baselines.variance_transfer import vt_counts, vt_grow
-from nas_split.surgery.rates import SliceRates, lra_factors
+from nas_split.growth.rates import SliceRates, lra_factors
 
 
 def _model(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor]:
@@ -124,8 +124,8 @@ def test_splitting_with_variance_transfer_rescales_consumers_and_keeps_the_funct
     and in train mode."""
     from types import SimpleNamespace
 
+    from nas_split.growth.neurons import find_neurons
     from nas_split.methods import create_method
-    from nas_split.splitting.neurons import find_neurons
 
     m, x = _model("mobilenetv1_cifar_025", (32, 1, 8, 8))
     m, x = m.double(), x.double()  # float64: the function is kept to rounding

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ._partition import Augmented, partition_indices, tensor_dataset
 from ._registry import DataFormatError, DataNotFoundError, DatasetInfo, DataSplits, register_dataset
-from ._split import Augmented, split_indices, tensor_dataset
 
 __all__ = ["read_idx", "read_cifar", "find_fashion_mnist", "FASHION_MNIST_DIRS", "balanced_subset"]
 
@@ -69,7 +69,7 @@ def find_fashion_mnist(root: str | None = None) -> Path:
 
 
 def _images(name, x_train, y_train, x_test, y_test, mean, std, seed, val_fraction, train_transform=None):
-    tr, va = split_indices(y_train, (1.0 - val_fraction,), seed)
+    tr, va = partition_indices(y_train, (1.0 - val_fraction,), seed)
     info = DatasetInfo(name, "image", tuple(x_train.shape[1:]), int(y_train.max()) + 1, mean, std)
     train = tensor_dataset(x_train[tr], y_train[tr], mean, std)
     if train_transform is not None:
@@ -87,7 +87,7 @@ def digits(seed: int = 0, root: str | None = None, val_fraction: float = 0.1, te
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)[:, None]
     y = d.target.astype(np.int64)
-    rest, test = split_indices(y, (1.0 - test_fraction,), seed)
+    rest, test = partition_indices(y, (1.0 - test_fraction,), seed)
     return _images("digits", x[rest], y[rest], x[test], y[test], (0.3053,), (0.3760,), seed,
                    val_fraction / (1.0 - test_fraction))
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._partition import partition_indices, tensor_dataset
 from ._registry import DataNotFoundError, DatasetInfo, DataSplits, register_dataset
-from ._split import split_indices, tensor_dataset
 
 __all__ = ["SHAPES", "read_modelnet40", "sample_shape", "image_to_points"]
 
@@ -194,7 +194,7 @@ def modelnet40(seed: int = 0, root: str | None = None, num_points: int = 1024, v
     x_tr, y_tr = read_modelnet40(d, True)
     x_te, y_te = read_modelnet40(d, False)
     x_tr, x_te = _subsample(x_tr, num_points, rng), _subsample(x_te, num_points, rng)
-    tr, va = split_indices(y_tr, (1.0 - val_fraction,), seed)
+    tr, va = partition_indices(y_tr, (1.0 - val_fraction,), seed)
     info = DatasetInfo("modelnet40", "points", (3, num_points), 40, *_POINTS_NORM)
     return DataSplits(info, tensor_dataset(x_tr[tr], y_tr[tr], *_POINTS_NORM),
                       tensor_dataset(x_tr[va], y_tr[va], *_POINTS_NORM), tensor_dataset(x_te, y_te, *_POINTS_NORM))

@@ -1,8 +1,6 @@
-"""The maths of splitting steepest descent, one file per part of the papers.
+"""The maths of splitting steepest descent (S2D, fast / energy-aware splitting, S3D), one file per part of the papers.
 
 * :mod:`.activations`: σ'' of each activation (ReLU and ReLU6 through a softplus surrogate of curvature β).
-* :mod:`.neurons`: what a neuron is (a conv / linear row, its norm and its nonlinearity), and which layers have
-  neurons to split (:func:`~.neurons.splittable_layers`).
 * :mod:`.analysis`: the splitting matrix ``S_o = E[Σ_l g σ''(u) a² p_l p_lᵀ]`` and its extreme eigenpairs, exactly
   (S2D: Liu, Wu & Wang, NeurIPS 2019) or by Rayleigh-quotient SGD at the cost of back-propagation (fast splitting:
   Wang, Li, Wu, Liu, arXiv 2019).
@@ -12,5 +10,7 @@
   analysis function and a scheme function; everything else reads this table.
 * :mod:`.selection`: which splits to make: a grow ratio with per-group quotas, or the energy-aware linear program
   (fast energy-aware splitting) solved with ``scipy.optimize.linprog``.
-* :mod:`.channel_cost`: the MACs / energy of one more channel per layer, and exact MACs after a set of splits.
+
+What a neuron is, what a channel costs, variance transfer and learning-rate adaptation are shared with the other
+growth methods and live in :mod:`nas_split.growth`.
 """

@@ -12,12 +12,10 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
-__all__ = ["ACTIVATIONS", "activation_kind", "first_derivative", "second_derivative", "LINEAR"]
+from ..growth.neurons import LINEAR
 
-LINEAR = "identity"
-
+__all__ = ["ACTIVATIONS", "first_derivative", "second_derivative"]
 
 def _softplus_dd(u: torch.Tensor, beta: float) -> torch.Tensor:
     s = torch.sigmoid(beta * u)
@@ -79,25 +77,6 @@ FIRST: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": lambda u: torch.sigmoid(u) * (1 - torch.sigmoid(u)),
     LINEAR: torch.ones_like,
 }
-
-_KINDS: tuple[tuple[type, str], ...] = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.SiLU, "silu"),
-                                        (nn.Hardswish, "hardswish"), (nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid"),
-                                        (nn.Identity, LINEAR))
-
-
-def activation_kind(module: nn.Module | None) -> str | None:
-    """The kind of an activation module (``"relu"``, ``"silu"``, ...), ``"identity"`` for none, ``None`` if unknown."""
-    if module is None:
-        return LINEAR
-    if isinstance(module, nn.GELU):
-        return "gelu" if module.approximate == "none" else None
-    if isinstance(module, nn.Hardtanh) and not isinstance(module, nn.ReLU6):
-        return None
-    for cls, kind in _KINDS:
-        if isinstance(module, cls):
-            return kind
-    return None
-
 
 def second_derivative(kind: str, u: torch.Tensor, beta: float = 3.0) -> torch.Tensor:
     """σ''(u) for activation ``kind`` (surrogate curvature ``beta`` for ReLU / ReLU6)."""

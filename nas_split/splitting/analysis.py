@@ -53,9 +53,9 @@ from torch import nn
 
 from ..distributed import all_reduce_sum, batch_share, world_size
 from ..errors import DivergedError
+from ..growth.neurons import Neuron, NotAnalyzableError
 from ..numerics import evaluating, full_precision, like_model, model_device
 from .activations import first_derivative, second_derivative
-from .neurons import Neuron, NotAnalyzableError
 
 __all__ = ["Spectrum", "splitting_matrices", "exact_spectrum", "fast_spectrum", "LossFn"]
 

@@ -12,7 +12,7 @@ neurons ``top`` takes in each layer but draws them at random within the layer (:
 
 **Energy-aware** (Wang et al. 2019, "Energy-Aware Neural Architecture Optimization with Fast Splitting Steepest
 Descent"): with ``cost_i`` the MAC increase of split ``i``, or
-its price under a cost model (:mod:`nas_split.cost_models`),
+its price under a cost model (:mod:`nas_split.cost`),
 
     min_β Σ_i β_i G_i   s.t.   Σ_{i∈g} β_i cost_i ≤ τ_g  for every group g,
                                Σ_{i∈ℓ} β_i new_i ≤ cap_ℓ − width_ℓ  for every capped layer ℓ,   0 ≤ β_i ≤ 1,

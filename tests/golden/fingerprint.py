@@ -57,7 +57,7 @@ def fingerprints(work: Path) -> dict:
     cfg = work / "compare.yaml"
     cfg.write_text("dataset: digits\nbackbone: mobilenetv1_cifar_025\nbackbone_options: {width_mult: 0.25}\n"
                    "seed_options: {width_mult: 0.125}\nmethods: [fast, prune-l1, scratch]\nseeds: [0]\n"
-                   "targets_mmacs: [3.0]\nrounds: 2\nseed_epochs: 1\ntrain: {epochs: 1, progress: false}\n"
+                   "target_mmacs: [3.0]\nrounds: 2\nseed_epochs: 1\ntrain: {epochs: 1, progress: false}\n"
                    "latency: false\nretrain: true\n")
     call("compare", "--config", str(cfg), "--out", str(work / "compare"))
     fp["compare"] = _results(work / "compare")

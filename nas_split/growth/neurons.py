@@ -26,9 +26,29 @@ from ..errors import NasSplitError
 from ..numerics import evaluating, like_model
 from ..surgery import CouplingGraph, growable_layers
 from ..surgery.handlers import is_depthwise
-from .activations import LINEAR, activation_kind
 
-__all__ = ["Neuron", "Tail", "find_neurons", "splittable_layers", "NotAnalyzableError"]
+__all__ = ["LINEAR", "activation_kind", "Neuron", "Tail", "find_neurons", "splittable_layers", "NotAnalyzableError"]
+
+#: the kind of a neuron without a nonlinearity
+LINEAR = "identity"
+
+_KINDS: tuple[tuple[type, str], ...] = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.SiLU, "silu"),
+                                        (nn.Hardswish, "hardswish"), (nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid"),
+                                        (nn.Identity, LINEAR))
+
+
+def activation_kind(module: nn.Module | None) -> str | None:
+    """The kind of an activation module (``"relu"``, ``"silu"``, ...), ``"identity"`` for none, ``None`` if unknown."""
+    if module is None:
+        return LINEAR
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else None
+    if isinstance(module, nn.Hardtanh) and not isinstance(module, nn.ReLU6):
+        return None
+    for cls, kind in _KINDS:
+        if isinstance(module, cls):
+            return kind
+    return None
 
 
 class NotAnalyzableError(NasSplitError, ValueError):

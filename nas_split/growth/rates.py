@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..numerics import evaluating, like_model, model_device
-from .graph import CouplingGraph
-from .handlers import handler_for
+from ..surgery.graph import CouplingGraph
+from ..surgery.handlers import handler_for
 
 __all__ = ["lra_factors", "SliceRates", "io_layers", "LayerRates"]
 

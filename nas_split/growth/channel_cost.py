@@ -2,9 +2,9 @@
 
 Adding a channel to layer ℓ grows every slot of its coupling group by one position: the producing layers'
 rows, depthwise filters in between and each consumer's input columns (once per position the channel occupies).
-Each affected conv/linear layer's :class:`~nas_split.cost_models.LayerShape` (from
+Each affected conv/linear layer's :class:`~nas_split.cost.LayerShape` (from
 :func:`nas_split.cost.measure_cost`) is grown by those positions and priced by the cost model
-(:meth:`~nas_split.cost_models.CostModel.channel_cost`): the increase in MACs is exact (MACs scale with
+(:meth:`~nas_split.cost.CostModel.channel_cost`): the increase in MACs is exact (MACs scale with
 ``out x in``), and so is an analytic energy model's; a measured table gives its measured slope.
 """
 from __future__ import annotations
@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..cost import count_macs, measure_cost
-from ..cost_models import CostModel
-from ..cost_models import cost_model as build_cost_model
+from ..cost import CostModel, count_macs, measure_cost
+from ..cost import cost_model as build_cost_model
 from ..numerics import full_precision
 from ..surgery import ChannelGroup, CouplingGraph
 from ..surgery.handlers import is_depthwise

@@ -9,9 +9,9 @@ from torch import nn
 from nas_split.cost import PassCounter
 from nas_split.distributed import ShardedBatches, summed
 from nas_split.errors import ConfigError
+from nas_split.growth.rates import LayerRates, SliceRates
 from nas_split.methods import FromScratch, GrowthMethod, Method, MethodContext, register_method
 from nas_split.stages import stage_seed
-from nas_split.surgery.rates import LayerRates, SliceRates
 from nas_split.surgery.rebuild import fresh_model, resized_sizes, width_groups
 
 from .firefly import firefly_grow

@@ -1,4 +1,4 @@
-"""Shared helpers: normalised tensor datasets and deterministic splits."""
+"""Shared helpers: normalised tensor datasets and deterministic train / val / test partitions."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 
-def split_indices(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
-    """Stratified split of ``range(len(labels))`` into parts of the given fractions (the last takes the rest).
+def partition_indices(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """Stratified partition of ``range(len(labels))`` into parts of the given fractions (the last takes the rest).
 
     Each sample gets the key ``(rank within its class + U[0, 1)) / class size`` from a seeded permutation; sorting
     by key and cutting at the global fractions gives exact part sizes and per-class shares within one sample.
