@@ -346,11 +346,13 @@ def test_registry_lists_growth_methods_and_baselines():
     assert set(BASELINES) | {"s2d", "fast", "s3d", "s3d-exact", "energy"} <= set(list_methods())
 
 
-# every criterion's landing and training are tested above on three backbones; through `run` once per path:
-# a gradient-free (l1) and a regularised (slim) criterion
-@pytest.mark.parametrize("method", [m for m in BASELINES if m not in ("prune-taylor", "prune-hessian", "prune-random",
-                                                                  "prune-taylor-global", "prune-slim-global")]
-                         + ["fast"])
+# every method through `run`; the pruning criteria beyond one gradient-free (l1) and one regularised (slim) path
+# are marked slow (their landing is tested above on three backbones in the fast loop too)
+_SLOW_PATHS = ("prune-taylor", "prune-hessian", "prune-random", "prune-taylor-global", "prune-slim-global")
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in _SLOW_PATHS else m
+                                    for m in BASELINES] + ["fast"])
 def test_every_method_runs_end_to_end_on_digits(tmp_path, method):
     out = tmp_path / "run"
     args = ["run", "--method", method, "--dataset", "digits", "--backbone", "mobilenetv1_cifar_025", "--out",

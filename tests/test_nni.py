@@ -198,11 +198,11 @@ def test_compare_on_nni_runs_trials_in_parallel_with_the_same_table(tmp_path, ca
     out = tmp_path / "c"
     argv = ["compare", "--dataset", "digits", "--backbone", "mobilenetv1_cifar_025", "--set",
             "backbone_options.width_mult=0.25", "--seed-width-mult", "0.125", "--target-mmacs", "3", "--epochs", "1",
-            "--seed-epochs", "1", "--rounds", "1", "--no-latency", "--methods", "random,scratch", "--seeds", "0",
+            "--seed-epochs", "1", "--rounds", "1", "--no-latency", "--methods", "random,scratch", "--seeds", "0,1",
             "--out", str(out)]
     assert main([*argv, "--engine", "nni", "--jobs", "2", "--port", str(_free_port())]) == 0
     trials = json.loads((out / "nni_trials.json").read_text())
-    assert len(trials) == 2 and {t["status"] for t in trials} == {"SUCCEEDED"}
+    assert len(trials) == 4 and {t["status"] for t in trials} == {"SUCCEEDED"}
     spans = sorted((t["startTime"], t["endTime"]) for t in trials)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # two ran at once
     nni_table = (out / "table.md").read_text()
