@@ -3,7 +3,9 @@
 ``save_grown`` writes one file holding plain data only (loadable with ``torch.load(weights_only=True)``): how
 to build the seed architecture (a ``search_spaces`` name and its arguments, recorded by ``search_spaces.create``,
 or the name of a factory function), the width of every conv / linear / norm layer, the ``state_dict``, and for
-timm models the timm shape string.  ``load_grown`` builds the seed, resizes its layers and loads the weights.
+timm models the timm shape string; for an anytime model also its levels (``model.nas_split_levels``, see
+:mod:`nas_split.anytime`).  ``load_grown`` builds the seed, resizes its layers, loads the weights and gives the
+model its levels back.
 
 Loading never imports or calls code that the file names: a ``space`` spec is looked up in the
 ``search_spaces`` registry (names registered by code the caller imported), and a ``factory`` spec is built only
@@ -72,10 +74,24 @@ def grown_payload(model: nn.Module, spec: dict[str, Any] | None = None) -> dict[
         json.dumps(spec)
     except TypeError as e:
         raise ConfigError(f"spec must hold plain JSON values to reload with weights_only=True: {e}") from None
-    return {"format": FORMAT, "spec": spec, "sizes": layer_sizes(model),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "timm_shape_string": timm_shape_string(model) if hasattr(model, "pretrained_cfg") else None,
-            "feature_chs": [int(e["num_chs"]) for e in feature_entries(model)]}
+    payload = {"format": FORMAT, "spec": spec, "sizes": layer_sizes(model),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "timm_shape_string": timm_shape_string(model) if hasattr(model, "pretrained_cfg") else None,
+               "feature_chs": [int(e["num_chs"]) for e in feature_entries(model)]}
+    if getattr(model, "nas_split_levels", None) is not None:  # an anytime model's levels (nas_split.anytime)
+        payload["levels"] = _on_cpu(model.nas_split_levels)
+    return payload
+
+
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` (plain data: dicts, lists, numbers, tensors) with every tensor detached and on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_on_cpu(v) for v in obj]
+    return obj
 
 
 def save_grown(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any] | None = None) -> None:
@@ -171,4 +187,6 @@ def build_grown(payload: dict[str, Any], factories: Factories | None = None) -> 
     for e, c in zip(feature_entries(model), payload.get("feature_chs", []), strict=False):
         e["num_chs"] = c
     model.nas_split_spec = payload["spec"]
+    if payload.get("levels") is not None:
+        model.nas_split_levels = payload["levels"]
     return model
