@@ -110,18 +110,18 @@ def _norms(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None}
 
 
-def _probe(model: nn.Module, record: dict[str, Any] | None, example_inputs: torch.Tensor | None) -> torch.Tensor:
+def _probe(model: nn.Module, record: dict[str, Any], example_inputs: torch.Tensor | None) -> torch.Tensor:
     """Inputs to trace ``model`` with: ``example_inputs``, or random ones of the shape its levels recorded."""
     if example_inputs is not None:
         return example_inputs
-    shape = (record or {}).get("input_shape")
+    shape = record.get("input_shape")
     if shape is None:
         raise LevelError("pass example_inputs: this model's levels record no input shape")
     return like_model(model, torch.randn((2, *shape), generator=torch.Generator().manual_seed(0)))
 
 
 def _plan(model: nn.Module, widths: dict[str, int], example_inputs: torch.Tensor | None,
-          record: dict[str, Any] | None) -> _Plan:
+          record: dict[str, Any]) -> _Plan:
     """The :class:`_Plan` of ``widths`` on ``model`` as it is now (cached per model, level and model sizes)."""
     sizes = layer_sizes(model)
     key = (tuple(sorted(widths.items())), tuple((n, tuple(s)) for n, s in sorted(sizes.items())))
@@ -132,7 +132,7 @@ def _plan(model: nn.Module, widths: dict[str, int], example_inputs: torch.Tensor
 
 
 def _build_plan(model: nn.Module, widths: dict[str, int], sizes: dict[str, list[int]],
-                example_inputs: torch.Tensor | None, record: dict[str, Any] | None) -> _Plan:
+                example_inputs: torch.Tensor | None, record: dict[str, Any]) -> _Plan:
     current = layer_widths(model)
     if set(widths) != set(current):
         odd = sorted(set(widths) ^ set(current))
@@ -195,36 +195,36 @@ def _original(m: nn.Module, attr: str) -> torch.Tensor:
 
 class LevelSwitch:
     """The model running at one level (see :func:`set_level`); a context manager whose exit gives back the level
-    that was active before (the full model if none)."""
+    that was active when it was made (the full model if none)."""
 
     def __init__(self, model: nn.Module, level: int, plan: _Plan, stats: dict[str, dict[str, torch.Tensor]],
                  previous: LevelSwitch | None):
-        self.model, self.level, self._previous = model, level, previous
+        self._model, self.level, self._previous = weakref.ref(model), level, previous  # no cycle via _ACTIVE
         self._plan, self._stats = plan, stats
         self._hooks: list[Any] = []
         self._shadows: list[tuple[nn.Module, str]] = []
         self._groups: dict[nn.Module, int] = {}
-        self._closed = False
+        self._entered = self._closed = False
+
+    @property
+    def model(self) -> nn.Module:
+        """The switched model."""
+        return self._model()
 
     def __enter__(self) -> nn.Module:
+        self._entered = True
         return self.model
 
     def __exit__(self, *exc: object) -> None:
-        self.restore()
-
-    def restore(self) -> None:
-        """Undo this switch: the level active before it (or the full model) runs again."""
         if self._closed:
             return
-        if _ACTIVE.get(self.model) is not self:
-            raise LevelError("restore the level switched to last first")
-        self._uninstall()
         self._closed = True
+        active = _ACTIVE.pop(self.model, None)  # this switch, or a plain call's made inside the block
+        if active is not None:
+            active._uninstall()
         if self._previous is not None:
             self._previous._install()
             _ACTIVE[self.model] = self._previous
-        else:
-            del _ACTIVE[self.model]
 
     def _install(self) -> None:
         modules = dict(self.model.named_modules())
@@ -322,6 +322,8 @@ def set_level(model: nn.Module, level: int, example_inputs: torch.Tensor | None 
         if previous is not None:
             previous._install()
         raise
+    if previous is not None and not previous._entered:  # a plain call's switch is replaced, never given back:
+        previous._previous = None  # what it replaced is not needed any more (plain calls keep no chain)
     switch = LevelSwitch(model, k, plan, stats, previous)
     switch._install()
     _ACTIVE[model] = switch
@@ -336,8 +338,9 @@ def add_level(model: nn.Module, example_inputs: torch.Tensor) -> int:
     level's entries), earlier levels' statistics follow any rescaling of a norm's input (see the module
     docstring), and the new last level uses the modules' buffers.
     """
-    if model in _ACTIVE:
-        raise LevelError("add_level on a model running at a level: restore the full model first")
+    active = _ACTIVE.get(model)
+    if active is not None and (active._plan.keep or active._stats):
+        raise LevelError("add_level on a model running at an earlier level: switch back to the full model first")
     record = getattr(model, ATTR, None)
     if record is None:
         setattr(model, ATTR, {"format": FORMAT, "input_shape": [int(d) for d in example_inputs.shape[1:]],

@@ -254,11 +254,14 @@ def test_switches_nest_and_refuse_a_grown_model_without_its_level():
             with at.set_level(model, 1):
                 assert torch.equal(model(x), outs[1])
             assert torch.equal(model(x), outs[0])  # the outer level is back
-        switch = at.set_level(model, 1)  # a plain call switches until undone
+        with at.set_level(model, 2):
+            at.set_level(model, 0)  # a plain call switches until the next switch or the end of the block
+            assert torch.equal(model(x), outs[0])
+        assert torch.equal(model(x), outs[2])
+        at.set_level(model, 1)
         assert torch.equal(model(x), outs[1])
         at.set_level(model, -1)
         assert torch.equal(model(x), outs[2])
-        del switch
     with pytest.raises(at.LevelError, match="integer in"):
         at.set_level(model, 3)
     ns.split(model, x, {"features.1": [0]}, eps=0.0)
