@@ -27,7 +27,7 @@ level (the full model) keeps them in the modules' buffers, every earlier level i
 level's forward in train mode updates its own.  :func:`recalibrate` recomputes a level's statistics from a few
 batches instead (US-Nets' post-training recalibration).  A growth step that rescales a norm's input by ``β`` keeps
 the function only by scaling the running mean by ``β`` and the running variance and ``ε`` by ``β²`` (variance
-transfer, :mod:`nas_split.splitting.variance`); :func:`add_level` applies the same scale, read from the change of
+transfer, :mod:`nas_split.growth.variance`); :func:`add_level` applies the same scale, read from the change of
 ``ε``, to every earlier level's statistics.
 
 **Stored with the model.**  The levels live in ``model.nas_split_levels`` (plain data: widths, statistics, the
