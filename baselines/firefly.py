@@ -155,13 +155,14 @@ def firefly_candidates(model: nn.Module, example_inputs: torch.Tensor, loader: I
                                          device=model_device(model))
     h = _Candidate(cand, neurons, names, widths, k, orig_in)
     gen = generator or torch.Generator().manual_seed(0)
+    before = dict(model.named_modules())
     for n, nr in neurons.items():
         row, like = tuple(nr.layer.weight.shape[1:]), nr.layer.weight  # CPU draws, then the layer's device/dtype
         h.params[f"{n}.D"] = ((torch.rand((widths[n], *row), generator=gen) * 2 - 1) * init_scale).to(like)
         h.params[f"{n}.A"] = (torch.randn((k, *row), generator=gen) * init_scale).to(like)
         for cname in consumers.get(n, {}):
             w = graph.modules[cname].weight
-            col = (w.shape[0] - (k if cname in neurons else 0), *w.shape[2:])
+            col = (before[cname].weight.shape[0], *w.shape[2:])  # its own rows (a residual stream widened them)
             h.params[f"{n}->{cname}.B"] = ((torch.rand((k, *col), generator=gen) * 2 - 1) * 0.01).to(w)
     for p in h.params.values():
         p.requires_grad_()

@@ -163,7 +163,7 @@ def test_firefly_keeps_exactly_the_most_negative():
     assert select_most_negative(scores, 0) == [] and len(select_most_negative(scores, 99)) == 7
 
 
-@pytest.mark.parametrize("name", ["test_mlp", "test_mobilenetv1"])
+@pytest.mark.parametrize("name", ["test_mlp", "test_mobilenetv1", "test_mobilenetv2"])  # v2: residual streams
 def test_firefly_preserves_at_insertion_and_descends(name):
     torch.manual_seed(0)
     d = create_dataset("digits", seed=0)
