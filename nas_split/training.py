@@ -158,7 +158,8 @@ class Trainer:
             epochs: int | None = None, optimizer: torch.optim.Optimizer | None = None,
             on_epoch_end: Callable[[dict], None] | None = None, desc: str = "train",
             regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
-            schedule: tuple[int, int] | None = None, rewarm_epochs: float = 0.0) -> FitResult:
+            schedule: tuple[int, int] | None = None, rewarm_epochs: float = 0.0,
+            train_step: Callable | None = None) -> FitResult:
         """Train ``model`` in place for ``epochs`` (default ``cfg.epochs``) with a fresh learning-rate schedule, or
         as a part of a longer one.
 
@@ -173,6 +174,10 @@ class Trainer:
                 its own.  ``cfg.warmup_epochs`` are the first epochs of the schedule.
             rewarm_epochs: multiply the rate by a linear ramp ``min(1, (step + 1) / (rewarm_epochs x steps per
                 epoch))`` at the start of this fit (a warm-up after a growth step).
+            train_step: ``train_step(model, fmodel, x, y, criterion, no_sync) -> (loss, outputs)`` sets the gradients
+                instead of ``backward`` of the criterion's loss (an anytime model's levels:
+                :class:`nas_split.anytime_training.LevelStep`); ``no_sync()`` is a context without DDP's
+                gradient sync.  Not with a regularizer or a precision that scales the loss.
 
         Returns:
             :class:`FitResult` with the history and the (raw, unwrapped) optimizer.
@@ -182,6 +187,9 @@ class Trainer:
         epochs = self.cfg.epochs if epochs is None else epochs
         fmt = self.memory_format(model)
         model.to(self.device, memory_format=fmt)
+        if train_step is not None and (regularizer is not None or self.cfg.precision in ("16-mixed", "16")):
+            raise ConfigError("a training step of its own (anytime levels) takes no regularizer and no fp16 loss "
+                              f"scaling (precision {self.cfg.precision!r}); use bf16-mixed or 32")
         optimizer = optimizer or make_optimizer(model, self.cfg)
         state_to_params(optimizer)  # a state loaded from a checkpoint before the model moved stays behind otherwise
         # the batch norms synchronised for this fit only: surgery, analysis and saved files see plain ones
@@ -198,6 +206,9 @@ class Trainer:
             t0 = time.perf_counter()
             show = self.cfg.progress and self.fabric.is_global_zero
             bar = tqdm(total=per_epoch * max(epochs, 1), desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+            def no_sync():
+                return self.fabric.no_backward_sync(fmodel, enabled=self.fabric.world_size > 1)
+
             step = 0
             for epoch in range(epochs):
                 fmodel.train()
@@ -212,11 +223,13 @@ class Trainer:
                         lr *= min(1.0, (step + 1) / ramp)
                     for g in optimizer.param_groups:
                         g["lr"] = lr
-                    out = fmodel(x)
-                    loss = crit(out, y)
-                    total = loss + regularizer(model) if regularizer is not None else loss
                     fopt.zero_grad(set_to_none=True)
-                    self.fabric.backward(total)
+                    if train_step is None:
+                        out = fmodel(x)
+                        loss = crit(out, y)
+                        self.fabric.backward(loss + regularizer(model) if regularizer is not None else loss)
+                    else:
+                        loss, out = train_step(model, fmodel, x, y, crit, no_sync)
                     fopt.step()
                     finite &= torch.isfinite(loss.detach())
                     loss_sum += loss.detach() * len(y)

@@ -1,0 +1,81 @@
+"""Training an anytime network's levels together: one step forwards every trained level and combines the levels'
+gradients with orthogonalized SGD (Wan, Hoffmann, Lu & Maire, ICML 2020; :mod:`nas_split.osgd`), their plain sum,
+or the largest level's alone (ordinary training, the ablation baseline).
+
+:class:`AnytimeConfig` is what ``growth.anytime`` (``grow``, ``nni``) and ``method_options.anytime`` (``run``,
+``compare``) hold; :class:`LevelStep` is the step :meth:`nas_split.training.Trainer.fit` takes instead of its own
+``loss.backward()``.  The levels are those :func:`nas_split.anytime.add_level` recorded (level ``k``: the widths
+after stage ``k``); ``levels: all`` trains every level so far, ``levels: K`` the last ``K`` (the full model
+always among them).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from torch import nn
+
+from .anytime import levels, set_level
+from .osgd import Mode, Unit, osgd_backward
+
+__all__ = ["AnytimeConfig", "trained_levels", "LevelStep"]
+
+
+class AnytimeConfig(BaseModel):
+    """How an anytime run trains its levels.
+
+    Attributes:
+        levels: ``"all"`` levels so far, or the last ``K`` (``1``: the full model alone).
+        optimizer: ``osgd`` (orthogonalized, smallest level first), ``sum`` (the summed losses) or ``last`` (the
+            largest level alone: today's training, the ablation).
+        bn: ``private`` running statistics per level, updated by each level's own forward in training, or
+            ``recalibrate``: every level's statistics recomputed from ``recalibrate_batches`` training batches
+            after each stage (:func:`nas_split.anytime.recalibrate`).
+        unit: OSGD's unit of orthogonality, per parameter ``tensor`` or the whole ``vector``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    levels: Literal["all"] | PositiveInt = "all"
+    optimizer: Mode = "osgd"
+    bn: Literal["private", "recalibrate"] = "private"
+    recalibrate_batches: PositiveInt = Field(20, description="training batches per level with bn: recalibrate")
+    unit: Unit = "tensor"
+
+
+def trained_levels(model: nn.Module, cfg: AnytimeConfig) -> list[int]:
+    """Indices of the levels a step trains, smallest first (the last one is the full model)."""
+    n = len(levels(model))
+    first = 0 if cfg.levels == "all" else max(0, n - cfg.levels)
+    return list(range(first, n))
+
+
+class LevelStep:
+    """One training step over the trained levels of ``model`` (see the module docstring).
+
+    Called by the trainer with the model, its (possibly Fabric-wrapped) module, a batch and the criterion; it sets the
+    parameters' ``.grad`` (replacing them) and returns the full model's loss and outputs for the epoch's
+    statistics.  Under several processes the levels' forwards run without DDP's own gradient sync and
+    :func:`~nas_split.osgd.osgd_backward` all-reduces each level's gradient before combining them.
+    """
+
+    def __init__(self, cfg: AnytimeConfig):
+        self.cfg = cfg
+
+    def __call__(self, model: nn.Module, fmodel: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 crit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 no_sync: Callable[[], object]) -> tuple[torch.Tensor, torch.Tensor]:
+        ks = trained_levels(model, self.cfg)[-1 if self.cfg.optimizer == "last" else 0:]  # last: one forward
+        losses, out = [], None
+        with no_sync():
+            for k in ks:
+                if k == len(levels(model)) - 1:
+                    out = fmodel(x)  # the full model: no slicing
+                else:
+                    with set_level(model, k):
+                        out = fmodel(x)
+                losses.append(crit(out, y))
+        osgd_backward(losses, model.parameters(), self.cfg.optimizer, self.cfg.unit)
+        return losses[-1], out

@@ -1,0 +1,91 @@
+"""Training an anytime network's levels with the trainer (nas_split.anytime_training): ``last`` is ordinary
+training bit for bit, ``sum`` steps on the summed levels' gradient, and training every level with OSGD lowers the
+smallest level's loss where training the full model alone does not reach it as well."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import search_spaces
+from nas_split import anytime as at
+from nas_split.anytime_training import AnytimeConfig, LevelStep, trained_levels
+from nas_split.errors import ConfigError
+from nas_split.surgery import NewChannels, add_channels
+from nas_split.training import TrainConfig, Trainer
+
+
+def _two_levels():
+    """A test MLP with level 0 (the seed) and level 1 (four new channels per hidden layer, random fan-in and
+    fan-out)."""
+    torch.manual_seed(0)
+    model = search_spaces.create("test_mlp", 4, 1, 6)
+    x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 4, (64,))
+    at.add_level(model, x)
+    gen = torch.Generator().manual_seed(1)
+    add_channels(model, x[:2], {"features.1": NewChannels(4, torch.randn(4, 36, generator=gen) * 0.1,
+                                                          {"features.4": torch.randn(4, 8, generator=gen) * 0.1}),
+                                "features.4": NewChannels(4, torch.randn(4, 16, generator=gen) * 0.1,
+                                                          {"classifier": torch.randn(4, 4, generator=gen) * 0.1})})
+    at.add_level(model, x)
+    return model, x, y
+
+
+def _fit(model, x, y, step=None, epochs=3):
+    trainer = Trainer(TrainConfig(epochs=epochs, lr=0.1, schedule="constant", progress=False, seed=0, batch_size=16))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+    trainer.fit(model, loader, train_step=step)
+    return model
+
+
+def _level_loss(model, x, y, k):
+    with torch.no_grad(), at.set_level(model, k):
+        return F.cross_entropy(model.eval()(x), y).item()
+
+
+def test_trained_levels_are_all_or_the_last_k():
+    model, _, _ = _two_levels()
+    assert trained_levels(model, AnytimeConfig()) == [0, 1]
+    assert trained_levels(model, AnytimeConfig(levels=1)) == [1]
+    assert trained_levels(model, AnytimeConfig(levels=5)) == [0, 1]
+
+
+def test_last_is_ordinary_training_bit_for_bit():
+    model, x, y = _two_levels()
+    plain = _fit(copy.deepcopy(model), x, y)
+    last = _fit(copy.deepcopy(model), x, y, step=LevelStep(AnytimeConfig(optimizer="last")))
+    for (n, a), b in zip(plain.state_dict().items(), last.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_sum_steps_on_the_summed_levels_gradient():
+    model, x, y = _two_levels()
+    ref = copy.deepcopy(model)
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    LevelStep(AnytimeConfig(optimizer="sum"))(m, m.train(), x, y, F.cross_entropy, lambda: torch.enable_grad())
+    ref.train()
+    with at.set_level(ref, 0):
+        small = F.cross_entropy(ref(x), y)
+    (small + F.cross_entropy(ref(x), y)).backward()
+    for (n, p), q in zip(m.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+    opt.step()
+
+
+def test_osgd_trains_the_small_level_that_last_leaves_behind():
+    model, x, y = _two_levels()
+    before = _level_loss(model, x, y, 0)
+    osgd = _fit(copy.deepcopy(model), x, y, step=LevelStep(AnytimeConfig()), epochs=5)
+    last = _fit(copy.deepcopy(model), x, y, step=LevelStep(AnytimeConfig(optimizer="last")), epochs=5)
+    assert _level_loss(osgd, x, y, 0) < min(before, _level_loss(last, x, y, 0))
+    assert _level_loss(osgd, x, y, 1) < _level_loss(model, x, y, 1)  # the full model learns too
+
+
+def test_own_step_refuses_a_regularizer():
+    model, x, y = _two_levels()
+    with pytest.raises(ConfigError, match="no regularizer"):
+        Trainer(TrainConfig(epochs=1, progress=False)).fit(
+            model, DataLoader(TensorDataset(x, y), batch_size=16), regularizer=lambda m: 0.0,
+            train_step=LevelStep(AnytimeConfig()))
