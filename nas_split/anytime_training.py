@@ -17,10 +17,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
-from .anytime import levels, set_level
+from .anytime import ATTR, add_level, levels, recalibrate, set_level
+from .cost import count_macs
 from .osgd import Mode, Unit, osgd_backward
+from .surgery.sizes import layer_widths
 
-__all__ = ["AnytimeConfig", "trained_levels", "LevelStep"]
+__all__ = ["AnytimeConfig", "trained_levels", "LevelStep", "track_levels", "level_macs", "level_rows",
+           "recalibrate_levels"]
 
 
 class AnytimeConfig(BaseModel):
@@ -79,3 +82,37 @@ class LevelStep:
                 losses.append(crit(out, y))
         osgd_backward(losses, model.parameters(), self.cfg.optimizer, self.cfg.unit)
         return losses[-1], out
+
+
+def track_levels(model: nn.Module, example_inputs: torch.Tensor) -> None:
+    """Record the model's widths as a new level when they differ from its last level's (the seed's first stage,
+    and every stage after a growth step); a model without levels gets level 0."""
+    seen = levels(model) if hasattr(model, ATTR) else []
+    if not seen or seen[-1] != layer_widths(model):
+        add_level(model, example_inputs)
+
+
+def level_macs(model: nn.Module, example_inputs: torch.Tensor) -> list[int]:
+    """MACs per sample of every level (counted with each level's slices in place)."""
+    out = []
+    for k in range(len(levels(model))):
+        with set_level(model, k):
+            out.append(count_macs(model, example_inputs)[0])
+    return out
+
+
+def level_rows(model: nn.Module, evaluate: Callable[[nn.Module], object], macs: list[int]) -> list[dict]:
+    """One record per level: ``{level, macs, mmacs, test_acc, test_loss}`` (``evaluate(model)`` gives the test
+    :class:`~nas_split.training.EvalResult` of the model as it runs)."""
+    rows = []
+    for k, m in enumerate(macs):
+        with set_level(model, k):
+            ev = evaluate(model)
+        rows.append({"level": k, "macs": m, "mmacs": m / 1e6, "test_acc": ev.acc, "test_loss": ev.loss})
+    return rows
+
+
+def recalibrate_levels(model: nn.Module, loader, batches: int) -> None:
+    """``bn: recalibrate``: every level but the full model gets statistics recomputed from ``batches`` batches."""
+    for k in range(len(levels(model)) - 1):
+        recalibrate(model, k, loader, batches)

@@ -15,6 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .anytime_training import (
+    AnytimeConfig,
+    LevelStep,
+    level_macs,
+    level_rows,
+    recalibrate_levels,
+    track_levels,
+    trained_levels,
+)
 from .cost import CostModel, measure_cost, training_macs
 from .data import DataSplits
 from .numerics import model_device
@@ -48,6 +57,9 @@ class StageRunner:
     growth_warmup_epochs: float = 0.0
     trainer: Trainer | None = None
     records: list[StageRecord] = field(default_factory=list)
+    #: an anytime run (:mod:`nas_split.anytime_training`): every stage adds the model's widths as a level, trains
+    #: the levels together and records each level's MACs and test accuracy (``levels`` of the stage record)
+    anytime: AnytimeConfig | None = None
 
     def __post_init__(self):
         self.trainer = self.trainer or Trainer(self.recipe)
@@ -83,17 +95,28 @@ class StageRunner:
         stage = len(self.records)
         tr, va, te = self.loaders(stage)
         done = self.epochs_total
+        if self.anytime is not None:
+            track_levels(model, self.example_inputs)
         fit = self.trainer.fit(model, tr, va, epochs=epochs, optimizer=optimizer, desc=f"{kind} {stage}",
                                regularizer=regularizer,
                                schedule=None if self.schedule_epochs is None else (done, self.schedule_epochs),
                                rewarm_epochs=self.growth_warmup_epochs if "growth" in extra else 0.0,
-                               on_epoch_end=lambda r: self.epoch_hook(done + r["epoch"], r)) if epochs else None
+                               on_epoch_end=lambda r: self.epoch_hook(done + r["epoch"], r),
+                               train_step=LevelStep(self.anytime) if self.anytime else None) if epochs else None
+        if self.anytime is not None and self.anytime.bn == "recalibrate":
+            recalibrate_levels(model, tr, self.anytime.recalibrate_batches)
         test = self.trainer.evaluate(model, te)
         # costs (and CPU latency) on a CPU copy: the live model stays on its device for the growth that follows
         on_cpu = model if model_device(model).type == "cpu" else copy.deepcopy(model).cpu()
         cost = measure_cost(on_cpu, self.example_inputs, latency=self.latency, cost_model=self.cost_model)
+        trained_macs = cost.macs
+        if self.anytime is not None:  # each sample trains every trained level: Σ_k MACs_k per sample
+            macs = level_macs(model, self.example_inputs)
+            extra["levels"] = level_rows(model, lambda m: self.trainer.evaluate(m, te), macs)
+            trained_macs = sum(macs[k] for k in trained_levels(model, self.anytime)) \
+                if self.anytime.optimizer != "last" else cost.macs
         extra = {"train_samples": fit.samples if fit else 0,
-                 "train_macs": training_macs(cost.macs, fit.samples) if fit else 0.0, **extra}
+                 "train_macs": training_macs(trained_macs, fit.samples) if fit else 0.0, **extra}
         rec = StageRecord(stage, kind, epochs, done + epochs, test.acc, test.loss,
                           fit.history[-1].get("val_acc") if fit and fit.history else None,
                           fit.seconds if fit else 0.0, fit.history if fit else [], cost.to_dict(layers=True),

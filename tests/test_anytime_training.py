@@ -89,3 +89,29 @@ def test_own_step_refuses_a_regularizer():
         Trainer(TrainConfig(epochs=1, progress=False)).fit(
             model, DataLoader(TensorDataset(x, y), batch_size=16), regularizer=lambda m: 0.0,
             train_step=LevelStep(AnytimeConfig()))
+
+
+def test_an_anytime_stage_runner_records_every_level():
+    from nas_split.cost import count_macs, training_macs
+    from nas_split.data import create_dataset
+    from nas_split.stages import StageRunner
+
+    torch.manual_seed(0)
+    data = create_dataset("digits", seed=0)
+    model = search_spaces.create("test_mlp", 10, 1, 8)
+    x = torch.stack([data.train[i][0] for i in range(8)])
+    runner = StageRunner(data=data, recipe=TrainConfig(epochs=1, progress=False, seed=0), example_inputs=x,
+                         latency=False, anytime=AnytimeConfig())
+    runner.stage(model, "seed", 1)
+    add_channels(model, x[:2], {"features.1": NewChannels(4, torch.randn(4, 64) * 0.1)})
+    runner.stage(model, "round", 1)
+    seed_rec, grown = runner.records
+    assert [r["level"] for r in seed_rec.extra["levels"]] == [0] and len(grown.extra["levels"]) == 2
+    _, _, te = runner.loaders(1)
+    for k, row in enumerate(grown.extra["levels"]):  # against the extracted level, an independent path
+        sub = at.extract(model, k)
+        assert row["macs"] == count_macs(sub, x)[0]
+        assert row["test_acc"] == pytest.approx(runner.trainer.evaluate(sub, te).acc, abs=1e-9)
+    assert grown.extra["levels"][1]["macs"] == grown.macs > grown.extra["levels"][0]["macs"]
+    both = sum(r["macs"] for r in grown.extra["levels"])
+    assert grown.train_macs == training_macs(both, grown.extra["train_samples"])  # every level trained per sample
