@@ -17,13 +17,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
-from .anytime import ATTR, add_level, levels, recalibrate, set_level
-from .cost import count_macs
+from .anytime import ATTR, add_level, extract, levels, recalibrate, set_level
+from .cost import CostModel, measure_cost
 from .osgd import Mode, Unit, osgd_backward
 from .surgery.sizes import layer_widths
 
-__all__ = ["AnytimeConfig", "trained_levels", "LevelStep", "track_levels", "level_macs", "level_rows",
-           "recalibrate_levels"]
+__all__ = ["AnytimeConfig", "trained_levels", "LevelStep", "track_levels", "level_rows", "recalibrate_levels"]
 
 
 class AnytimeConfig(BaseModel):
@@ -92,23 +91,18 @@ def track_levels(model: nn.Module, example_inputs: torch.Tensor) -> None:
         add_level(model, example_inputs)
 
 
-def level_macs(model: nn.Module, example_inputs: torch.Tensor) -> list[int]:
-    """MACs per sample of every level (counted with each level's slices in place)."""
-    out = []
-    for k in range(len(levels(model))):
-        with set_level(model, k):
-            out.append(count_macs(model, example_inputs)[0])
-    return out
-
-
-def level_rows(model: nn.Module, evaluate: Callable[[nn.Module], object], macs: list[int]) -> list[dict]:
-    """One record per level: ``{level, macs, mmacs, test_acc, test_loss}`` (``evaluate(model)`` gives the test
-    :class:`~nas_split.training.EvalResult` of the model as it runs)."""
+def level_rows(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn.Module], object],
+               cost_model: CostModel | None = None) -> list[dict]:
+    """One record per level, from its extracted network (:func:`~nas_split.anytime.extract`): ``{level, macs,
+    mmacs, priced, test_acc, test_loss, widths}`` (``evaluate(net)`` gives its test
+    :class:`~nas_split.training.EvalResult`; ``priced`` under ``cost_model``, default the energy model)."""
     rows = []
-    for k, m in enumerate(macs):
-        with set_level(model, k):
-            ev = evaluate(model)
-        rows.append({"level": k, "macs": m, "mmacs": m / 1e6, "test_acc": ev.acc, "test_loss": ev.loss})
+    for k in range(len(levels(model))):
+        net = extract(model, k, example_inputs)
+        cost = measure_cost(net, example_inputs, latency=False, cost_model=cost_model)
+        ev = evaluate(net)
+        rows.append({"level": k, "macs": cost.macs, "mmacs": cost.mmacs, "priced": cost.priced,
+                     "test_acc": ev.acc, "test_loss": ev.loss, "widths": layer_widths(net)})
     return rows
 
 

@@ -37,7 +37,9 @@ CSV_FIELDS = ["label", "method", "phase", "seed", "target_mmacs", "stage", "kind
 class Row:
     """The final stage of one search run, with the run's wall time (everything: training, analysis, surgery,
     eval), its training MACs (:attr:`~nas_split.records.RunResult.train_macs`) and the accuracy of its
-    architecture retrained from scratch (``None`` when it was not retrained)."""
+    architecture retrained from scratch (``None`` when it was not retrained); or one earlier level of an anytime
+    run (:mod:`nas_split.anytime_training`), with the whole run's time and training MACs (one run gives every
+    level)."""
 
     label: str
     seed: int
@@ -53,6 +55,9 @@ class Row:
     retrained_acc: float | None = None
     cost_model: str = "horowitz-45nm µJ (estimated)"
     curve_acc: float | None = None
+    #: an anytime run's earlier level (its label is ``"<run label> L<k>"``): the level's index and the run's label
+    level: int | None = None
+    family: str | None = None
 
 
 def interp_log_macs(points: Sequence[tuple[float, float]], macs: float) -> float | None:
@@ -124,10 +129,14 @@ def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row], list[Row]]:
             continue
         last = res.last
         own = res.from_scratch and bool(res.config.get("method"))
-        (curve if phase == "curve" else finals).append(
-            Row(run.label, run.seed, run.target_mmacs, last.test_acc, last.mmacs, _priced(last.cost),
-                res.wall_seconds, sum(s.analysis_seconds for s in res.stages), last.epochs_total, last.widths,
-                res.train_macs, last.test_acc if own else None, cost_label(last.cost)))
+        row = Row(run.label, run.seed, run.target_mmacs, last.test_acc, last.mmacs, _priced(last.cost),
+                  res.wall_seconds, sum(s.analysis_seconds for s in res.stages), last.epochs_total, last.widths,
+                  res.train_macs, last.test_acc if own else None, cost_label(last.cost))
+        (curve if phase == "curve" else finals).append(row)
+        if phase != "curve":
+            finals += [replace(row, label=f"{run.label} L{lv['level']}", test_acc=lv["test_acc"],
+                               mmacs=lv["mmacs"], priced=lv["priced"], widths=lv["widths"], level=lv["level"],
+                               family=run.label) for lv in last.extra.get("levels", [])[:-1]]
     points: dict[int, list[tuple[float, float]]] = defaultdict(list)
     scratch = {run.label for run, res in pairs if getattr(run, "phase", "search") == "search"
                and on_scratch_curve(res.get("config") or {})}
@@ -260,7 +269,7 @@ def markdown_table(finals: list[Row], tolerance: float = 0.03, baseline: str = "
     has_ref = any(lab == baseline for _, lab in s)
     off = defaultdict(int)
     for r in finals:
-        off[(r.target, r.label)] += r.target is not None and abs(r.mmacs / r.target - 1) > tolerance
+        off[(r.target, r.label)] += r.target is not None and r.level is None and abs(r.mmacs / r.target - 1) > tolerance
     out = []
     for target in dict.fromkeys(t for t, _ in s):
         rows = {lab: v for (t, lab), v in s.items() if t == target}
@@ -335,6 +344,11 @@ def pareto_figure(finals: list[Row], curve: Sequence[Row] = ()):
                 re = [(p[0][0], p[2][0]) for p in pts if p[2] is not None]
                 ax.scatter([r[0] for r in re], [r[1] for r in re], facecolors="none", edgecolors=[colors[lab]],
                            s=60, label=f"{lab} (retrained)")
+        for fam in dict.fromkeys(r.family for r in finals if r.family):  # an anytime run's levels: one curve
+            for target in dict.fromkeys(r.target for r in finals if r.family == fam):
+                members = [lab for (t, lab) in s if t == target and (lab == fam or lab.startswith(f"{fam} L"))]
+                pts = sorted((s[(target, lab)][key][0], s[(target, lab)]["top1"][0]) for lab in members)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=":", color=colors[fam], lw=1)
         if key == "mmacs" and curve:
             pts = sorted((v["mmacs"][0], v["top1"][0]) for v in summary(list(curve)).values())
             ax.plot([p[0] for p in pts], [p[1] for p in pts], ls="--", color="grey", label="scratch curve")

@@ -18,7 +18,6 @@ from torch import nn
 from .anytime_training import (
     AnytimeConfig,
     LevelStep,
-    level_macs,
     level_rows,
     recalibrate_levels,
     track_levels,
@@ -111,9 +110,9 @@ class StageRunner:
         cost = measure_cost(on_cpu, self.example_inputs, latency=self.latency, cost_model=self.cost_model)
         trained_macs = cost.macs
         if self.anytime is not None:  # each sample trains every trained level: Σ_k MACs_k per sample
-            macs = level_macs(model, self.example_inputs)
-            extra["levels"] = level_rows(model, lambda m: self.trainer.evaluate(m, te), macs)
-            trained_macs = sum(macs[k] for k in trained_levels(model, self.anytime)) \
+            rows = level_rows(on_cpu, self.example_inputs, lambda net: self.trainer.evaluate(net, te), self.cost_model)
+            extra["levels"] = rows
+            trained_macs = sum(rows[k]["macs"] for k in trained_levels(model, self.anytime)) \
                 if self.anytime.optimizer != "last" else cost.macs
         extra = {"train_samples": fit.samples if fit else 0,
                  "train_macs": training_macs(trained_macs, fit.samples) if fit else 0.0, **extra}
