@@ -34,6 +34,9 @@ class Tags:
     PEAK_MEM = "cost/peak_activation_kb_est"
     TRAIN_SECONDS = "time/train_s"
     ANALYSIS_SECONDS = "time/analysis_s"
+    LEVEL_TOP1 = "acc/level{}/top1"    # an anytime run's level k: test top-1 after a stage
+    LEVEL_VAL_TOP1 = "acc/level{}/val_top1"  # ... and validation top-1 per epoch
+    LEVEL_MMACS = "cost/level{}/mmacs"
 
 
 class RunWriter:
@@ -67,6 +70,8 @@ class RunWriter:
         if "val_acc" in rec:
             self.tb.add_scalar(Tags.VAL_TOP1, rec["val_acc"], global_epoch)
             self.tb.add_scalar(Tags.VAL_LOSS, rec["val_loss"], global_epoch)
+        for k, acc in enumerate(rec.get("val_acc_levels", [])):
+            self.tb.add_scalar(Tags.LEVEL_VAL_TOP1.format(k), acc, global_epoch)
 
     def stage(self, record: StageRecord) -> None:
         """Log a finished stage and add it to ``results.json``.
@@ -85,6 +90,9 @@ class RunWriter:
         self.tb.add_scalar(Tags.TRAIN_SECONDS, record.train_seconds, s)
         if "analysis_seconds" in record.extra:
             self.tb.add_scalar(Tags.ANALYSIS_SECONDS, record.analysis_seconds, s)
+        for lv in record.extra.get("levels", []):
+            self.tb.add_scalar(Tags.LEVEL_TOP1.format(lv["level"]), lv["test_acc"], s)
+            self.tb.add_scalar(Tags.LEVEL_MMACS.format(lv["level"]), lv["mmacs"], s)
         self.results["stages"].append(record.to_dict())
         self.flush()
 

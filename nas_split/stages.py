@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .anytime import levels, set_level
 from .anytime_training import (
     AnytimeConfig,
     LevelStep,
@@ -79,6 +80,17 @@ class StageRunner:
         return self.data.loaders(self.recipe.batch_size * world, self.recipe.eval_batch_size * world,
                                  self.recipe.num_workers, seed)
 
+    def _levels_val(self, model: nn.Module, val, rec: dict) -> dict:
+        """An epoch's record with every level's validation top-1 (``val_acc_levels``) in an anytime run."""
+        if self.anytime is None or val is None or len(levels(model)) < 2:
+            return rec
+        accs = []
+        for k in range(len(levels(model))):
+            with set_level(model, k):
+                accs.append(self.trainer.evaluate(model, val).acc)
+        rec["val_acc_levels"] = accs  # in the epoch's record: the stage's history keeps it
+        return rec
+
     def stage(self, model: nn.Module, kind: str, epochs: int, optimizer: torch.optim.Optimizer | None = None,
               regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
               **extra: Any) -> torch.optim.Optimizer | None:
@@ -100,7 +112,8 @@ class StageRunner:
                                regularizer=regularizer,
                                schedule=None if self.schedule_epochs is None else (done, self.schedule_epochs),
                                rewarm_epochs=self.growth_warmup_epochs if "growth" in extra else 0.0,
-                               on_epoch_end=lambda r: self.epoch_hook(done + r["epoch"], r),
+                               on_epoch_end=lambda r: self.epoch_hook(done + r["epoch"],
+                                                                      self._levels_val(model, va, r)),
                                train_step=LevelStep(self.anytime) if self.anytime else None) if epochs else None
         if self.anytime is not None and self.anytime.bn == "recalibrate":
             recalibrate_levels(model, tr, self.anytime.recalibrate_batches)

@@ -156,3 +156,29 @@ def test_an_anytime_run_reports_one_row_per_level_against_the_scratch_curve():
     table = markdown_table(finals)
     line = next(ln for ln in table.splitlines() if ln.startswith("| fast L0 |"))
     assert "2.000 |" in line and "†" not in line  # a level is not a miss of the target
+
+
+def test_tensorboard_gets_every_level_per_epoch_and_per_stage(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nas_split.data import create_dataset
+    from nas_split.runlog import RunWriter, Tags
+    from nas_split.stages import StageRunner
+
+    torch.manual_seed(0)
+    data = create_dataset("digits", seed=0)
+    model = search_spaces.create("test_mlp", 10, 1, 8)
+    x = torch.stack([data.train[i][0] for i in range(8)])
+    writer = RunWriter(tmp_path / "run", {"command": "test"})
+    runner = StageRunner(data=data, recipe=TrainConfig(epochs=2, progress=False, seed=0), example_inputs=x,
+                         latency=False, anytime=AnytimeConfig(), record=writer.stage, epoch_hook=writer.epoch)
+    runner.stage(model, "seed", 2)
+    add_channels(model, x[:2], {"features.1": NewChannels(4, torch.randn(4, 64) * 0.1)})
+    runner.stage(model, "round", 2)
+    writer.flush()
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    per_epoch = [e.value for e in events.Scalars(Tags.LEVEL_VAL_TOP1.format(0))]
+    hist = runner.records[1].history
+    assert per_epoch == pytest.approx([h["val_acc_levels"][0] for h in hist])  # the grown stage's two epochs
+    stage_top1 = [e.value for e in events.Scalars(Tags.LEVEL_TOP1.format(1))]
+    assert stage_top1 == pytest.approx([runner.records[1].extra["levels"][1]["test_acc"]])
