@@ -1,5 +1,5 @@
 """Growing in depth: function-preserving insertion (residual and Net2DeeperNet identity), timm citizenship, export
-in a fresh process, and a mixed width + depth budget cut."""
+in a fresh process, Firefly's depth score against a finite difference, and a mixed width + depth budget cut."""
 import copy
 import subprocess
 import sys
@@ -7,10 +7,13 @@ import sys
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import nas_split as ns
 import search_spaces
+from baselines.firefly import firefly_candidates
+from baselines.firefly_depth import DepthCandidate, apply_depth, depth_candidates, select_within_macs
 from nas_split.cost import count_macs
 from nas_split.errors import NasSplitError
 from nas_split.growth.depth import Site, deepen, in_insertion_order, insertion_sites, mixed_prefix_within_macs
@@ -156,6 +159,66 @@ def test_a_deepened_model_reloads_identically_in_a_fresh_process(tmp_path):
         [["features", 5], ["features", 2], ["stem", 5]]
 
 
+def _loader(x: torch.Tensor, classes: int = 10, n: int = 2):
+    g = torch.Generator().manual_seed(3)
+    return [(x + 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype), torch.randint(classes, (len(x),),
+                                                                                        generator=g))
+            for _ in range(n)]
+
+
+def _gated_loss(model: nn.Module, cand: DepthCandidate, loader, s: float) -> float:
+    """The mean loss over ``loader`` with ``cand``'s block behind gate ``s``, built here from its definition:
+    y -> y + s (B(y) - y), the network in eval mode, the block's norms on batch statistics."""
+    block = nn.Sequential(*copy.deepcopy(cand.modules)).train()
+    hook = dict(model.named_modules())[cand.site.child].register_forward_hook(
+        lambda _m, _i, y: y + s * (block(y) - y))
+    try:
+        with torch.no_grad():
+            return sum(float(F.cross_entropy(model.eval()(x), y)) for x, y in loader) / len(loader)
+    finally:
+        hook.remove()
+
+
+def _trained_norms(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Norms as a trained network has them: statistics of the data (``x``), random scales and positive shifts.
+
+    At timm's initialisation (shifts 0) a unit whose inputs are all exact zeros of a ReLU sits exactly at its kink,
+    and a channel that a ReLU zeroes at every point ties PointNet's max-pool; there the loss in the gate of an
+    identity block has two one-sided derivatives, and no finite difference converges to the score."""
+    g = torch.Generator().manual_seed(5)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: the statistics of x
+            m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g, dtype=m.weight.dtype))
+            m.bias.copy_(0.5 + torch.rand(m.bias.shape, generator=g, dtype=m.bias.dtype))
+        model.train()(x)
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["test_mobilenetv2", "test_mobilenetv1", "pointnet_lite"])
+def test_the_depth_score_is_the_derivative_of_the_loss_in_the_gate(name):
+    model = search_spaces.create(name, 10, 3, 16 if "mobilenet" in name else 32).double()
+    x = torch.randn(8, 3, *((16, 16) if "mobilenet" in name else (32,))).double()
+    _trained_norms(model, x)
+    loader = _loader(x)
+    ref = _outputs(model, x, "eval")
+    cands = depth_candidates(model, loader, steps=2)
+    assert len(cands) == len(insertion_sites(model)) and all(c.macs > 0 for c in cands)
+    assert torch.equal(_outputs(model, x, "eval"), ref)  # the model is left as it was
+    h = 1e-7  # below the distance to the nearest kink of the ReLUs downstream
+    for c in cands:
+        fd = (_gated_loss(model, c, loader, h) - _gated_loss(model, c, loader, -h)) / (2 * h)
+        assert abs(c.score) > 1e-6 and abs(c.score - fd) <= 1e-3 * abs(fd), (c.site, c.score, fd)
+    c = cands[0]  # the MACs a candidate says it adds are the deepened model's extra MACs
+    deep = copy.deepcopy(model)
+    apply_depth(deep, [c], x)
+    assert count_macs(deep, x)[0] - count_macs(model, x)[0] == c.macs
+
+
 def _applied_macs(model: nn.Module, x: torch.Tensor, items) -> int:
     """MACs once ``items`` are applied as mixed_prefix_within_macs counts them: blocks first, then channels."""
     deep = copy.deepcopy(model)
@@ -191,3 +254,26 @@ def test_a_mixed_budget_cut_is_exact_cross_terms_included(name):
     for k in ks[1:]:
         assert mixed_prefix_within_macs(model, x, items, macs[k]) == k
         assert mixed_prefix_within_macs(model, x, items, macs[k] - 1) == k - 1
+
+
+def test_a_mixed_firefly_selection_lands_under_its_cap():
+    model, x = _model("test_mobilenetv2")
+    model, x = model.float(), x.float()
+    loader = _loader(x)
+    width = firefly_candidates(model, x, loader, k=2, steps=2)
+    scores = {}
+    for n, c in width.items():
+        scores.update({(n, "split", i): float(v) for i, v in enumerate(c.split_scores)})
+    depth = depth_candidates(model, loader, steps=2)
+    ranking = select_within_macs(model, x, scores, depth, float("inf"))  # every negative score, best first
+    assert all(isinstance(c, DepthCandidate) or scores[c] < 0 for c in ranking)
+    gains = [-c.score / c.macs for c in ranking if isinstance(c, DepthCandidate)]
+    assert gains == sorted(gains, reverse=True) and gains[-1] > 0
+    items = [c.site if isinstance(c, DepthCandidate) else (c[0], 1) for c in ranking]
+    first_block = next(i for i, c in enumerate(ranking) if isinstance(c, DepthCandidate))
+    assert first_block < len(ranking) - 1
+    cap = _applied_macs(model, x, items[:first_block + 1]) + 0.5  # a budget whose cut takes a block
+    chosen = select_within_macs(model, x, scores, depth, cap)
+    k = len(chosen)
+    assert chosen == ranking[:k] and k > first_block
+    assert _applied_macs(model, x, items[:k]) <= cap < _applied_macs(model, x, items[:k + 1])
