@@ -9,4 +9,6 @@
   factors and the rescaling that keeps activations' variance.
 * :mod:`.rates`: learning-rate adaptation per growth stage (Yuan et al. 2023) and μP's per-layer factors
   (Yang et al. 2022).
+* :mod:`.depth`: growing in depth: new blocks and layers that keep the function (a residual block with its last
+  norm zeroed; Net2DeeperNet's identity, Chen et al. 2016), and the MAC budget cut of width and depth together.
 """

@@ -10,7 +10,7 @@ Each affected conv/linear layer's :class:`~nas_split.cost.LayerShape` (from
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ from ..numerics import full_precision
 from ..surgery import ChannelGroup, CouplingGraph
 from ..surgery.handlers import is_depthwise
 
-__all__ = ["ChannelCost", "channel_costs", "macs_after_growth", "prefix_within_macs"]
+__all__ = ["ChannelCost", "channel_costs", "macs_after_growth", "prefix_within_macs", "longest_prefix"]
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,13 @@ def prefix_within_macs(model: nn.Module, example_inputs: torch.Tensor, items: Se
             added[layer] += n
         return macs_after_growth(model, example_inputs, groups, added, counted) <= max_macs
 
-    lo, hi = 0, len(items)  # invariant: fits(lo); the answer is in [lo, hi]
+    return longest_prefix(len(items), fits)
+
+
+def longest_prefix(n: int, fits: Callable[[int], bool]) -> int:
+    """The largest ``k <= n`` with ``fits(k)``, by bisection: ``fits`` must hold at 0 and, once false, stay false
+    (MACs only increase with every item added)."""
+    lo, hi = 0, n  # invariant: fits(lo); the answer is in [lo, hi]
     if fits(hi):
         return hi
     while hi - lo > 1:

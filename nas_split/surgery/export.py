@@ -26,6 +26,7 @@ from torch import nn
 from .._io import atomic_torch_save, load_plain
 from ..errors import ConfigError, NasSplitError, UntrustedFileError
 from ..numerics import evaluating
+from .blocks import DEPTH_KEYS, replay_depth
 from .sizes import apply_sizes, feature_entries, layer_sizes
 
 __all__ = ["save_grown", "load_grown", "read_grown", "grown_payload", "build_grown", "build_spec", "timm_spec",
@@ -51,6 +52,7 @@ def timm_spec(model: nn.Module) -> dict[str, Any] | None:
         return None
     spec = {"timm": cfg["architecture"], "kwargs": {"num_classes": int(model.num_classes),
                                                     "in_chans": int(first.in_channels)}}
+    spec.update(getattr(model, "nas_split_depth", None) or {})  # blocks inserted since (surgery.blocks)
     try:
         rebuilt = build_grown({"spec": spec, "sizes": layer_sizes(model), "state_dict": model.state_dict()})
     except Exception:  # not a timm registry name, or the weights do not fit it
@@ -70,6 +72,7 @@ def grown_payload(model: nn.Module, spec: dict[str, Any] | None = None) -> dict[
             f"save_grown cannot tell how to rebuild this {type(model).__name__}: pass spec={{'factory': "
             "'your_pkg.module:build_fn', 'kwargs': {...}}} (reload with load_grown(path, factories={'your_pkg."
             "module:build_fn': build_fn})), or build it with search_spaces.create or timm.create_model")
+    spec = {**spec, **(getattr(model, "nas_split_depth", None) or {})}  # its depth (surgery.blocks)
     try:
         json.dumps(spec)
     except TypeError as e:
@@ -111,7 +114,8 @@ Factories = Mapping[str, Callable[..., nn.Module]]
 
 
 def build_spec(spec: dict[str, Any], factories: Factories | None = None, import_factory: bool = False) -> nn.Module:
-    """The seed model a ``spec`` (see :func:`save_grown`) describes, freshly initialised.
+    """The model a ``spec`` (see :func:`save_grown`) describes, freshly initialised: the seed, deepened as its
+    ``stage_depths`` / ``inserted_layers`` say (:func:`~.blocks.replay_depth`) when it has them.
 
     Args:
         factories: ``{"pkg.mod:fn": callable}``: the factory specs the caller allows, by name.
@@ -122,6 +126,13 @@ def build_spec(spec: dict[str, Any], factories: Factories | None = None, import_
         UntrustedFileError: a factory spec that is neither in ``factories`` nor allowed by ``import_factory``.
         NasSplitError: a spec of neither form.
     """
+    model = _seed(spec, factories, import_factory)
+    if any(k in spec for k in DEPTH_KEYS):  # blocks or layers inserted (surgery.blocks): rebuilt in place
+        replay_depth(model, spec)
+    return model
+
+
+def _seed(spec: dict[str, Any], factories: Factories | None, import_factory: bool) -> nn.Module:
     if not isinstance(spec, Mapping) or not isinstance(spec.get("kwargs", {}), Mapping):
         raise NasSplitError(f"spec must be a mapping with a 'kwargs' mapping, got {spec!r}")
     kwargs = dict(spec.get("kwargs", {}))

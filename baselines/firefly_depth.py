@@ -1,0 +1,163 @@
+"""Firefly's depth growth (Wu et al., NeurIPS 2020): new blocks scored by their gate's first-order effect on the
+loss, so that they can compete with width candidates under one MAC budget.
+
+At each site ``k`` (:func:`nas_split.growth.depth.insertion_sites`) a fresh block ``B_k`` (built as
+:func:`nas_split.surgery.blocks.new_modules` builds it: timm's or PyTorch's initialisation; its norms on batch
+statistics) is attached to the output ``y_k`` of the child it follows, behind a gate ``s_k = 0``::
+
+    y_k  ->  y_k + s_k · (B_k(y_k) − y_k)
+
+For a block with a skip ``B_k(y) − y`` is its residual branch (output ``= x + s·branch(x)``); for a block or layer
+without one the gate blends the fresh block in from the identity.  At ``s = 0`` the network is unchanged.
+
+With the network frozen (eval mode), every block's parameters ``θ_k`` are optimised for ``steps`` batches with
+Firefly's published optimiser (RMSprop, lr 1e-3, momentum 0.1, α 0.9, penalty 1e-2), on Firefly's objective in
+the limit of a small step, the first-order change of the loss::
+
+    J(θ) = Σ_k E[⟨∂L/∂y_k, B_k(y_k) − y_k⟩] + penalty · Σ_k ‖θ_k − θ_k⁰‖²
+
+(at ``s = 0`` neither ``y_k`` nor ``∂L/∂y_k`` depends on any ``θ``, so ``∂J/∂θ_k`` runs through ``B_k`` alone; the
+penalty bounds the step, the objective being linear in the last norm's affine parameters).  Each candidate is
+then scored by ``score_k = E[∂L/∂s_k]`` at ``s = 0`` over the same batches (negative: opening the block lowers the
+loss), and costs the MACs its block adds per sample.
+
+:func:`select_within_macs` ranks negative-score width and depth candidates by gain per added MAC (``−score /
+MACs``) and cuts them at the longest prefix within a budget
+(:func:`nas_split.growth.depth.mixed_prefix_within_macs`).  :func:`apply_depth` inserts chosen blocks keeping the
+function (:func:`nas_split.growth.depth.deepen`): a block with a skip as optimised, its last norm zeroed (``s = 0``
+folded in); a block or layer without one as the Net2DeeperNet identity — its optimised ``θ`` only ranked the site,
+since no function-preserving insertion carries it.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nas_split.cost import count_macs
+from nas_split.distributed import all_reduce_sum, batch_share
+from nas_split.growth.channel_cost import channel_costs
+from nas_split.growth.depth import Site, deepen, in_insertion_order, insertion_sites, mixed_prefix_within_macs
+from nas_split.numerics import evaluating, full_precision, like_model, model_device
+from nas_split.surgery import CouplingGraph
+from nas_split.surgery.blocks import new_modules
+
+__all__ = ["DepthCandidate", "depth_candidates", "select_within_macs", "apply_depth"]
+
+WidthKey = tuple[str, str, int]  # (layer, "split" | "new", index), as baselines.firefly scores them
+
+
+@dataclass
+class DepthCandidate:
+    """A scored block: ``modules`` (optimised, the gate open) go after ``site``; ``score = E[∂L/∂s]`` at ``s = 0``;
+    ``macs`` added per sample."""
+
+    site: Site
+    score: float
+    macs: int
+    modules: list[nn.Module]
+
+
+class _Gates:
+    """Forward hooks attaching each site's block behind its gate (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, blocks: Mapping[Site, nn.Module], dtype: torch.dtype):
+        self.blocks = blocks
+        device = model_device(model)
+        self.s = {site: torch.zeros((), device=device, dtype=dtype, requires_grad=True) for site in blocks}
+        self.y: dict[Site, torch.Tensor] = {}
+        self.branch: dict[Site, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self.handles = [modules[site.child].register_forward_hook(self._attach(site)) for site in blocks]
+
+    def _attach(self, site: Site):
+        def fn(_m, _inputs, y):
+            self.y[site], self.branch[site] = y, self.blocks[site](y) - y
+            return y + self.s[site] * self.branch[site]
+        return fn
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@full_precision()
+def depth_candidates(model: nn.Module, loader: Iterable, where: Sequence[Site] | None = None, steps: int = 20,
+                     lr: float = 1e-3, penalty: float = 1e-2, loss_fn: Callable = F.cross_entropy,
+                     seed: int = 0) -> list[DepthCandidate]:
+    """Optimise a fresh block at each site (default: every site :func:`~nas_split.growth.depth.deepen` can take) on
+    the first ``steps`` batches of ``loader``, then score it on the same batches (see the module docstring).
+
+    The blocks are drawn under ``torch.manual_seed(seed)`` in a forked random state, so the caller's random
+    streams do not move; ``model`` is left as it was (weights, statistics, modes)."""
+    where = list(insertion_sites(model) if where is None else where)
+    if not where:
+        return []
+    device = model_device(model)
+    # inputs that need a gradient, so that every y_k has one when the caller froze the model
+    batches = [(like_model(model, x).detach().requires_grad_(), y.to(device))
+               for x, y in itertools.islice(loader, steps)]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        blocks = {s: nn.Sequential(*new_modules(model, s)).train() for s in where}
+    params = [p for b in blocks.values() for p in b.parameters()]
+    start = [p.detach().clone() for p in params]
+    dtype = next(model.parameters()).dtype
+    gates = _Gates(model, blocks, dtype)
+    opt = torch.optim.RMSprop(params, lr=lr, momentum=0.1, alpha=0.9)
+    scores = dict.fromkeys(where, 0.0)
+    try:
+        with evaluating(model):
+            for x, y in batches:
+                loss = loss_fn(model(x), y)
+                grads_y = torch.autograd.grad(loss, [gates.y[s] for s in where], retain_graph=True)
+                objective = sum((g * gates.branch[s]).sum() for s, g in zip(where, grads_y, strict=True))
+                objective = objective + penalty * sum((p - p0).pow(2).sum() for p, p0 in zip(params, start,
+                                                                                             strict=True))
+                grads = torch.autograd.grad(objective, params)
+                share = batch_share(len(y), device)  # the whole batch's gradient: shards weighted (1 alone)
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = all_reduce_sum(g * share)
+                opt.step()
+            for x, y in batches:
+                ds = torch.autograd.grad(loss_fn(model(x), y), [gates.s[s] for s in where])
+                share = batch_share(len(y), device)
+                for s, d in zip(where, ds, strict=True):
+                    scores[s] += float(all_reduce_sum(d * share)) / len(batches)
+    finally:
+        gates.close()
+    return [DepthCandidate(s, scores[s], count_macs(blocks[s], gates.y[s].detach())[0], list(blocks[s]))
+            for s in where]
+
+
+def select_within_macs(model: nn.Module, example_inputs: torch.Tensor, width_scores: Mapping[WidthKey, float],
+                       depth: Sequence[DepthCandidate], max_macs: float) -> list[WidthKey | DepthCandidate]:
+    """The width candidates (``baselines.firefly`` scores, one new channel of their layer each) and depth
+    candidates with a negative score, by gain per added MAC (``−score / MACs``; a channel's MACs from
+    :func:`~nas_split.growth.channel_cost.channel_costs`), best first, cut at the longest prefix whose growth keeps
+    the model at or under ``max_macs`` MACs (:func:`~nas_split.growth.depth.mixed_prefix_within_macs`)."""
+    layers = {key[0] for key, v in width_scores.items() if v < 0}
+    graph = CouplingGraph(model, example_inputs)
+    costs = channel_costs(model, example_inputs, {layer: graph.group(layer) for layer in layers})
+    ranked: list[tuple[float, WidthKey | DepthCandidate]] = [(-v / costs[key[0]].macs, key)
+                                                             for key, v in width_scores.items() if v < 0]
+    ranked += [(-c.score / c.macs, c) for c in depth if c.score < 0]
+    ranked.sort(key=lambda r: -r[0])
+    items = [c.site if isinstance(c, DepthCandidate) else (c[0], 1) for _, c in ranked]
+    return [c for _, c in ranked[:mixed_prefix_within_macs(model, example_inputs, items, max_macs)]]
+
+
+def apply_depth(model: nn.Module, chosen: Iterable[DepthCandidate], batch: torch.Tensor) -> list[str]:
+    """Insert the chosen candidates' blocks at their sites (sites of ``model`` as scored), keeping the function
+    (:func:`~nas_split.growth.depth.deepen`; ``batch`` sets the norms of blocks without a skip); returns the names
+    of the new modules.  The candidates' modules move into ``model``."""
+    by_site = {c.site: c for c in chosen}
+    inserted = []
+    for site in in_insertion_order(by_site):
+        deepen(model, site, batch, modules=by_site[site].modules)
+        inserted += by_site[site].modules
+    return [n for n, m in model.named_modules() if any(m is x for x in inserted)]
