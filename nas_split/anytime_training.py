@@ -11,40 +11,17 @@ always among them).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from .anytime import ATTR, add_level, extract, levels, recalibrate, set_level
+from .config import AnytimeConfig
 from .cost import CostModel, measure_cost
-from .osgd import Mode, Unit, osgd_backward
+from .osgd import osgd_backward
 from .surgery.sizes import layer_widths
 
 __all__ = ["AnytimeConfig", "trained_levels", "LevelStep", "track_levels", "level_rows", "recalibrate_levels"]
-
-
-class AnytimeConfig(BaseModel):
-    """How an anytime run trains its levels.
-
-    Attributes:
-        levels: ``"all"`` levels so far, or the last ``K`` (``1``: the full model alone).
-        optimizer: ``osgd`` (orthogonalized, smallest level first), ``sum`` (the summed losses) or ``last`` (the
-            largest level alone: today's training, the ablation).
-        bn: ``private`` running statistics per level, updated by each level's own forward in training, or
-            ``recalibrate``: every level's statistics recomputed from ``recalibrate_batches`` training batches
-            after each stage (:func:`nas_split.anytime.recalibrate`).
-        unit: OSGD's unit of orthogonality, per parameter ``tensor`` or the whole ``vector``.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    levels: Literal["all"] | PositiveInt = "all"
-    optimizer: Mode = "osgd"
-    bn: Literal["private", "recalibrate"] = "private"
-    recalibrate_batches: PositiveInt = Field(20, description="training batches per level with bn: recalibrate")
-    unit: Unit = "tensor"
 
 
 def trained_levels(model: nn.Module, cfg: AnytimeConfig) -> list[int]:

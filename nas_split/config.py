@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from ._io import load_yaml, read_mapping
 from .errors import ConfigError, first_problem
 from .training import TrainConfig
 
-__all__ = ["ConfigError", "RunConfig", "GrowthConfig", "GrowRunConfig", "Protocol",
+__all__ = ["ConfigError", "AnytimeConfig", "RunConfig", "GrowthConfig", "GrowRunConfig", "Protocol",
            "MethodRunConfig",
            "NniRunConfig", "load_config", "apply_overrides", "validation_message"]
 
@@ -44,6 +44,28 @@ class RunConfig(BaseModel):
 
         check_spec(v)  # a ConfigError is a ValueError: pydantic reports it under the key
         return v
+
+
+class AnytimeConfig(BaseModel):
+    """How an anytime run trains its levels.
+
+    Attributes:
+        levels: ``"all"`` levels so far, or the last ``K`` (``1``: the full model alone).
+        optimizer: ``osgd`` (orthogonalized, smallest level first), ``sum`` (the summed losses) or ``last`` (the
+            largest level alone: today's training, the ablation).
+        bn: ``private`` running statistics per level, updated by each level's own forward in training, or
+            ``recalibrate``: every level's statistics recomputed from ``recalibrate_batches`` training batches
+            after each stage (:func:`nas_split.anytime.recalibrate`).
+        unit: OSGD's unit of orthogonality, per parameter ``tensor`` or the whole ``vector``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    levels: Literal["all"] | PositiveInt = "all"
+    optimizer: Literal["osgd", "sum", "last"] = "osgd"
+    bn: Literal["private", "recalibrate"] = "private"
+    recalibrate_batches: PositiveInt = Field(20, description="training batches per level with bn: recalibrate")
+    unit: Literal["tensor", "vector"] = "tensor"
 
 
 class GrowthConfig(BaseModel):
@@ -88,6 +110,8 @@ class GrowthConfig(BaseModel):
     analysis_batches: int | None = Field(None, ge=1)
     fast_passes: int = Field(3, ge=1)
     fast_lr: float = Field(0.05, gt=0)
+    anytime: AnytimeConfig | None = Field(None, description="keep every stage's widths as a level and train the "
+                                          "levels together (nas_split.anytime_training); default off")
 
 
 class GrowRunConfig(RunConfig):
