@@ -194,10 +194,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_grow(a: argparse.Namespace) -> int:
+    from .checkpoints import latest_checkpoint
     from .config import ConfigError, GrowRunConfig, load_config
     from .distributed import launch
     from .experiment import check_out_dir, prepare
-    from .grow_run import RESUME_KEYS, latest_checkpoint, resume_config, run_grow, validate_growth
+    from .grow_run import RESUME_KEYS, resume_config, run_grow, validate_growth
 
     if a.resume:
         if not Path(a.resume, "results.json").is_file() and latest_checkpoint(a.resume) is None:
@@ -280,15 +281,15 @@ def _compare(a: argparse.Namespace, cfg, runs) -> int:
         log(f"warning: {shared}")
     if cfg.baseline not in {e.name for e in cfg.entries()}:
         log(f"note: baseline {cfg.baseline!r} is not among the methods; the table has no paired differences")
-    if a.engine == "nni":
-        from .nni_strategy import run_compare_nni
+    from .compare import run_compare, run_locally
 
-        pairs = run_compare_nni(cfg, runs, port=a.port, overwrite=a.overwrite,
-                                on_done=lambda r, res, sk: log(describe(r, res, sk)))
-    else:
-        from .compare import run_compare
+    executor = run_locally
+    if a.engine == "nni":  # the same plan, skips and retrain phase; the runs go to NNI trials
+        from .nni import trial_executor
 
-        pairs = run_compare(cfg, overwrite=a.overwrite, runs=runs, on_done=lambda r, res, sk: log(describe(r, res, sk)))
+        executor = trial_executor(a.port)
+    pairs = run_compare(cfg, overwrite=a.overwrite, runs=runs, on_done=lambda r, res, sk: log(describe(r, res, sk)),
+                        executor=executor)
     if not is_main():
         return 0
     paths = write_report(cfg.out, pairs, cfg.tolerance, cfg.baseline)
@@ -309,7 +310,7 @@ def _cmd_nni(a: argparse.Namespace) -> int:
     cfg = load_config(NniRunConfig, a.config, _overrides(a))
     if not a.view:
         check_out_dir(cfg.out, a.overwrite)
-    from .nni_strategy import build_experiment, check_port
+    from .nni import build_experiment, check_port
 
     if a.view:
         check_port(cfg.port)
@@ -324,7 +325,7 @@ def _cmd_nni(a: argparse.Namespace) -> int:
 
 
 def _nni(cfg) -> int:
-    from .nni_strategy import build_experiment
+    from .nni import build_experiment
 
     exp, strategy = build_experiment(cfg)
     if cfg.engine == "ts":

@@ -34,7 +34,7 @@ from .errors import DivergedError, NasSplitError, RunFileError
 from .records import RunResult
 
 __all__ = ["CURVE_LABEL", "MethodEntry", "CompareConfig", "PlannedRun", "plan_runs", "retrain_runs",
-           "validate_compare", "run_compare",
+           "validate_compare", "Executor", "run_locally", "run_compare",
            "finished_result", "worker_threads", "gpus_shared", "run_one", "describe", "log"]
 
 
@@ -304,25 +304,45 @@ def run_one(config: dict, threads: int) -> dict:
 _STOPPED = False  # set in a comparison worker by SIGTERM (_worker_init)
 
 
+#: What runs a batch of planned runs: ``executor(cfg, todo, threads, done)`` runs every run of ``todo`` (its
+#: ``config`` is a :class:`MethodRunConfig` written to ``config.out``, each with ``threads`` torch threads) and
+#: calls ``done(run, results)`` as each finishes.  :func:`run_locally` (this process or worker processes) is the
+#: default; ``nas_split.nni.trial_executor`` runs them as NNI trials.
+Executor = Callable[[CompareConfig, list[PlannedRun], int, Callable[[PlannedRun, dict], None]], None]
+
+
+def run_locally(cfg: CompareConfig, todo: list[PlannedRun], threads: int,
+                done: Callable[[PlannedRun, dict], None]) -> None:
+    """The default :data:`Executor`: the runs one after another in this process (``jobs: 1`` or a single run), or
+    in ``cfg.jobs`` worker processes."""
+    if cfg.jobs == 1 or len(todo) <= 1:
+        for run in todo:
+            done(run, run_one(run.config.model_dump(), threads))
+    else:
+        _run_parallel(todo, cfg.jobs, threads, done)
+
+
 def run_compare(cfg: CompareConfig, overwrite: bool = False,
                 on_done: Callable[[PlannedRun, dict, bool], None] = lambda run, res, skipped: None,
-                runs: list[PlannedRun] | None = None) -> list[tuple[PlannedRun, dict]]:
+                runs: list[PlannedRun] | None = None, executor: Executor = run_locally
+                ) -> list[tuple[PlannedRun, dict]]:
     """Run every planned run that has not finished, then (``cfg.retrain``) the :func:`retrain_runs`; returns
     ``(run, results)`` for all of them, search runs first, in plan order.
 
-    ``on_done(run, results, skipped)`` is called as each run finishes (or is found finished).  The output is
-    locked while it runs (a second comparison into it is refused).
+    ``on_done(run, results, skipped)`` is called as each run finishes (or is found finished).  ``executor`` runs
+    each phase's unfinished runs (:data:`Executor`).  The output is locked while it runs (a second comparison into
+    it is refused).
     """
     runs = runs or validate_compare(cfg)
     with output_lock(cfg.out):
-        pairs = _run_compare(cfg, overwrite, on_done, runs)
+        pairs = _run_compare(cfg, overwrite, on_done, runs, executor)
         if cfg.retrain:
-            pairs += _run_compare(cfg, False, on_done, retrain_runs(cfg, runs))
+            pairs += _run_compare(cfg, False, on_done, retrain_runs(cfg, runs), executor)
         return pairs
 
 
 def _run_compare(cfg: CompareConfig, overwrite: bool, on_done: Callable[[PlannedRun, dict, bool], None],
-                 runs: list[PlannedRun]) -> list[tuple[PlannedRun, dict]]:
+                 runs: list[PlannedRun], executor: Executor) -> list[tuple[PlannedRun, dict]]:
     out = Path(cfg.out)
     if is_main():  # process 0 of a multi-process comparison prepares the directory and says what is left to run
         if overwrite and out.exists():
@@ -347,14 +367,13 @@ def _run_compare(cfg: CompareConfig, overwrite: bool, on_done: Callable[[Planned
         else:  # the other processes read what process 0 found finished
             results[run.key] = found.get(run.key) or finished_result(run)
             on_done(run, results[run.key], True)
-    threads = worker_threads(cfg.jobs, len(todo))
+    def done(run: PlannedRun, res: dict) -> None:
+        results[run.key] = res
+        on_done(run, res, False)
+
     try:
-        if cfg.jobs == 1 or len(todo) <= 1:
-            for run in todo:
-                results[run.key] = run_one(run.config.model_dump(), threads)
-                on_done(run, results[run.key], False)
-        else:
-            _run_parallel(todo, cfg.jobs, threads, results, on_done)
+        if todo:
+            executor(cfg, todo, worker_threads(cfg.jobs, len(todo)), done)
     except DivergedError as e:
         cause = str(e).split("; nothing was written")[0]
         raise DivergedError(f"{cause}; the finished runs are kept, but a changed recipe is another comparison: "
@@ -362,8 +381,8 @@ def _run_compare(cfg: CompareConfig, overwrite: bool, on_done: Callable[[Planned
     return [(r, results[r.key]) for r in runs]
 
 
-def _run_parallel(todo: list[PlannedRun], jobs: int, threads: int, results: dict[str, dict],
-                  on_done: Callable[[PlannedRun, dict, bool], None]) -> None:
+def _run_parallel(todo: list[PlannedRun], jobs: int, threads: int,
+                  done_run: Callable[[PlannedRun, dict], None]) -> None:
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -374,8 +393,7 @@ def _run_parallel(todo: list[PlannedRun], jobs: int, threads: int, results: dict
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 run = pending.pop(fut)
-                results[run.key] = fut.result()
-                on_done(run, results[run.key], False)
+                done_run(run, fut.result())
     except BaseException:
         # stop the workers too (a SIGTERM reaches this process only): each gets SIGTERM, which its initializer
         # turns into SystemExit, so it removes its partial run directory, releases its lock and exits quietly

@@ -6,11 +6,13 @@ reach ``M_0 (T / M_0)^{r/R}`` MACs (:func:`round_cap`), ``M_0`` the seed's: ever
 last lands on the target, and a grown model trains as many epochs as the baselines it is compared with.  The
 method chooses *which* neurons; the schedule sets *how many*.  Without a target each round grows by the method's
 own ratio.  The rounds stop early once the target (or an energy budget, ``budget_energy_uj``) is reached.
+:func:`next_stage` is that schedule, stage by stage; both loops follow it: :func:`grow_rounds` in this process, and
+the NNI strategy (:class:`nas_split.nni.SplittingDescent`), which submits one stage at a time as an NNI model.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -21,7 +23,7 @@ from .distributed import ShardedBatches, summed
 from .errors import ConfigError
 from .stages import StageRunner
 
-__all__ = ["GrowStep", "round_cap", "check_target", "reached", "grow_rounds", "grow_step"]
+__all__ = ["GrowStep", "round_cap", "check_target", "reached", "next_stage", "grow_rounds", "grow_step"]
 
 
 class GrowStep(Protocol):
@@ -58,13 +60,29 @@ def reached(cost: dict, target_mmacs: float | None, budget_energy_uj: float | No
         (budget_energy_uj is not None and cost["energy_uj_est"] >= budget_energy_uj)
 
 
+def next_stage(costs: Sequence[Mapping], rounds: int, target_mmacs: float | None = None,
+               budget_energy_uj: float | None = None) -> tuple[int, float | None] | None:
+    """The stage that follows the stages recorded in ``costs`` (the seed's first; each a mapping with ``macs``,
+    ``mmacs`` and ``energy_uj_est``, as a stage record's ``cost`` or an NNI stage metric holds them):
+    ``(0, None)`` for the seed stage, ``(r, cap)`` for growth round ``r`` of ``rounds`` with its MAC cap
+    (:func:`round_cap`), or ``None`` when the schedule is done (``rounds`` rounds, or the target / energy budget
+    reached)."""
+    if not costs:
+        return 0, None
+    r = len(costs)
+    if r > rounds or reached(costs[-1], target_mmacs, budget_energy_uj):
+        return None
+    return r, round_cap(costs[0]["macs"], None if target_mmacs is None else target_mmacs * 1e6, r, rounds)
+
+
 def grow_rounds(runner: StageRunner, model: nn.Module, method: GrowStep, *, seed_epochs: int, epochs: int,
                 rounds: int, target_mmacs: float | None = None, budget_energy_uj: float | None = None,
                 carry_optimizer: bool = True, optimizer: torch.optim.Optimizer | None = None,
                 on_stage: Callable[[int, nn.Module, torch.optim.Optimizer | None], None] = lambda *a: None
                 ) -> torch.optim.Optimizer | None:
     """Train the seed (unless ``runner.records`` already holds stages: a resumed run), then grow and train round by
-    round until ``rounds`` or the target; ``on_stage(k, model, optimizer)`` after every stage (checkpoints).
+    round until ``rounds`` or the target (:func:`next_stage`); ``on_stage(k, model, optimizer)`` after every stage
+    (checkpoints).
 
     Stage ``k`` draws its data with ``runner.loaders(k)`` (every random source reseeded from ``(seed, k)``), so a
     resumed run repeats the choices of an uninterrupted one.  Under several processes each analyses its rows of
@@ -73,18 +91,16 @@ def grow_rounds(runner: StageRunner, model: nn.Module, method: GrowStep, *, seed
     :class:`~nas_split.cost.PassCounter`), with its ``analysis_seconds`` (the method's own figure, or the wall time
     of the whole step for a method that gives none).  Returns the last optimizer.
     """
-    if not runner.records:
-        optimizer = runner.stage(model, "seed", seed_epochs)
-        on_stage(0, model, optimizer)
-    seed_macs = runner.records[0].macs
-    for r in range(len(runner.records), rounds + 1):
-        if reached(runner.records[-1].cost, target_mmacs, budget_energy_uj):
-            break
-        cap = round_cap(seed_macs, None if target_mmacs is None else target_mmacs * 1e6, r, rounds)
-        if not carry_optimizer:
-            optimizer = None
-        extra = grow_step(runner, model, method, r, cap, optimizer, runner.records[-1].macs)
-        optimizer = runner.stage(model, "round", epochs, optimizer, **extra)
+    while (step := next_stage([rec.cost for rec in runner.records], rounds, target_mmacs,
+                              budget_energy_uj)) is not None:
+        r, cap = step
+        if r == 0:
+            optimizer = runner.stage(model, "seed", seed_epochs)
+        else:
+            if not carry_optimizer:
+                optimizer = None
+            extra = grow_step(runner, model, method, r, cap, optimizer, runner.records[-1].macs)
+            optimizer = runner.stage(model, "round", epochs, optimizer, **extra)
         on_stage(r, model, optimizer)
     return optimizer
 

@@ -10,6 +10,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ import search_spaces
 from ._io import output_lock, remove_path
 from .config import ConfigError, MethodRunConfig, RunConfig
 from .cost import CostModel, cost_model
-from .data import DataSplits, create_dataset
+from .data import DatasetInfo, DataSplits, create_dataset
 from .distributed import is_main
 from .errors import DivergedError, NasSplitError
 from .numerics import evaluating
@@ -28,8 +29,8 @@ from .stages import StageRunner
 from .surgery.export import save_grown
 from .training import check_devices
 
-__all__ = ["MODEL_FILE", "Prepared", "BackboneMismatchError", "prepare", "check_out_dir", "run_train", "method_context",
-           "run_method"]
+__all__ = ["MODEL_FILE", "Prepared", "BackboneMismatchError", "prepare", "example_inputs", "run_meta", "check_out_dir",
+           "run_train", "method_context", "run_method"]
 
 
 #: The final model of a ``nas-split run`` directory (:func:`nas_split.save_grown` format).
@@ -71,7 +72,7 @@ def prepare(cfg: RunConfig) -> Prepared:
                                      input_size=info.input_size, **opts)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"backbone_options for {cfg.backbone!r}: {str(e).splitlines()[0]}") from None
-    x = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
+    x = example_inputs(data)
     try:
         with evaluating(model), torch.no_grad():
             model(x)
@@ -79,6 +80,20 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise BackboneMismatchError(f"backbone {cfg.backbone!r} does not fit dataset {info.name!r} "
                                     f"(samples {info.input_shape}): {str(e).splitlines()[0]}") from None
     return Prepared(data, model, x, cost_model(cfg.cost_model))
+
+
+def example_inputs(data: DataSplits) -> torch.Tensor:
+    """The batch a run traces, counts and checks its models with: the first two training samples."""
+    return torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
+
+
+def run_meta(command: str, config: dict[str, Any], info: DatasetInfo, **more: Any) -> dict[str, Any]:
+    """The top-level fields of a run's ``results.json`` (:class:`~nas_split.runlog.RunWriter`'s ``meta``): the
+    command, its configuration, the dataset's name, kind, input shape and classes, then ``more`` (``backbone``,
+    ``method``, ``stage``, ...)."""
+    return {"command": command, "config": config,
+            "dataset": {"name": info.name, "kind": info.kind, "input_shape": list(info.input_shape),
+                        "num_classes": info.num_classes}, **more}
 
 
 def _opts(options: dict, what: str) -> dict:
@@ -133,13 +148,6 @@ def _publish_run(cfg: RunConfig, overwrite: bool, meta: dict, body) -> dict:
     return results
 
 
-def _meta(cfg: RunConfig, p: Prepared, command: str) -> dict:
-    info = p.data.info
-    return {"command": command, "config": cfg.model_dump(),
-            "dataset": {"name": info.name, "kind": info.kind, "input_shape": list(info.input_shape),
-                        "num_classes": info.num_classes}, "backbone": cfg.backbone}
-
-
 def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
     """A :class:`~nas_split.methods.MethodContext` for ``cfg``, its method, and the method's checks done."""
     from .cost import count_macs
@@ -185,7 +193,8 @@ def run_method(cfg: MethodRunConfig, overwrite: bool = False, prepared: Prepared
     check_out_dir(cfg.out, overwrite)
     p = prepared or prepare(cfg)
     ctx, method = method_context(cfg, p)
-    meta = {**_meta(cfg, p, "run"), "method": cfg.method, "from_scratch": isinstance(method, FromScratch)}
+    meta = run_meta("run", cfg.model_dump(), p.data.info, backbone=cfg.backbone, method=cfg.method,
+                    from_scratch=isinstance(method, FromScratch))
 
     def body(writer):
         ctx.record, ctx.epoch_hook = writer.stage, writer.epoch
@@ -216,4 +225,5 @@ def run_train(cfg: RunConfig, overwrite: bool = False, prepared: Prepared | None
         return {"method": "train", "dataset": cfg.dataset, "backbone": cfg.backbone, "epochs": cfg.train.epochs,
                 "lr": cfg.train.lr, "seed": cfg.train.seed}
 
-    return _publish_run(cfg, overwrite, _meta(cfg, p, "train"), body)
+    return _publish_run(cfg, overwrite, run_meta("train", cfg.model_dump(), p.data.info, backbone=cfg.backbone),
+                        body)

@@ -4,9 +4,9 @@ The rounds are :func:`nas_split.engine.grow_rounds` with the registered splittin
 the same loop, schedule and grow step as ``run`` / ``compare`` (``growth.target_mmacs`` is the MAC target of
 the engine's schedule).
 
-Every stage ends with an atomic checkpoint ``checkpoints/stage{k}.pt`` (the grown model as
-:func:`nas_split.save_grown` writes it, the optimizer state, the fast method's directions and the records so
-far), so a crash leaves the last completed stage loadable and ``--resume RUN_DIR`` continues after it.  Each
+Every stage ends with an atomic checkpoint ``checkpoints/stage{k}.pt`` (:mod:`nas_split.checkpoints`: the grown
+model as :func:`nas_split.save_grown` writes it, the optimizer state, the method's state and the records so far),
+so a crash leaves the last completed stage loadable and ``--resume RUN_DIR`` continues after it.  Each
 stage reseeds every random source from ``(seed, stage)``, so a resumed run makes the same choices as an
 uninterrupted one.
 """
@@ -15,97 +15,28 @@ from __future__ import annotations
 import inspect
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ._io import atomic_torch_save, output_lock
+from ._io import output_lock
+from .checkpoints import CHECKPOINT_DIR, latest_checkpoint, restore_optimizer, resume_point, save_stage, stage_path
 from .config import ConfigError, GrowRunConfig, GrowthConfig
 from .cost import measure_cost
 from .distributed import is_main
 from .engine import check_target, grow_rounds
-from .errors import DivergedError, UntrustedFileError
-from .experiment import Prepared, check_out_dir, prepare
+from .errors import DivergedError
+from .experiment import Prepared, check_out_dir, prepare, run_meta
 from .grower import Grower
 from .methods import GrowthMethod, create_method, growth_methods
 from .records import StageRecord
 from .runlog import RunWriter
 from .stages import StageRunner
-from .surgery.export import build_grown, grown_payload
-from .training import make_optimizer
 
-__all__ = ["run_grow", "validate_growth", "latest_checkpoint", "resume_point", "resume_config", "growth_method",
-           "RESUME_KEYS"]
+__all__ = ["run_grow", "validate_growth", "resume_config", "growth_method", "RESUME_KEYS"]
 
 #: Keys a resumed run may change (``--set`` / flags with ``--resume``): the recipe of the stages still to come.
 RESUME_KEYS = ("train.lr", "train.momentum", "train.nesterov", "train.weight_decay",
                "train.schedule", "train.milestones", "train.gamma", "train.warmup_epochs", "train.label_smoothing",
                "train.progress", "latency")
-_CHECKPOINT_KEYS = {"stage", "model", "optimizer", "spectra", "results"}
-
-
-def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
-    """The last stage of a run directory that has a checkpoint file (not checked), if any."""
-    found = _checkpoints(run_dir)
-    return found[0] if found else None
-
-
-def _checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(stage, path)`` of every ``checkpoints/stage{k}.pt``, newest first."""
-    return sorted(((int(p.stem[5:]), p) for p in Path(run_dir, "checkpoints").glob("stage*.pt")
-                   if p.stem[5:].isdigit()), reverse=True)
-
-
-@dataclass
-class ResumePoint:
-    """A verified checkpoint to resume from: its stage, content and rebuilt model, and the newer ones skipped."""
-
-    stage: int
-    checkpoint: dict
-    model: torch.nn.Module
-    skipped: list[str]
-
-
-def _verify(stage: int, path: Path) -> tuple[dict, torch.nn.Module]:
-    """Load and check one checkpoint; raises ``ValueError`` with the reason it cannot be resumed from."""
-    try:
-        ckpt = torch.load(path, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"unreadable ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not set(ckpt) >= _CHECKPOINT_KEYS:
-        missing = sorted(_CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else ["everything"]
-        raise ValueError(f"not a grow checkpoint (missing {', '.join(missing)})")
-    res = ckpt["results"]
-    if ckpt["stage"] != stage or not isinstance(res, dict) or not isinstance(res.get("stages"), list) \
-            or len(res["stages"]) != stage + 1 or not isinstance(res.get("config"), dict):
-        raise ValueError("its records do not match its stage")
-    try:
-        model = build_grown(ckpt["model"])
-    except UntrustedFileError:
-        raise
-    except Exception as e:
-        raise ValueError(f"its model cannot be rebuilt ({type(e).__name__}: {str(e)[:120]})") from None
-    return ckpt, model
-
-
-def resume_point(run_dir: str | Path) -> ResumePoint:
-    """The newest checkpoint of ``run_dir`` that loads and checks out; newer broken ones are listed as skipped.
-
-    Raises:
-        ConfigError: no checkpoint can be resumed from (the message lists why each was refused).
-        UntrustedFileError: a checkpoint's model names a factory (nothing named in a file is run).
-    """
-    skipped = []
-    for stage, path in _checkpoints(run_dir):
-        try:
-            ckpt, model = _verify(stage, path)
-        except ValueError as e:
-            skipped.append(f"{path.name}: {e}")
-            continue
-        return ResumePoint(stage, ckpt, model, skipped)
-    why = f" ({'; '.join(skipped)})" if skipped else ": no checkpoints/stage*.pt"
-    raise ConfigError(f"nothing to resume in {str(run_dir)!r}{why}")
 
 
 def resume_config(run_dir: str | Path) -> dict:
@@ -119,7 +50,7 @@ def resume_config(run_dir: str | Path) -> dict:
             return res["config"]
     except (OSError, ValueError):
         pass
-    return resume_point(run_dir).checkpoint["results"]["config"]
+    return resume_point(run_dir).checkpoint.config
 
 
 #: The :class:`GrowthConfig` fields a :class:`~nas_split.Grower` takes besides ``grow_ratio``: the splitting
@@ -169,13 +100,6 @@ def validate_growth(g: GrowthConfig, model, example_inputs) -> None:
                           f"{c.energy_uj:.1f} uJ (estimate)")
 
 
-def _save(run_dir: Path, stage: int, model, optimizer, results: dict, method: dict) -> None:
-    payload = {"stage": stage, "model": grown_payload(model),
-               "optimizer": optimizer.state_dict() if optimizer is not None else None, "results": results,
-               **method}  # the method's state_dict: "spectra" and "stages"
-    atomic_torch_save(run_dir / "checkpoints" / f"stage{stage}.pt", payload)
-
-
 def run_grow(cfg: GrowRunConfig, resume: bool = False, overwrite: bool = False,
              prepared: Prepared | None = None) -> dict:
     """Run (or resume) a growth experiment into ``cfg.out``; returns the content of ``results.json``.
@@ -199,26 +123,18 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
         validate_growth(g, p.model, p.example_inputs)
         if overwrite and run_dir.exists() and is_main():
             shutil.rmtree(run_dir)
-    info = p.data.info
     method = growth_method(g)
     model, optimizer, results = p.model, None, None
     if start is not None:
         for why in start.skipped:
             print(f"nas-split: warning: {why}; resuming after stage {start.stage}", file=sys.stderr)
         ckpt, model = start.checkpoint, start.model
-        if ckpt["optimizer"] is not None:
-            optimizer = make_optimizer(model, cfg.train)
-            recipe = [{k: v for k, v in grp.items() if k != "params"} for grp in optimizer.param_groups]
-            optimizer.load_state_dict(ckpt["optimizer"])
-            for grp, hyper in zip(optimizer.param_groups, recipe, strict=True):  # a changed recipe applies from here
-                grp.update(hyper)
-        method.load_state_dict(ckpt, model, p.example_inputs)
-        results = ckpt["results"]
+        optimizer = restore_optimizer(model, cfg.train, ckpt.optimizer)  # a changed recipe applies from here
+        method.load_state_dict(ckpt.method_state, model, p.example_inputs)
+        results = ckpt.results
         results["config"] = cfg.model_dump()
-    writer = RunWriter(run_dir, {"command": "grow", "config": cfg.model_dump(),
-                                 "dataset": {"name": info.name, "kind": info.kind,
-                                             "input_shape": list(info.input_shape), "num_classes": info.num_classes},
-                                 "backbone": cfg.backbone, "method": g.method},
+    writer = RunWriter(run_dir, run_meta("grow", cfg.model_dump(), p.data.info, backbone=cfg.backbone,
+                                         method=g.method),
                        resume=results, purge_step=sum(s["epochs"] for s in results["stages"]) if results else None)
     runner = StageRunner(data=p.data, recipe=cfg.train, example_inputs=p.example_inputs, record=writer.stage,
                          epoch_hook=writer.epoch, latency=cfg.latency, cost_model=p.cost_model,
@@ -227,7 +143,8 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
         grow_rounds(runner, model, method, seed_epochs=g.seed_epochs if g.seed_epochs is not None else
                     cfg.train.epochs, epochs=cfg.train.epochs, rounds=g.rounds, target_mmacs=g.target_mmacs,
                     budget_energy_uj=g.budget_energy_uj, carry_optimizer=g.carry_optimizer, optimizer=optimizer,
-                    on_stage=lambda k, m, opt: _save(run_dir, k, m, opt, writer.results, method.state_dict()))
+                    on_stage=lambda k, m, opt: save_stage(stage_path(run_dir / CHECKPOINT_DIR, k), k, m, opt,
+                                                          writer.results, method.state_dict()))
         return writer.finish({"method": g.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
                               "rounds": g.rounds, "grow_ratio": g.grow_ratio, "eps": g.eps, "seed": cfg.train.seed,
                               "energy_aware": g.energy_aware})

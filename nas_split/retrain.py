@@ -5,10 +5,11 @@ judges the *architecture* by training it from scratch.  :func:`retrain_config` r
 itself and :func:`retrain` runs the ``retrain`` method (:class:`nas_split.methods.RetrainMethod`) on it.  Sources:
 
 * a ``nas-split run`` / ``compare`` run directory (``model.pt`` and ``results.json``);
-* a ``nas-split grow`` run directory (its newest good checkpoint);
-* a model file: a ``grow`` checkpoint, or a stage exported from the NNI strategy (``export_top_models(
-  formatter="dict")`` gives ``{"checkpoint": path, ...}``; its ``.state.pt`` beside it names the dataset and the
-  recipe), or any :func:`nas_split.save_grown` file (then ``dataset`` must be given);
+* a ``nas-split grow`` or ``nas-split nni`` run directory (its newest good checkpoint);
+* a model file: a stage checkpoint (:mod:`nas_split.checkpoints`: ``grow``'s, or a stage exported from the NNI
+  strategy, ``export_top_models(formatter="dict")`` giving ``{"checkpoint": path, ...}``; an NNI stage of the older
+  layout, with its ``.state.pt`` beside it, too), or any :func:`nas_split.save_grown` file (then ``dataset`` must
+  be given);
 * an exported NNI sample (the dict itself).
 
 The recipe is the source's own (optimizer, learning rate, batch size, seed, dataset); the epochs default to as
@@ -20,7 +21,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ._io import load_plain
 from .config import MethodRunConfig, load_config
 from .errors import ConfigError, RunFileError
 from .records import RunResult
@@ -34,19 +34,19 @@ _ARCHITECTURE_KEYS = frozenset({"method", "method_options", "backbone", "backbon
                                 "growth_warmup_epochs"})
 
 
-def _run_file(res: RunResult, where: str) -> tuple[dict[str, Any], int | None]:
-    """``(config, epochs of the last stage)`` of a run's records (:class:`RunFileError` if its ``config`` holds a
-    non-mapping where a mapping belongs)."""
-    bad = [k for k in ("train", "dataset_options") if not isinstance(res.config.get(k, {}), dict)]
+def _settings(config: dict[str, Any], epochs: int | None, where: str) -> tuple[dict[str, Any], int | None]:
+    """``(config, epochs)`` of a source, checked: :class:`RunFileError` if ``config`` holds a non-mapping where a
+    mapping belongs."""
+    bad = [k for k in ("train", "dataset_options") if not isinstance(config.get(k, {}), dict)]
     if bad:
         raise RunFileError(f"{where} is not a results file nas-split wrote: config.{bad[0]} is not a mapping")
-    return res.config, (res.last.epochs_total if res.stages else None)
+    return config, epochs
 
 
 def _source(source: str | Path | Mapping[str, Any]) -> tuple[Path, dict[str, Any], int | None]:
     """``(architecture file, run settings, epochs the source trained)`` of a source (see the module doc)."""
+    from .checkpoints import load_stage, resume_point
     from .experiment import MODEL_FILE
-    from .grow_run import resume_point
 
     if isinstance(source, Mapping):
         if "checkpoint" not in source:
@@ -58,26 +58,15 @@ def _source(source: str | Path | Mapping[str, Any]) -> tuple[Path, dict[str, Any
             if not (p / "results.json").is_file():
                 raise ConfigError(f"{str(p)!r} holds {MODEL_FILE} but no results.json")
             path = p / "results.json"
-            return p / MODEL_FILE, *_run_file(RunResult.load(path), repr(str(path)))
-        point = resume_point(p)  # a grow run: its newest good checkpoint (raises naming what is wrong)
-        ckpt = p / "checkpoints" / f"stage{point.stage}.pt"
-        return ckpt, *_run_file(RunResult.from_dict(point.checkpoint["results"], repr(str(ckpt))), repr(str(ckpt)))
-    if not p.is_file():
+            res = RunResult.load(path)
+            return p / MODEL_FILE, *_settings(res.config, res.last.epochs_total if res.stages else None,
+                                              repr(str(path)))
+        ckpt = resume_point(p).checkpoint  # a grow run: its newest good checkpoint (raises naming what is wrong)
+    elif p.is_file():
+        ckpt = load_stage(p)  # a stage checkpoint (either layout), or a model file alone (no settings)
+    else:
         raise ConfigError(f"{str(p)!r} is neither a run directory nor a model file")
-    try:
-        payload = load_plain(p, "model file")
-    except RunFileError:
-        payload = None  # read_grown gives the reason later
-    if isinstance(payload, dict) and isinstance(payload.get("results"), dict):  # a grow checkpoint
-        return p, *_run_file(RunResult.from_dict(payload["results"], repr(str(p))), repr(str(p)))
-    state = p.with_suffix(".state.pt")
-    if state.is_file():  # an NNI stage
-        st = load_plain(state, "stage state")
-        if not (isinstance(st, dict) and isinstance(st.get("run"), dict)
-                and isinstance(st.get("epochs_total", 0), int)):
-            raise RunFileError(f"{str(state)!r} is not a stage state nas-split wrote (no 'run' settings)")
-        return p, st["run"], st.get("epochs_total")
-    return p, {}, None
+    return ckpt.path, *_settings(ckpt.config, ckpt.epochs_total, repr(str(ckpt.path)))
 
 
 def retrain_config(source: str | Path | Mapping[str, Any], overrides: list[str] | None = None,

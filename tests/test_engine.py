@@ -1,7 +1,6 @@
 """One growth engine: ``grow``, ``run --method fast`` and the NNI strategy (sequential engine) give the same stages
 on the same config, seed and schedule; the schedule's caps are the geometric ones; NNI carries the optimizer."""
 import json
-import os
 
 import pytest
 import torch
@@ -35,7 +34,7 @@ def test_round_cap_is_geometric_and_lands_on_the_target():
 
 def test_grow_run_and_nni_give_the_same_stages(tmp_path, target, monkeypatch):
     from nas_split.config import NniRunConfig, load_config
-    from nas_split.nni_strategy import run_nni
+    from nas_split.nni import run_nni
 
     assert main(["grow", *COMMON, "--method", "fast", "--target-mmacs", str(target), "--out", str(tmp_path / "g"),
                  *[a for kv in FAST for a in ("--set", f"growth.{kv}")]]) == 0
@@ -62,6 +61,6 @@ def test_grow_run_and_nni_give_the_same_stages(tmp_path, target, monkeypatch):
     assert [h["default"] for h in strategy.history] == [s["test_acc"] for s in grow["stages"]]
     widths = ["-".join(str(w) for w in list(s["widths"].values())[:-1]) for s in grow["stages"]]
     assert [h["widths"] for h in strategy.history] == widths
-    # NNI carried the optimizer across stages: each stage's state file holds momentum for every parameter
-    state = torch.load(os.path.splitext(strategy.history[1]["checkpoint"])[0] + ".state.pt", weights_only=True)
+    # NNI carried the optimizer across stages: each stage's checkpoint holds momentum for every parameter
+    state = torch.load(strategy.history[1]["checkpoint"], weights_only=True)
     assert state["optimizer"] is not None and len(state["optimizer"]["state"]) > 0 and state["spectra"]

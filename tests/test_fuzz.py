@@ -24,12 +24,12 @@ import torch
 import yaml
 
 import search_spaces
+from nas_split.checkpoints import resume_point
 from nas_split.cli import main
 from nas_split.compare import CompareConfig, validate_compare
 from nas_split.config import load_config
 from nas_split.cost import ProfileModel
 from nas_split.errors import NasSplitError
-from nas_split.grow_run import resume_point
 from nas_split.records import RunResult
 from nas_split.retrain import retrain_config
 from nas_split.surgery.export import read_grown

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
+from nas_split.checkpoints import latest_checkpoint
 from nas_split.cli import main
-from nas_split.grow_run import latest_checkpoint
 
 FAST = ["--dataset", "digits", "--backbone", "test_mobilenetv1", "--epochs", "1", "--seed-epochs", "2",
         "--rounds", "3", "--method", "fast", "--set", "growth.analysis_batches=3", "--set", "growth.fast_passes=1",

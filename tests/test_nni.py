@@ -42,7 +42,7 @@ def _stages(strategy):
 
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory):
-    from nas_split.nni_strategy import run_nni
+    from nas_split.nni import run_nni
 
     cfg = _cfg(tmp_path_factory.mktemp("seq") / "run")
     t0 = time.time()
@@ -54,7 +54,7 @@ def sequential(tmp_path_factory):
 
 def test_sequential_s3d_export_rebuilds_and_reproduces_accuracy(sequential):
     from nas_split.data import create_dataset
-    from nas_split.nni_strategy import BackboneSpace
+    from nas_split.nni import BackboneSpace
     from nas_split.surgery import load_grown
     from nas_split.training import Trainer
 
@@ -103,7 +103,7 @@ def test_retrain_an_exported_stage_from_scratch(sequential, tmp_path, capsys):
 
 
 def test_ts_engine_web_ui_rest_and_same_stages_as_sequential(tmp_path, sequential, monkeypatch):
-    from nas_split.nni_strategy import build_experiment
+    from nas_split.nni import build_experiment
 
     monkeypatch.chdir(tmp_path)  # trials find nas_split wherever the experiment is started
 
@@ -153,7 +153,7 @@ def _cmdline(p: Path) -> bytes:
 
 
 def test_resume_after_stage_1_ends_with_the_same_widths(tmp_path, sequential):
-    from nas_split.nni_strategy import build_experiment
+    from nas_split.nni import build_experiment
 
     cfg = _cfg(tmp_path / "run")
     exp, strategy = build_experiment(cfg)
@@ -169,10 +169,10 @@ def test_resume_after_stage_1_ends_with_the_same_widths(tmp_path, sequential):
 
 
 def test_vt_stages_carry_their_learning_rate_slices(tmp_path):
-    """The NNI evaluator with ``vt`` growth: each stage's state file holds the method's state (the round that added
+    """The NNI evaluator with ``vt`` growth: each stage's checkpoint holds the method's state (the round that added
     each channel), and the next stage continues it."""
     import search_spaces
-    from nas_split.nni_strategy import train_stage
+    from nas_split.nni import train_stage
     from nas_split.surgery.export import load_grown
 
     run = {"dataset": "digits", "dataset_options": {}, "data_dir": None, "seed_epochs": 1, "latency": False,
@@ -183,8 +183,8 @@ def test_vt_stages_carry_their_learning_rate_slices(tmp_path):
     for k in (1, 2):
         net = load_grown(tmp_path / f"s{k - 1}.pt")
         train_stage(net, run, k, checkpoint=str(tmp_path / f"s{k}.pt"), growth={"method": "vt"},
-                    state_checkpoint=str(tmp_path / f"s{k - 1}.state.pt"))
-        labels[k] = torch.load(tmp_path / f"s{k}.state.pt", weights_only=True)["stages"]
+                    previous=str(tmp_path / f"s{k - 1}.pt"))
+        labels[k] = torch.load(tmp_path / f"s{k}.pt", weights_only=True)["stages"]
     widths = {k: {n: m.out_channels for n, m in load_grown(tmp_path / f"s{k}.pt").named_modules()
                   if n in labels[1]} for k in (0, 1, 2)}
     for layer in labels[1]:
@@ -213,7 +213,7 @@ def test_compare_on_nni_runs_trials_in_parallel_with_the_same_table(tmp_path, ca
 
 
 def test_bad_input_refused_before_the_experiment(tmp_path, capsys):
-    from nas_split.nni_strategy import BackboneSpace, SplittingDescent, check_experiment, stage_evaluator
+    from nas_split.nni import BackboneSpace, SplittingDescent, check_experiment, stage_evaluator
     from nas_split.surgery import NotGrowableError
 
     base = ["nni", "--dataset", "digits", "--backbone", "mobilenetv1_cifar_025", "--width-mult", "0.125"]

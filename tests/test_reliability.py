@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import nas_split as ns
+from nas_split.checkpoints import resume_point
 from nas_split.cli import main
 from nas_split.errors import NasSplitError, UntrustedFileError
-from nas_split.grow_run import resume_config, resume_point
+from nas_split.grow_run import resume_config
 from nas_split.surgery.export import grown_payload
 
 TINY = ["--dataset", "digits", "--backbone", "test_mobilenetv1", "--epochs", "1", "--no-progress", "--no-latency"]

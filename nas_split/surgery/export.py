@@ -120,7 +120,7 @@ def build_spec(spec: dict[str, Any], factories: Factories | None = None, import_
     Args:
         factories: ``{"pkg.mod:fn": callable}``: the factory specs the caller allows, by name.
         import_factory: import and call a ``factory`` spec's function by its name; only for a spec that comes
-            from the caller's own code (e.g. :class:`nas_split.nni_strategy.BackboneSpace`), never from a file.
+            from the caller's own code (e.g. :class:`nas_split.nni.space.BackboneSpace`), never from a file.
 
     Raises:
         UntrustedFileError: a factory spec that is neither in ``factories`` nor allowed by ``import_factory``.
