@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 import search_spaces
 
 from ._io import output_lock, remove_path
-from .config import ConfigError, MethodRunConfig, RunConfig
+from .config import AnytimeConfig, ConfigError, MethodRunConfig, RunConfig, validation_message
 from .cost import CostModel, cost_model
 from .data import DatasetInfo, DataSplits, create_dataset
 from .distributed import is_main
@@ -151,7 +152,7 @@ def _publish_run(cfg: RunConfig, overwrite: bool, meta: dict, body) -> dict:
 def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
     """A :class:`~nas_split.methods.MethodContext` for ``cfg``, its method, and the method's checks done."""
     from .cost import count_macs
-    from .methods import MethodContext, create_method
+    from .methods import GrowthMethod, MethodContext, create_method
 
     info = p.data.info
     base = {k: v for k, v in cfg.backbone_options.items() if k != "in_chans"}
@@ -164,8 +165,10 @@ def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
     def build_width(mult: float):
         return build(**{"width_mult": mult, "widths": None} if "widths" in base else {"width_mult": mult})
 
+    options = dict(cfg.method_options)
+    anytime = _anytime(cfg.method, options.pop("anytime", None))
     try:
-        method = create_method(cfg.method, **cfg.method_options)
+        method = create_method(cfg.method, **options)
         seed = build(**cfg.seed_options)
     except (TypeError, ValueError) as e:  # option names and values the method or the builder refuses
         if isinstance(e, NasSplitError):
@@ -177,11 +180,23 @@ def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
                         seed_epochs=cfg.seed_epochs if cfg.seed_epochs is not None else cfg.train.epochs,
                         epochs=cfg.train.epochs, rounds=cfg.rounds,
                         finetune_epochs=cfg.finetune_epochs, target_mmacs=cfg.target_mmacs,
-                        growth_warmup_epochs=cfg.growth_warmup_epochs)
+                        growth_warmup_epochs=cfg.growth_warmup_epochs, anytime=anytime)
+    if anytime is not None and not isinstance(method, GrowthMethod):
+        raise ConfigError(f"method_options.anytime applies to growth methods, not to {cfg.method!r}")
     if cfg.schedule_span == "run":  # one schedule over every epoch the run trains
         ctx.schedule_epochs = ctx.scratch_epochs
     method.check(ctx, count_macs(seed, p.example_inputs)[0], count_macs(p.model, p.example_inputs)[0])
     return ctx, method
+
+
+def _anytime(method: str, options: Any) -> AnytimeConfig | None:
+    """``method_options.anytime`` checked (``true`` or ``{}``: the defaults); ``None`` without it."""
+    if options is None or options is False:
+        return None
+    try:
+        return AnytimeConfig.model_validate({} if options is True else options)
+    except ValidationError as e:
+        raise ConfigError(f"method_options.anytime of {method!r}: {validation_message(e)}") from None
 
 
 def run_method(cfg: MethodRunConfig, overwrite: bool = False, prepared: Prepared | None = None) -> dict:

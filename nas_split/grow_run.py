@@ -138,7 +138,7 @@ def _run_grow(cfg: GrowRunConfig, resume: bool, overwrite: bool, prepared: Prepa
                        resume=results, purge_step=sum(s["epochs"] for s in results["stages"]) if results else None)
     runner = StageRunner(data=p.data, recipe=cfg.train, example_inputs=p.example_inputs, record=writer.stage,
                          epoch_hook=writer.epoch, latency=cfg.latency, cost_model=p.cost_model,
-                         records=[StageRecord.from_dict(s) for s in writer.results["stages"]])
+                         records=[StageRecord.from_dict(s) for s in writer.results["stages"]], anytime=g.anytime)
     try:
         grow_rounds(runner, model, method, seed_epochs=g.seed_epochs if g.seed_epochs is not None else
                     cfg.train.epochs, epochs=cfg.train.epochs, rounds=g.rounds, target_mmacs=g.target_mmacs,

@@ -182,3 +182,43 @@ def test_tensorboard_gets_every_level_per_epoch_and_per_stage(tmp_path):
     assert per_epoch == pytest.approx([h["val_acc_levels"][0] for h in hist])  # the grown stage's two epochs
     stage_top1 = [e.value for e in events.Scalars(Tags.LEVEL_TOP1.format(1))]
     assert stage_top1 == pytest.approx([runner.records[1].extra["levels"][1]["test_acc"]])
+
+
+GROW = ["--dataset", "digits", "--backbone", "mlp", "--width-mult", "0.125", "--epochs", "1", "--seed-epochs", "1",
+        "--rounds", "2", "--no-progress", "--no-latency"]
+
+
+def test_grow_an_anytime_family_and_deploy_a_level(tmp_path):
+    import json
+
+    import nas_split as ns
+    from nas_split.checkpoints import latest_checkpoint
+    from nas_split.cli import main
+
+    out = tmp_path / "g"
+    assert main(["grow", *GROW, "--method", "fast", "--out", str(out), "--set", "growth.anytime={optimizer: osgd}",
+                 "--set", "growth.analysis_batches=2"]) == 0
+    stages = json.loads((out / "results.json").read_text())["stages"]
+    assert [len(s["levels"]) for s in stages] == [1, 2, 3]
+    macs = [lv["macs"] for lv in stages[-1]["levels"]]
+    assert macs == sorted(macs) and macs[-1] == stages[-1]["cost"]["macs"]
+    assert [lv["macs"] for lv in stages[-1]["levels"][:2]] == [s["cost"]["macs"] for s in stages[:2]]
+    model = ns.load_grown(latest_checkpoint(out)[1])  # the levels travel with the checkpoint
+    small = at.extract(model, 0)
+    assert sum(p.numel() for p in small.parameters()) == stages[0]["cost"]["params"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--method", "prune-l1", "--target-mmacs", "0.01", "--set", "method_options={anytime: true}"],
+     "method_options.anytime applies to growth methods, not to 'prune-l1'"),
+    (["run", "--method", "fast", "--set", "method_options={anytime: {optimizer: adam}}"],
+     "method_options.anytime of 'fast': config value optimizer='adam'"),
+    (["nni", "--set", "growth.anytime={}"], "growth.anytime is not supported by nas-split nni"),
+])
+def test_anytime_is_refused_in_one_line_where_it_cannot_run(tmp_path, capsys, argv, message):
+    from nas_split.cli import main
+
+    assert main([*argv, *GROW[:8], "--out", str(tmp_path / "o"), "--no-latency"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()

@@ -61,6 +61,9 @@ def build_experiment(cfg: NniRunConfig, exp_id: str | None = None,
     from ..checkpoints import CHECKPOINT_DIR
     from ..experiment import prepare
 
+    if cfg.growth.anytime is not None:
+        raise ConfigError("growth.anytime is not supported by nas-split nni yet (its stages are separate trials); "
+                          "grow an anytime family with nas-split grow, run or compare")
     p = prepare(cfg)
     strategy = SplittingDescent(checkpoint_dir=Path(cfg.out, CHECKPOINT_DIR).resolve(),
                                 **cfg.growth.model_dump(exclude_unset=True))  # as the user gave them
