@@ -16,7 +16,7 @@ from .training import TrainConfig
 
 __all__ = ["ConfigError", "AnytimeConfig", "RunConfig", "GrowthConfig", "GrowRunConfig", "Protocol",
            "MethodRunConfig",
-           "NniRunConfig", "load_config", "apply_overrides", "validation_message"]
+           "NniRunConfig", "load_config", "apply_overrides", "validation_message", "upgrade_stored"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -188,6 +188,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 #: Config keys of earlier versions and their names now: a file that uses one gets a one-line hint.
 RENAMED = {"budget_mmacs": "target_mmacs", "targets_mmacs": "target_mmacs"}
+
+
+def upgrade_stored(config: dict[str, Any]) -> dict[str, Any]:
+    """A configuration nas-split itself stored (a run's ``results.json`` or checkpoint) with the keys of earlier
+    versions renamed (:data:`RENAMED`), so runs written before a rename still resume; a user's own files get the
+    one-line hint of :func:`validation_message` instead."""
+    return {RENAMED.get(k, k): upgrade_stored(v) if isinstance(v, dict) else v for k, v in config.items()}
 
 
 def validation_message(err: ValidationError) -> str:

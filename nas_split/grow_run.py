@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ._io import output_lock
 from .checkpoints import CHECKPOINT_DIR, latest_checkpoint, restore_optimizer, resume_point, save_stage, stage_path
-from .config import ConfigError, GrowRunConfig, GrowthConfig
+from .config import ConfigError, GrowRunConfig, GrowthConfig, upgrade_stored
 from .cost import measure_cost
 from .distributed import is_main
 from .engine import check_target, grow_rounds
@@ -47,10 +47,10 @@ def resume_config(run_dir: str | Path) -> dict:
     try:
         res = json.loads(Path(run_dir, "results.json").read_text())
         if isinstance(res, dict) and isinstance(res.get("config"), dict):
-            return res["config"]
+            return upgrade_stored(res["config"])
     except (OSError, ValueError):
         pass
-    return resume_point(run_dir).checkpoint.config
+    return upgrade_stored(resume_point(run_dir).checkpoint.config)
 
 
 #: The :class:`GrowthConfig` fields a :class:`~nas_split.Grower` takes besides ``grow_ratio``: the splitting

@@ -12,7 +12,7 @@ from nni.nas.evaluator import FunctionalEvaluator
 from torch import nn
 
 from ..checkpoints import load_stage, restore_optimizer, save_stage
-from ..config import GrowthConfig, RunConfig
+from ..config import GrowthConfig, RunConfig, upgrade_stored
 from ..cost import cost_model, count_macs
 from ..data import DataSplits
 from ..engine import grow_step
@@ -75,7 +75,7 @@ def train_stage(model: nn.Module, run: dict[str, Any], stage: int = 0, checkpoin
                          records=[StageRecord.from_dict(s) for s in writer.results["stages"]])
     optimizer, extra, method_state = None, {}, {}
     if growth:
-        g = GrowthConfig.model_validate(growth)
+        g = GrowthConfig.model_validate(upgrade_stored(growth))
         method = growth_method(g)
         if prev is not None:
             method.load_state_dict(prev.method_state, net, x)
