@@ -17,17 +17,19 @@ from torch import nn
 
 from .anytime import ATTR, add_level, extract, levels, recalibrate, set_level
 from .config import AnytimeConfig
-from .cost import CostModel, measure_cost
+from .cost import CostModel, CostReport, measure_cost
 from .osgd import osgd_backward
 from .surgery.sizes import layer_widths
+from .training import EvalResult
 
 __all__ = ["AnytimeConfig", "trained_levels", "LevelStep", "track_levels", "level_rows", "recalibrate_levels"]
 
 
 def trained_levels(model: nn.Module, cfg: AnytimeConfig) -> list[int]:
-    """Indices of the levels a step trains, smallest first (the last one is the full model)."""
+    """Indices of the levels a step trains, smallest first (the last one is the full model; ``optimizer: last``
+    trains it alone)."""
     n = len(levels(model))
-    first = 0 if cfg.levels == "all" else max(0, n - cfg.levels)
+    first = n - 1 if cfg.optimizer == "last" else 0 if cfg.levels == "all" else max(0, n - cfg.levels)
     return list(range(first, n))
 
 
@@ -46,11 +48,11 @@ class LevelStep:
     def __call__(self, model: nn.Module, fmodel: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  crit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  no_sync: Callable[[], object]) -> tuple[torch.Tensor, torch.Tensor]:
-        ks = trained_levels(model, self.cfg)[-1 if self.cfg.optimizer == "last" else 0:]  # last: one forward
+        ks = trained_levels(model, self.cfg)
         losses, out = [], None
         with no_sync():
             for k in ks:
-                if k == len(levels(model)) - 1:
+                if k == ks[-1]:
                     out = fmodel(x)  # the full model: no slicing
                 else:
                     with set_level(model, k):
@@ -68,19 +70,21 @@ def track_levels(model: nn.Module, example_inputs: torch.Tensor) -> None:
         add_level(model, example_inputs)
 
 
-def level_rows(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn.Module], object],
-               cost_model: CostModel | None = None) -> list[dict]:
-    """One record per level, from its extracted network (:func:`~nas_split.anytime.extract`): ``{level, macs,
-    mmacs, priced, test_acc, test_loss, widths}`` (``evaluate(net)`` gives its test
-    :class:`~nas_split.training.EvalResult`; ``priced`` under ``cost_model``, default the energy model)."""
+def level_rows(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn.Module], EvalResult],
+               full: tuple[CostReport, EvalResult], cost_model: CostModel | None = None) -> list[dict]:
+    """One record per level: ``{level, macs, mmacs, priced, test_acc, test_loss, widths}``, each earlier level's
+    from its extracted network (:func:`~nas_split.anytime.extract`; ``evaluate(net)`` gives its test result,
+    ``priced`` under ``cost_model``, default the energy model), the last level's from ``full``, the full model's
+    costs and test result as the stage measured them."""
+    def row(k: int, cost: CostReport, ev: EvalResult, net: nn.Module) -> dict:
+        return {"level": k, "macs": cost.macs, "mmacs": cost.mmacs, "priced": cost.priced, "test_acc": ev.acc,
+                "test_loss": ev.loss, "widths": layer_widths(net)}
+
     rows = []
-    for k in range(len(levels(model))):
+    for k in range(len(levels(model)) - 1):
         net = extract(model, k, example_inputs)
-        cost = measure_cost(net, example_inputs, latency=False, cost_model=cost_model)
-        ev = evaluate(net)
-        rows.append({"level": k, "macs": cost.macs, "mmacs": cost.mmacs, "priced": cost.priced,
-                     "test_acc": ev.acc, "test_loss": ev.loss, "widths": layer_widths(net)})
-    return rows
+        rows.append(row(k, measure_cost(net, example_inputs, latency=False, cost_model=cost_model), evaluate(net), net))
+    return rows + [row(len(rows), *full, model)]
 
 
 def recalibrate_levels(model: nn.Module, loader, batches: int) -> None:

@@ -346,7 +346,7 @@ def pareto_figure(finals: list[Row], curve: Sequence[Row] = ()):
                            s=60, label=f"{lab} (retrained)")
         for fam in dict.fromkeys(r.family for r in finals if r.family):  # an anytime run's levels: one curve
             for target in dict.fromkeys(r.target for r in finals if r.family == fam):
-                members = [lab for (t, lab) in s if t == target and (lab == fam or lab.startswith(f"{fam} L"))]
+                members = {r.label for r in finals if r.target == target and fam in (r.label, r.family)}
                 pts = sorted((s[(target, lab)][key][0], s[(target, lab)]["top1"][0]) for lab in members)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=":", color=colors[fam], lw=1)
         if key == "mmacs" and curve:

@@ -123,10 +123,10 @@ class StageRunner:
         cost = measure_cost(on_cpu, self.example_inputs, latency=self.latency, cost_model=self.cost_model)
         trained_macs = cost.macs
         if self.anytime is not None:  # each sample trains every trained level: Σ_k MACs_k per sample
-            rows = level_rows(on_cpu, self.example_inputs, lambda net: self.trainer.evaluate(net, te), self.cost_model)
+            rows = level_rows(on_cpu, self.example_inputs, lambda net: self.trainer.evaluate(net, te), (cost, test),
+                              self.cost_model)
             extra["levels"] = rows
-            trained_macs = sum(rows[k]["macs"] for k in trained_levels(model, self.anytime)) \
-                if self.anytime.optimizer != "last" else cost.macs
+            trained_macs = sum(rows[k]["macs"] for k in trained_levels(model, self.anytime))
         extra = {"train_samples": fit.samples if fit else 0,
                  "train_macs": training_macs(trained_macs, fit.samples) if fit else 0.0, **extra}
         rec = StageRecord(stage, kind, epochs, done + epochs, test.acc, test.loss,
