@@ -210,6 +210,17 @@ def firefly_candidates(model: nn.Module, example_inputs: torch.Tensor, loader: I
                                  scores[n][:widths[n]], scores[n][widths[n]:]) for n in neurons}
 
 
+def candidate_scores(cands: dict[str, FireflyCandidates]) -> dict[tuple[str, str, int], float]:
+    """Every candidate's score by key ``(layer, "split" | "new", index)``; a layer's new neurons only where they
+    have a consumer to feed."""
+    scores = {}
+    for n, c in cands.items():
+        scores.update({(n, "split", i): float(v) for i, v in enumerate(c.split_scores)})
+        if c.new_fan_out:  # a new neuron without a consumer it can feed is useless
+            scores.update({(n, "new", j): float(v) for j, v in enumerate(c.new_scores)})
+    return scores
+
+
 def firefly_grow(model: nn.Module, example_inputs: torch.Tensor, loader: Iterable, grow_ratio: float = 0.35,
                  k: int = 8, eps: float = 1.0, optimizer: torch.optim.Optimizer | None = None,
                  max_macs: float | None = None, calibrate_norms: bool = True, **kw) -> FireflyReport:
@@ -224,11 +235,7 @@ def firefly_grow(model: nn.Module, example_inputs: torch.Tensor, loader: Iterabl
     past it."""
     cands = firefly_candidates(model, example_inputs, loader, k=k, **kw)
     total = sum(c.split_scores.numel() for c in cands.values())
-    scores = {}
-    for n, c in cands.items():
-        scores.update({(n, "split", i): float(v) for i, v in enumerate(c.split_scores)})
-        if c.new_fan_out:  # a new neuron without a consumer it can feed is useless
-            scores.update({(n, "new", j): float(v) for j, v in enumerate(c.new_scores)})
+    scores = candidate_scores(cands)
     if max_macs is None:
         chosen = select_most_negative(scores, int(grow_ratio * total))
     else:

@@ -14,7 +14,7 @@ from nas_split.methods import FromScratch, GrowthMethod, Method, MethodContext, 
 from nas_split.stages import stage_seed
 from nas_split.surgery.rebuild import fresh_model, resized_sizes, width_groups
 
-from .firefly import firefly_grow
+from .firefly import candidate_scores, firefly_candidates, firefly_grow
 from .gradmax import gradmax_counts, gradmax_grow
 from .pruning import CRITERIA, bn_l1_penalty, prune_to_macs
 from .random_growth import random_grow
@@ -40,12 +40,25 @@ class _Firefly(GrowthMethod):
         self.grow_ratio, self.k, self.eps, self.calibrate_norms = grow_ratio, k, eps, calibrate_norms
         self.options = {"steps": steps, "lr": lr, "penalty": penalty, "init_scale": init_scale}
 
+    grows_depth = True
+
     def grow(self, ctx, model, loader, optimizer, stage, max_macs):
+        def generator():
+            return torch.Generator().manual_seed(stage_seed(ctx.recipe.seed, stage))
+
+        depth = None
+        if self.max_blocks:  # blocks and channels ranked together; the channels are scored again once deepened
+            width = None if max_macs is None else candidate_scores(firefly_candidates(
+                model, ctx.example_inputs, loader, k=self.k, generator=generator(), **self.options))
+            depth = self.deepen(ctx, model, loader, optimizer, stage, max_macs, width)
         rep = firefly_grow(model, ctx.example_inputs, loader, self.grow_ratio, self.k, self.eps, optimizer,
-                           max_macs=max_macs, calibrate_norms=self.calibrate_norms,
-                           generator=torch.Generator().manual_seed(stage_seed(ctx.recipe.seed, stage)), **self.options)
-        return {"new_neurons": rep.new_neurons, "split": sum(len(v) for v in rep.splits.values()),
+                           max_macs=max_macs, calibrate_norms=self.calibrate_norms, generator=generator(),
+                           **self.options)
+        info = {"new_neurons": rep.new_neurons, "split": sum(len(v) for v in rep.splits.values()),
                 "new": sum(rep.new.values())}
+        if depth is not None:
+            info["depth"] = depth.to_dict()
+        return info
 
 
 class _GradMax(GrowthMethod):
@@ -91,6 +104,16 @@ class _VarianceTransfer(GrowthMethod):
         if self.mup:
             info["mup"] = self.layer_rates.set(model, ctx.example_inputs)
         return info
+
+
+def _depths(name: str, depths: list[int] | None) -> dict:
+    """``{"depths": [...]}`` for the builder (``{}`` without), checked: positive block counts."""
+    if depths is None:
+        return {}
+    if not (isinstance(depths, list) and depths and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                                                          for d in depths)):
+        raise ConfigError(f"{name}: depths lists positive block counts per stage, got {depths!r}")
+    return {"depths": list(depths)}
 
 
 class PruneMethod(Method):
@@ -139,29 +162,33 @@ class ScratchMethod(FromScratch):
         epoch_fraction: train ``round(epoch_fraction x scratch epochs)`` epochs (at least 1) instead, e.g. the
             growth runs' training MACs over scratch's, for scratch at equal *training* compute.  Such a run is
             not a point of the scratch curve.
+        depths: blocks per stage of a timm MobileNet (default: the backbone's), e.g. a depth-grown run's
+            ``stage_depths`` or the seed's, for uniform scratch at that depth profile.
     """
 
-    def __init__(self, epoch_fraction: float = 1.0):
+    def __init__(self, epoch_fraction: float = 1.0, depths: list[int] | None = None):
         if not 0 < epoch_fraction <= 1:
             raise ConfigError(f"scratch: epoch_fraction must lie in (0, 1], got {epoch_fraction}")
         self.epoch_fraction = float(epoch_fraction)
+        self.over = _depths("scratch", depths)
         self._mult: float | None = None  # found by check()
 
     def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
         if ctx.target_mmacs is None:
             raise ConfigError("scratch needs a MAC target (target_mmacs)")
         try:  # a target no width multiplier reaches is refused here, before anything is written
-            self._mult = match_width(ctx.build_width, ctx.example_inputs, ctx.target_mmacs * 1e6)[0]
-        except ValueError as e:
-            raise ConfigError(f"scratch: {e}") from None
+            self._mult = match_width(partial(ctx.build_width, **self.over), ctx.example_inputs,
+                                     ctx.target_mmacs * 1e6)[0]
+        except (TypeError, ValueError) as e:  # TypeError: a backbone without blocks per stage
+            raise ConfigError(f"scratch: {str(e).splitlines()[0]}") from None
 
     def architecture(self, ctx: MethodContext) -> tuple[nn.Module, dict]:
         if self._mult is None:
             self.check(ctx, 0.0, 0.0)
-        extra = {"width_mult": self._mult}
+        extra = {"width_mult": self._mult, **self.over}
         if self.epoch_fraction != 1:
             extra["epoch_fraction"] = self.epoch_fraction
-        return ctx.build_width(self._mult), extra
+        return ctx.build_width(self._mult, **self.over), extra
 
     def epochs(self, ctx: MethodContext) -> int:
         if self.epoch_fraction == 1:
@@ -171,10 +198,12 @@ class ScratchMethod(FromScratch):
 
 class _WidthsArch(FromScratch):
     """An architecture control: per-layer widths at the target's MACs (:meth:`widths`), trained like ``scratch``;
-    its stage record holds the widths and their ``log_distance`` from the seed's profile scaled uniformly."""
+    its stage record holds the widths and their ``log_distance`` from the seed's profile scaled uniformly.
+    ``depths`` builds the seed with that many blocks per stage first (a timm MobileNet)."""
 
-    def __init__(self):
+    def __init__(self, depths: list[int] | None = None):
         self._widths: dict[str, int] | None = None
+        self.over = _depths(type(self).kind, depths)
 
     def widths(self, ctx: MethodContext, seed: nn.Module) -> dict[str, int]:
         """The widths (``{root layer: width}``) at ``ctx.target_mmacs``; ``ValueError`` if it is out of reach."""
@@ -184,17 +213,17 @@ class _WidthsArch(FromScratch):
         if ctx.target_mmacs is None:
             raise ConfigError(f"{self.name} needs a MAC target (target_mmacs)")
         try:
-            self._widths = self.widths(ctx, ctx.build_seed())
-        except ValueError as e:
-            raise ConfigError(f"{self.name}: {e}") from None
+            self._widths = self.widths(ctx, ctx.build_seed(**self.over))
+        except (TypeError, ValueError) as e:  # TypeError: a backbone without blocks per stage
+            raise ConfigError(f"{self.name}: {str(e).splitlines()[0]}") from None
 
     def architecture(self, ctx: MethodContext) -> tuple[nn.Module, dict]:
         if self._widths is None:
             self.check(ctx, 0.0, 0.0)
-        seed = ctx.build_seed()
+        seed = ctx.build_seed(**self.over)
         sizes = resized_sizes(seed, ctx.example_inputs, self._widths)
         return fresh_model(seed.nas_split_spec, sizes, ctx.recipe.seed), {
-            "arch_widths": self._widths,
+            "arch_widths": self._widths, **self.over,
             "log_distance": log_distance(self._widths, width_groups(seed, ctx.example_inputs))}
 
 
@@ -210,8 +239,8 @@ class RandomArchMethod(_WidthsArch):
 
     kind = "random-arch"
 
-    def __init__(self, spread: float = 2.0, draw: int = 0):
-        super().__init__()
+    def __init__(self, spread: float = 2.0, draw: int = 0, depths: list[int] | None = None):
+        super().__init__(depths)
         if not spread >= 1:
             raise ConfigError(f"random-arch: spread must be >= 1, got {spread}")
         if draw < 0:
@@ -230,8 +259,9 @@ class BottleneckMethod(_WidthsArch):
 
     kind = "bottleneck"
 
-    def __init__(self, fraction: float = 0.25, position: float = 0.5, span: int = 1):
-        super().__init__()
+    def __init__(self, fraction: float = 0.25, position: float = 0.5, span: int = 1,
+                 depths: list[int] | None = None):
+        super().__init__(depths)
         if not 0 < fraction < 1:
             raise ConfigError(f"bottleneck: fraction must be in (0, 1), got {fraction}")
         if not 0 <= position <= 1:

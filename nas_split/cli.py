@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--batch-size", type=int, help="training batch size (default: the source's)")
     rt.add_argument("--seed", type=int, help="seed of data order and initialisation (default: the source's)")
     rt.add_argument("--data-dir", help="directory of the dataset's files")
+    rt.add_argument("--level", type=int, help="retrain this level of an anytime model (its widths after growth "
+                    "stage LEVEL; nas_split.anytime) instead of the whole model")
     rt.add_argument("--out", help="run directory to create (default: <source>-retrain beside the source)")
     _output_flags(rt)
     sub.add_parser("list", help="list datasets, backbones and methods")
@@ -292,7 +294,7 @@ def _compare(a: argparse.Namespace, cfg, runs) -> int:
                         executor=executor)
     if not is_main():
         return 0
-    paths = write_report(cfg.out, pairs, cfg.tolerance, cfg.baseline)
+    paths = write_report(cfg.out, pairs, cfg.tolerance, cfg.baseline, cfg.snapshots)
     print(paths["table"].read_text())
     print(f"table: {paths['table']}  csv: {paths['csv']}")
     print(f"plots: {paths['pareto']}  {paths['widths']}")
@@ -350,7 +352,7 @@ def _cmd_retrain(a: argparse.Namespace) -> int:
     from .experiment import check_out_dir, method_context, prepare, run_method
     from .retrain import retrain_config
 
-    cfg = retrain_config(a.source, _overrides(a))
+    cfg = retrain_config(a.source, _overrides(a), level=a.level)
     check_out_dir(cfg.out, a.overwrite)
     prepared = prepare(cfg)
     method_context(cfg, prepared)  # the architecture must take the dataset's samples

@@ -88,6 +88,9 @@ class CompareConfig(RunConfig, Protocol):
     retrain: bool = Field(False, description="retrain every method's final architecture from scratch with the "
                                              "scratch recipe (search -> export -> retrain)")
     baseline: str = Field("scratch", description="label the paired differences (and their CIs) are taken to")
+    snapshots: bool = Field(False, description="report every earlier stage of each growth run as a row too "
+                                               "('<label> S<k>', scored against the scratch curve): the stage "
+                                               "snapshots an anytime run's levels are compared with")
     jobs: int = Field(1, ge=1, description="runs at once (worker processes)")
     out: str = "runs/compare"
 

@@ -112,6 +112,9 @@ class GrowthConfig(BaseModel):
     fast_lr: float = Field(0.05, gt=0)
     anytime: AnytimeConfig | None = Field(None, description="keep every stage's widths as a level and train the "
                                           "levels together (nas_split.anytime_training); default off")
+    depth: bool = Field(False, description="grow in depth too: each round may insert new blocks before its width "
+                                           "step (firefly and the splitting methods; nas_split.growth.depth_scores)")
+    max_blocks_per_stage: int = Field(1, ge=1, description="with depth: new blocks a round may insert")
 
 
 class GrowRunConfig(RunConfig):

@@ -152,7 +152,7 @@ def _publish_run(cfg: RunConfig, overwrite: bool, meta: dict, body) -> dict:
 def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
     """A :class:`~nas_split.methods.MethodContext` for ``cfg``, its method, and the method's checks done."""
     from .cost import count_macs
-    from .methods import GrowthMethod, MethodContext, create_method
+    from .methods import GrowthMethod, MethodContext, configure_depth, create_method
 
     info = p.data.info
     base = {k: v for k, v in cfg.backbone_options.items() if k != "in_chans"}
@@ -162,11 +162,12 @@ def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
         return search_spaces.create(cfg.backbone, num_classes=info.num_classes, in_chans=info.in_chans,
                                     input_size=info.input_size, **{**base, **over})
 
-    def build_width(mult: float):
-        return build(**{"width_mult": mult, "widths": None} if "widths" in base else {"width_mult": mult})
+    def build_width(mult: float, **over):
+        return build(**{"width_mult": mult, "widths": None} if "widths" in base else {"width_mult": mult}, **over)
 
     options = dict(cfg.method_options)
     anytime = _anytime(cfg.method, options.pop("anytime", None))
+    max_blocks = _max_blocks(cfg.method, options.pop("depth", False), options.pop("max_blocks_per_stage", None))
     try:
         method = create_method(cfg.method, **options)
         seed = build(**cfg.seed_options)
@@ -175,18 +176,34 @@ def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
             raise
         raise ConfigError(f"options of {cfg.method!r} or seed_options: {str(e).splitlines()[0]}") from None
     ctx = MethodContext(data=p.data, recipe=cfg.train, example_inputs=p.example_inputs, record=record,
-                        latency=cfg.latency, cost_model=p.cost_model, build_seed=lambda: build(**cfg.seed_options),
-                        build_full=build, build_width=build_width,
+                        latency=cfg.latency, cost_model=p.cost_model,
+                        build_seed=lambda **over: build(**{**cfg.seed_options, **over}), build_full=build,
+                        build_width=build_width,
                         seed_epochs=cfg.seed_epochs if cfg.seed_epochs is not None else cfg.train.epochs,
                         epochs=cfg.train.epochs, rounds=cfg.rounds,
                         finetune_epochs=cfg.finetune_epochs, target_mmacs=cfg.target_mmacs,
                         growth_warmup_epochs=cfg.growth_warmup_epochs, anytime=anytime)
     if anytime is not None and not isinstance(method, GrowthMethod):
         raise ConfigError(f"method_options.anytime applies to growth methods, not to {cfg.method!r}")
+    configure_depth(method, max_blocks, anytime is not None, key="method_options.depth")
     if cfg.schedule_span == "run":  # one schedule over every epoch the run trains
         ctx.schedule_epochs = ctx.scratch_epochs
     method.check(ctx, count_macs(seed, p.example_inputs)[0], count_macs(p.model, p.example_inputs)[0])
     return ctx, method
+
+
+def _max_blocks(method: str, depth: Any, max_blocks: Any) -> int:
+    """New blocks per round from ``method_options.depth`` / ``max_blocks_per_stage`` (0: width only)."""
+    if not isinstance(depth, bool):
+        raise ConfigError(f"method_options.depth of {method!r} is true or false, got {depth!r}")
+    if max_blocks is None:
+        return int(depth)
+    if not depth:
+        raise ConfigError(f"method_options.max_blocks_per_stage of {method!r} applies with depth: true")
+    if isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1:
+        raise ConfigError(f"method_options.max_blocks_per_stage of {method!r} is a positive integer, got "
+                          f"{max_blocks!r}")
+    return max_blocks
 
 
 def _anytime(method: str, options: Any) -> AnytimeConfig | None:

@@ -26,7 +26,7 @@ from .engine import check_target, grow_rounds
 from .errors import DivergedError
 from .experiment import Prepared, check_out_dir, prepare, run_meta
 from .grower import Grower
-from .methods import GrowthMethod, create_method, growth_methods
+from .methods import GrowthMethod, configure_depth, create_method, growth_methods
 from .records import StageRecord
 from .runlog import RunWriter
 from .stages import StageRunner
@@ -73,16 +73,21 @@ def growth_method(g: GrowthConfig) -> GrowthMethod:
     if g.method in VARIANTS:
         if g.mup is not None:
             raise ConfigError(f"growth.mup applies to vt, not to the splitting method {g.method!r}")
-        return create_method(g.method, grow_ratio=g.grow_ratio, **{k: getattr(g, k) for k in SPLITTING_ONLY},
-                             **shared)
-    other = sorted(SPLITTING_ONLY & g.model_fields_set)
-    if other:
-        raise ConfigError(f"growth.{other[0]} applies to the splitting methods ({', '.join(VARIANTS)}), "
-                          f"not to {g.method!r}")
-    try:
-        return create_method(g.method, grow_ratio=g.grow_ratio, **shared)
-    except TypeError:
-        raise ConfigError(f"growth method {g.method!r} does not take {' / '.join(shared)}") from None
+        method = create_method(g.method, grow_ratio=g.grow_ratio, **{k: getattr(g, k) for k in SPLITTING_ONLY},
+                               **shared)
+    else:
+        other = sorted(SPLITTING_ONLY & g.model_fields_set)
+        if other:
+            raise ConfigError(f"growth.{other[0]} applies to the splitting methods ({', '.join(VARIANTS)}), "
+                              f"not to {g.method!r}")
+        try:
+            method = create_method(g.method, grow_ratio=g.grow_ratio, **shared)
+        except TypeError:
+            raise ConfigError(f"growth method {g.method!r} does not take {' / '.join(shared)}") from None
+    if "max_blocks_per_stage" in g.model_fields_set and not g.depth:
+        raise ConfigError("growth.max_blocks_per_stage applies with growth.depth: true")
+    configure_depth(method, g.max_blocks_per_stage if g.depth else 0, g.anytime is not None)
+    return method
 
 
 def validate_growth(g: GrowthConfig, model, example_inputs) -> None:

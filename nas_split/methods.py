@@ -30,8 +30,9 @@ from torch import nn
 
 from .cost import CostModel
 from .engine import check_target, grow_rounds
-from .errors import NasSplitError
+from .errors import ConfigError, NasSplitError
 from .grower import Grower
+from .growth.depth_scores import DepthRound, grow_depth
 from .growth.neurons import splittable_layers
 from .growth.rates import SliceRates
 from .growth.variance import fan_in_growth, transfer_betas, transfer_variance
@@ -41,8 +42,8 @@ from .stages import StageRunner, stage_seed
 from .surgery import NotGrowableError
 
 __all__ = ["MethodContext", "Method", "FromScratch", "RetrainMethod", "trains_from_scratch", "GrowthMethod",
-           "SplittingMethod", "register_method", "create_method", "list_methods", "growth_methods", "load_plugins",
-           "UnknownMethodError"]
+           "SplittingMethod", "configure_depth", "register_method", "create_method", "list_methods",
+           "growth_methods", "load_plugins", "UnknownMethodError"]
 
 
 class UnknownMethodError(NasSplitError, KeyError):
@@ -53,9 +54,11 @@ class UnknownMethodError(NasSplitError, KeyError):
 class MethodContext(StageRunner):
     """What a method needs to run: builders, schedule and MAC target; :meth:`stage` records each stage."""
 
-    build_seed: Callable[[], nn.Module]
+    #: the thin seed; keyword arguments override the builder's (``depths=[...]``: blocks per stage)
+    build_seed: Callable[..., nn.Module]
     build_full: Callable[[], nn.Module]
-    build_width: Callable[[float], nn.Module]
+    #: the full model at a uniform width multiplier; keyword arguments override the builder's
+    build_width: Callable[..., nn.Module]
     seed_epochs: int
     epochs: int
     rounds: int
@@ -169,20 +172,29 @@ class RetrainMethod(FromScratch):
 
     Args:
         architecture: path of the file holding the architecture (its weights are not used).
+        level: retrain level ``level`` of an anytime model (:func:`nas_split.anytime.extract`'s widths) instead
+            of the whole model.
     """
 
     kind = "retrain"
 
-    def __init__(self, architecture: str):
-        self.path = str(architecture)
+    def __init__(self, architecture: str, level: int | None = None):
+        self.path, self.level = str(architecture), level
         self.payload: dict[str, Any] | None = None
 
     def _build(self, seed: int) -> nn.Module:
-        from .surgery.export import read_grown
+        from .surgery.export import grown_payload, load_grown, read_grown
         from .surgery.rebuild import fresh_model
 
-        if self.payload is None:
+        if self.payload is None and self.level is None:
             self.payload = read_grown(self.path)
+        elif self.payload is None:
+            from .anytime import LevelError, extract
+
+            try:
+                self.payload = grown_payload(extract(load_grown(self.path), self.level))
+            except LevelError as e:
+                raise NasSplitError(f"retrain: level {self.level} of {self.path}: {e}") from None
         return fresh_model(self.payload["spec"], self.payload["sizes"], seed)
 
     def check(self, ctx: MethodContext, seed_macs: float, full_macs: float) -> None:
@@ -197,7 +209,8 @@ class RetrainMethod(FromScratch):
                                 f"{str(e).splitlines()[0]}") from None
 
     def architecture(self, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
-        return self._build(ctx.recipe.seed), {"architecture": self.path}
+        level = {} if self.level is None else {"level": self.level}
+        return self._build(ctx.recipe.seed), {"architecture": self.path, **level}
 
 
 def trains_from_scratch(name: str, options: dict[str, Any] | None = None) -> bool:
@@ -212,6 +225,10 @@ class GrowthMethod(Method):
 
     #: Most a round can multiply MACs by: every neuron split in two doubles both widths of a layer.
     max_round_factor: float = 4.0
+    #: Whether the method can grow in depth too (:meth:`deepen`; the splitting variants and ``firefly``).
+    grows_depth: bool = False
+    #: New blocks a round may insert before its width step (0: width only); :func:`configure_depth` sets it.
+    max_blocks: int = 0
 
     def grow(self, ctx: StageRunner, model: nn.Module, loader, optimizer, stage: int,
              max_macs: float | None) -> dict:
@@ -219,6 +236,14 @@ class GrowthMethod(Method):
 
         ``ctx`` gives ``example_inputs`` and the recipe (``ctx.recipe.seed``)."""
         raise NotImplementedError
+
+    def deepen(self, ctx: StageRunner, model: nn.Module, loader, optimizer, stage: int, max_macs: float | None,
+               width_scores=None) -> DepthRound:
+        """The round's depth step before its width step (:func:`nas_split.growth.depth_scores.grow_depth`): at
+        most :attr:`max_blocks` new blocks, Firefly's gate score, within ``max_macs``; ``width_scores`` (Firefly's)
+        put blocks and channels in one ranking."""
+        return grow_depth(model, ctx.example_inputs, loader, self.max_blocks, max_macs, width_scores, optimizer,
+                          seed=stage_seed(ctx.recipe.seed, stage))
 
     def check_growable(self, model: nn.Module, example_inputs) -> None:
         """Raise ``NotGrowableError`` (naming the problem) for a seed this method cannot grow."""
@@ -246,6 +271,23 @@ class GrowthMethod(Method):
         if left > 0 and (ctx.finetune_epochs or ctx.schedule_epochs is not None):
             ctx.stage(model, "finetune", left, optimizer)
         return model
+
+
+def configure_depth(method: Method, max_blocks: int, anytime: bool = False, key: str = "growth.depth") -> None:
+    """Let a growth method insert at most ``max_blocks`` blocks per round (0: width only, nothing checked);
+    refused in one line, naming ``key``, for a method or a combination that cannot honour it."""
+    if not max_blocks:
+        return
+    if not (isinstance(method, GrowthMethod) and method.grows_depth):
+        raise ConfigError(f"{key} applies to firefly and the splitting methods ({', '.join(VARIANTS)}), not to "
+                          f"{method.name!r}")
+    if getattr(method, "lra", False):
+        raise ConfigError(f"{key} with lra: the learning-rate slices are kept by layer name, and new blocks rename "
+                          "the layers after them; drop one of the two")
+    if anytime:
+        raise ConfigError(f"{key} with anytime: a level keeps a prefix of every layer's channels, and a new block "
+                          "has none in the earlier levels; drop one of the two")
+    method.max_blocks = max_blocks
 
 
 class SplittingMethod(GrowthMethod):
@@ -283,7 +325,12 @@ class SplittingMethod(GrowthMethod):
                       grow_ratio=self.grow_ratio if max_macs is None else None, optimizer=optimizer, seed=seed,
                       max_macs=max_macs, cost_model=cost_model, **self.options)
 
+    grows_depth = True
+
     def grow(self, ctx, model, loader, optimizer, stage, max_macs):
+        depth = self.deepen(ctx, model, loader, optimizer, stage, max_macs) if self.max_blocks else None
+        if depth is not None:  # the fast analysis' directions follow their layers' new names
+            self.spectra = {depth.rename(k): v for k, v in self.spectra.items()}
         g = self.grower(model, ctx.example_inputs, optimizer, stage_seed(ctx.recipe.seed, stage), max_macs,
                         ctx.cost_model)
         g.spectra = self.spectra
@@ -300,6 +347,8 @@ class SplittingMethod(GrowthMethod):
             info["variance_transfer"] = betas
         if self.lra:  # the copies a round appends are that stage's slice (nas_split.growth.rates)
             info["lra"] = self.rates.record(model, ctx.example_inputs, report.widths, stage)
+        if depth is not None:
+            info["depth"] = depth.to_dict()
         return info
 
 

@@ -21,9 +21,7 @@ from .records import RunResult
 from .runlog import Tags
 
 __all__ = ["CSV_FIELDS", "Row", "PairedCI", "paired_ci", "paired_to", "interp_log_macs", "to_curve",
-           "on_scratch_curve", "collect",
-           "write_csv", "summary",
-           "markdown_table", "write_report",
+           "on_scratch_curve", "collect", "write_csv", "summary", "markdown_table", "write_report",
            "pareto_figure", "widths_figure"]
 
 #: Columns of ``results.csv`` (one row per method x seed x target x phase x stage).
@@ -97,9 +95,11 @@ def on_scratch_curve(config: dict) -> bool:
     return config.get("method") == "scratch" and (config.get("method_options") or {}).get("epoch_fraction", 1) == 1
 
 
-def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row], list[Row]]:
+def collect(pairs: Sequence[tuple], snapshots: bool = False) -> tuple[list[dict], list[Row], list[Row]]:
     """``(run, results)`` pairs -> CSV rows (every stage of every run), one :class:`Row` per search run and one
-    per run of the scratch curve (``phase="curve"``).
+    per run of the scratch curve (``phase="curve"``); an anytime run adds a row per earlier level
+    (``"<label> L<k>"``), and with ``snapshots`` a growth run adds a row per earlier stage (``"<label> S<k>"``:
+    the model as that stage left it, before the next growth step), each a family of the run's label.
 
     A search run of a method that trains from scratch (``scratch``, ``random-arch``, ``bottleneck``) is its own
     retraining; other runs take the accuracy of their ``phase="retrain"`` run when there is one.  Each search row's
@@ -137,6 +137,11 @@ def collect(pairs: Sequence[tuple]) -> tuple[list[dict], list[Row], list[Row]]:
             finals += [replace(row, label=f"{run.label} L{lv['level']}", test_acc=lv["test_acc"],
                                mmacs=lv["mmacs"], priced=lv["priced"], widths=lv["widths"], level=lv["level"],
                                family=run.label) for lv in last.extra.get("levels", [])[:-1]]
+            if snapshots:
+                finals += [replace(row, label=f"{run.label} S{st.stage}", test_acc=st.test_acc, mmacs=st.mmacs,
+                                   priced=_priced(st.cost), widths=st.widths, retrained_acc=None, level=st.stage,
+                                   family=run.label)
+                           for st in res.stages[:-1] if "growth" in st.extra or st.kind == "seed"]
     points: dict[int, list[tuple[float, float]]] = defaultdict(list)
     scratch = {run.label for run, res in pairs if getattr(run, "phase", "search") == "search"
                and on_scratch_curve(res.get("config") or {})}
@@ -361,7 +366,9 @@ def pareto_figure(finals: list[Row], curve: Sequence[Row] = ()):
 
 
 def widths_figure(finals: list[Row]):
-    """Output width of every conv/linear layer of the final models (mean over seeds), one panel per target."""
+    """Output width of every conv/linear layer of the final models, one panel per target: the mean over seeds,
+    or, where a method's runs differ in depth (``growth.depth``), one thinner line per run; the legend gives the
+    number of layers, so a deeper network shows as a longer line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -375,9 +382,18 @@ def widths_figure(finals: list[Row]):
     for ax, target in zip(axes[0], targets, strict=True):
         for lab in labels:
             rs = [r for r in finals if r.target == target and r.label == lab]
-            layers = list(rs[0].widths)[:-1]  # the classifier's width is the number of classes
-            ax.plot(range(len(layers)), [statistics.fmean(r.widths[n] for r in rs) for n in layers], marker=".",
-                    color=colors[lab], label=lab)
+            if not rs:  # no run of this method at this target
+                continue
+            name = f"{lab} ({'/'.join(str(n) for n in sorted({len(r.widths) for r in rs}))} layers)"
+            if all(list(r.widths) == list(rs[0].widths) for r in rs):
+                layers = list(rs[0].widths)[:-1]  # the classifier's width is the number of classes
+                ax.plot(range(len(layers)), [statistics.fmean(r.widths[n] for r in rs) for n in layers],
+                        marker=".", color=colors[lab], label=name)
+                continue
+            for i, r in enumerate(rs):
+                ws = list(r.widths.values())[:-1]
+                ax.plot(range(len(ws)), ws, marker=".", lw=0.8, alpha=0.7, color=colors[lab],
+                        label=name if i == 0 else None)
         ax.set_title("growth rounds only" if target is None else f"target {target:g} MMACs")
         ax.set_xlabel("layer (input to output)")
         ax.set_ylabel("output channels")
@@ -399,7 +415,7 @@ LAYOUT = {"nas-split: methods overlaid": {
 
 
 def write_report(out: str | Path, pairs: Sequence[tuple], tolerance: float = 0.03,
-                 baseline: str = "scratch") -> dict[str, Path]:
+                 baseline: str = "scratch", snapshots: bool = False) -> dict[str, Path]:
     """Write ``results.csv``, ``table.md``, ``pareto.png``, ``widths.png`` and the TensorBoard ``summary`` run.
 
     Returns the paths by name.
@@ -407,7 +423,7 @@ def write_report(out: str | Path, pairs: Sequence[tuple], tolerance: float = 0.0
     from torch.utils.tensorboard import SummaryWriter
 
     out = Path(out)
-    rows, finals, curve = collect(pairs)
+    rows, finals, curve = collect(pairs, snapshots)
     paths = {"csv": out / "results.csv", "table": out / "table.md", "pareto": out / "pareto.png",
              "widths": out / "widths.png", "summary": out / "summary"}
     write_csv(paths["csv"], rows)

@@ -12,6 +12,9 @@ itself and :func:`retrain` runs the ``retrain`` method (:class:`nas_split.method
   be given);
 * an exported NNI sample (the dict itself).
 
+``level`` (``nas-split retrain --level K``) retrains level ``K`` of an anytime model (its widths after growth stage
+``K``, :func:`nas_split.anytime.extract`) instead of the whole model.
+
 The recipe is the source's own (optimizer, learning rate, batch size, seed, dataset); the epochs default to as
 many as the source model was trained in all (its last stage's ``epochs_total``), in one stage, like ``scratch``.
 """
@@ -70,10 +73,11 @@ def _source(source: str | Path | Mapping[str, Any]) -> tuple[Path, dict[str, Any
 
 
 def retrain_config(source: str | Path | Mapping[str, Any], overrides: list[str] | None = None,
-                   out: str | None = None) -> MethodRunConfig:
+                   out: str | None = None, level: int | None = None) -> MethodRunConfig:
     """The ``retrain`` run of ``source``: its architecture file, dataset and recipe, one stage of as many epochs as
     the source model trained (``train.epochs`` in ``overrides`` sets them), written to ``out`` (default: beside
-    the source, ``<name>-retrain``).
+    the source, ``<name>-retrain``, or ``<name>-retrain-L<level>``).  ``level`` retrains one level of an anytime
+    model (:mod:`nas_split.anytime`) instead of the whole model.
 
     ``overrides`` are ``key=value`` strings of :class:`~nas_split.config.MethodRunConfig` (e.g.
     ``dataset=digits``, ``train.seed=3``).
@@ -105,15 +109,17 @@ def retrain_config(source: str | Path | Mapping[str, Any], overrides: list[str] 
     if "dataset" not in base and not any(o.partition("=")[0].strip() == "dataset" for o in overrides):
         raise ConfigError(f"{str(arch)!r} does not say which dataset it was trained on: pass --dataset")
     name = Path(source["checkpoint"] if isinstance(source, Mapping) else source)
-    base.update(method="retrain", method_options={"architecture": str(arch)}, rounds=0, seed_options={},
-                out=out or str(name.with_name(f"{name.stem if name.is_file() else name.name}-retrain")))
+    suffix = "-retrain" if level is None else f"-retrain-L{level}"
+    base.update(method="retrain", method_options={"architecture": str(arch)} if level is None else
+                {"architecture": str(arch), "level": level}, rounds=0, seed_options={},
+                out=out or str(name.with_name(f"{name.stem if name.is_file() else name.name}{suffix}")))
     cfg = load_config(MethodRunConfig, None, overrides, base=base)
     # one stage of train.epochs epochs: the scratch schedule with no rounds and no fine-tuning
     return cfg.model_copy(update={"seed_epochs": cfg.train.epochs, "rounds": 0, "finetune_epochs": 0})
 
 
 def retrain(source: str | Path | Mapping[str, Any], overrides: list[str] | None = None, out: str | None = None,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, level: int | None = None) -> dict:
     """Retrain ``source``'s architecture from scratch (:func:`retrain_config`) and write its run directory;
     returns its ``results.json``.
 
@@ -124,4 +130,4 @@ def retrain(source: str | Path | Mapping[str, Any], overrides: list[str] | None 
     """
     from .experiment import run_method
 
-    return run_method(retrain_config(source, overrides, out), overwrite=overwrite)
+    return run_method(retrain_config(source, overrides, out, level), overwrite=overwrite)

@@ -37,6 +37,8 @@ class Tags:
     LEVEL_TOP1 = "acc/level{}/top1"    # an anytime run's level k: test top-1 after a stage
     LEVEL_VAL_TOP1 = "acc/level{}/val_top1"  # ... and validation top-1 per epoch
     LEVEL_MMACS = "cost/level{}/mmacs"
+    LAYERS = "arch/layers"             # conv / linear layers after a stage (depth growth adds some)
+    STAGE_BLOCKS = "arch/stage{}/blocks"  # blocks of a timm MobileNet stage after a stage
 
 
 class RunWriter:
@@ -90,6 +92,9 @@ class RunWriter:
         self.tb.add_scalar(Tags.TRAIN_SECONDS, record.train_seconds, s)
         if "analysis_seconds" in record.extra:
             self.tb.add_scalar(Tags.ANALYSIS_SECONDS, record.analysis_seconds, s)
+        self.tb.add_scalar(Tags.LAYERS, len(record.widths), s)
+        for i, blocks in enumerate(record.extra.get("depth", {}).get("stage_depths", [])):
+            self.tb.add_scalar(Tags.STAGE_BLOCKS.format(i), blocks, s)
         for lv in record.extra.get("levels", []):
             self.tb.add_scalar(Tags.LEVEL_TOP1.format(lv["level"]), lv["test_acc"], s)
             self.tb.add_scalar(Tags.LEVEL_MMACS.format(lv["level"]), lv["mmacs"], s)

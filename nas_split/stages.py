@@ -127,6 +127,8 @@ class StageRunner:
                               self.cost_model)
             extra["levels"] = rows
             trained_macs = sum(rows[k]["macs"] for k in trained_levels(model, self.anytime))
+        if getattr(model, "nas_split_depth", None):  # a deepened model: blocks per stage / inserted layers
+            extra.setdefault("depth", dict(model.nas_split_depth))
         extra = {"train_samples": fit.samples if fit else 0,
                  "train_macs": training_macs(trained_macs, fit.samples) if fit else 0.0, **extra}
         rec = StageRecord(stage, kind, epochs, done + epochs, test.acc, test.loss,

@@ -158,6 +158,31 @@ def test_an_anytime_run_reports_one_row_per_level_against_the_scratch_curve():
     assert "2.000 |" in line and "†" not in line  # a level is not a miss of the target
 
 
+def test_snapshots_report_an_ordinary_growth_run_s_earlier_stages_against_the_scratch_curve():
+    from types import SimpleNamespace
+
+    from nas_split.report import collect
+
+    def run(label, method, stages):
+        res = {"schema_version": 1, "command": "run", "method": method, "from_scratch": method == "scratch",
+               "config": {"method": method}, "stages": stages, "status": "done", "wall_seconds": 5.0}
+        return SimpleNamespace(label=label, seed=0, target_mmacs=4.0, phase="search",
+                               config=SimpleNamespace(out="x")), res
+
+    seed, grown = _stage(2.0, 0.62), _stage(4.0, 0.8)
+    seed.update(kind="seed")
+    grown.update(stage=1, growth={"new_neurons": 4})
+    small = run("small", "scratch", [_stage(1.0, 0.5)])
+    small[0].phase = "curve"
+    pairs = [run("scratch", "scratch", [_stage(4.0, 0.7)]), small, run("fast", "fast", [seed, grown])]
+    assert [r.label for r in collect(pairs)[1]] == ["scratch", "fast"]  # off by default
+    by = {r.label: r for r in collect(pairs, snapshots=True)[1]}
+    snap = by["fast S0"]
+    assert (snap.family, snap.level, snap.mmacs, snap.test_acc) == ("fast", 0, 2.0, 0.62)
+    assert snap.curve_acc == pytest.approx(0.6)  # (1, 0.5)-(4, 0.7) in log MACs at 2 MMACs, hand-derived
+    assert snap.retrained_acc is None and "fast S1" not in by  # the last stage is the run's own row
+
+
 def test_tensorboard_gets_every_level_per_epoch_and_per_stage(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -206,6 +231,13 @@ def test_grow_an_anytime_family_and_deploy_a_level(tmp_path):
     model = ns.load_grown(latest_checkpoint(out)[1])  # the levels travel with the checkpoint
     small = at.extract(model, 0)
     assert sum(p.numel() for p in small.parameters()) == stages[0]["cost"]["params"]
+    # retrain a level: its architecture (the seed's widths), fresh weights; a level the model lacks is refused
+    assert main(["retrain", str(out), "--level", "1", "--epochs", "1", "--no-progress", "--no-latency"]) == 0
+    again = json.loads((tmp_path / "g-retrain-L1" / "results.json").read_text())["stages"]
+    assert again[-1]["widths"] == stages[1]["widths"] and again[-1]["cost"]["macs"] == stages[1]["cost"]["macs"]
+    assert again[-1]["level"] == 1
+    assert main(["retrain", str(out), "--level", "3", "--epochs", "1", "--no-progress", "--no-latency"]) == 2
+    assert not (tmp_path / "g-retrain-L3").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -125,7 +125,7 @@ def test_cost_is_layered_one_way_and_below_the_stages():
 
 def test_growth_sits_below_splitting_and_the_baselines():
     _below("nas_split.growth", {"nas_split.numerics", "nas_split.errors", "nas_split._io", "nas_split.cost",
-                                "nas_split.surgery"})
+                                "nas_split.surgery", "nas_split.distributed"})
     edges = graph()
     users = {m for m, t in edges.items() if any(x.startswith("nas_split.growth") for x in t)}
     assert {"nas_split.splitting.analysis", "baselines.variance_transfer", "baselines.firefly"} <= users

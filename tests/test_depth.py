@@ -13,10 +13,10 @@ from torch import nn
 import nas_split as ns
 import search_spaces
 from baselines.firefly import firefly_candidates
-from baselines.firefly_depth import DepthCandidate, apply_depth, depth_candidates, select_within_macs
 from nas_split.cost import count_macs
 from nas_split.errors import NasSplitError
 from nas_split.growth.depth import Site, deepen, in_insertion_order, insertion_sites, mixed_prefix_within_macs
+from nas_split.growth.depth_scores import DepthCandidate, apply_depth, depth_candidates, select_within_macs
 from nas_split.surgery import NewChannels, add_channels, growable_layers, layer_sizes
 from nas_split.surgery.blocks import renamer
 from nas_split.surgery.rebuild import fresh_model

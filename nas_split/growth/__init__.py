@@ -11,4 +11,6 @@
   (Yang et al. 2022).
 * :mod:`.depth`: growing in depth: new blocks and layers that keep the function (a residual block with its last
   norm zeroed; Net2DeeperNet's identity, Chen et al. 2016), and the MAC budget cut of width and depth together.
+* :mod:`.depth_scores`: Firefly's first-order score of a new block (Wu et al. 2020), the mixed width / depth
+  selection, and one round's depth step of a growth method (:func:`~.depth_scores.grow_depth`, ``growth.depth``).
 """

@@ -105,7 +105,7 @@ def stage_block(stage: nn.Sequential, after: int) -> nn.Module:
             "norm_layer": type(t.bn1), "act_layer": type(t.bn1.act)}
     if isinstance(t, InvertedResidual):
         width = t.conv_pwl.out_channels
-        if t.conv_pw.in_channels == width and t.conv_dw.stride == (1, 1) and not t.has_skip:
+        if any(not b.has_skip for b in list(stage)[1:]):  # a stage's repeats have a skip unless built noskip
             raise NasSplitError("an InvertedResidual built without its skip (noskip): a new one cannot keep the "
                                 "function")
         block = InvertedResidual(width, width, exp_ratio=t.conv_pw.out_channels / t.conv_pw.in_channels, **opts)

@@ -14,7 +14,7 @@ import torch
 
 from .handlers import ParamChange
 
-__all__ = ["carry_optimizer_state", "SECOND_MOMENT_KEYS"]
+__all__ = ["carry_optimizer_state", "add_new_params", "SECOND_MOMENT_KEYS"]
 
 #: State entries that accumulate squared gradients (scaled by the square of the factor).
 SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta", "exp_inf"})
@@ -43,3 +43,24 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer, changes: list[ParamC
         optimizer.state[ch.new] = {
             k: (_transform(v, ch, k) if torch.is_tensor(v) and v.shape == ch.old.shape else v)
             for k, v in state.items()}
+
+
+def add_new_params(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                   params: list[torch.nn.Parameter]) -> None:
+    """Put the parameters of new modules of ``model`` (a block inserted by depth growth) in ``optimizer``, without
+    state (they start as a fresh optimizer would start them).  Each joins the first group holding a parameter of
+    its kind, as :func:`nas_split.training.make_optimizer` groups them: matrices and kernels (weight decay) apart
+    from vectors (norms, biases; none); the first group when no group holds its kind.  Every group is then kept in
+    ``model.parameters()`` order, the order ``make_optimizer`` gives, so that a saved state restores onto a
+    rebuilt model (:func:`nas_split.checkpoints.restore_optimizer`)."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for p in params:
+        if id(p) in held:
+            continue
+        group = next((g for g in optimizer.param_groups if any((q.dim() > 1) == (p.dim() > 1) for q in g["params"])),
+                     optimizer.param_groups[0])
+        group["params"].append(p)
+        held.add(id(p))
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    for g in optimizer.param_groups:
+        g["params"].sort(key=lambda p: order.get(id(p), len(order)))

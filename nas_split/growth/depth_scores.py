@@ -27,6 +27,16 @@ MACs``) and cuts them at the longest prefix within a budget
 function (:func:`nas_split.growth.depth.deepen`): a block with a skip as optimised, its last norm zeroed (``s = 0``
 folded in); a block or layer without one as the Net2DeeperNet identity — its optimised ``θ`` only ranked the site,
 since no function-preserving insertion carries it.
+
+:func:`grow_depth` is one round's depth step of a growth method (``growth.depth``): score, choose at most
+``max_blocks`` blocks, insert them, and give their parameters to the optimizer; the method's width step then grows
+the deepened network within the rest of the round's MAC cap.  How the blocks are chosen depends on what the width
+candidates are scored with.  Firefly's width scores are first-order gate derivatives too, so with them
+(``width_scores``) blocks and channels share one ranking by gain per added MAC (:func:`select_within_macs`) and
+the blocks in the prefix that fits the cap are inserted.  Splitting's gains are second order (``ε²λ_min/2`` per
+split) and on another scale; the splitting analysis gives no cheap second-order score of a new block (a block is
+not a neuron with a splitting matrix), so there the blocks with a negative score are ranked by ``−score / MACs``
+and taken, best first, while the model with them stays within the cap.
 """
 from __future__ import annotations
 
@@ -38,15 +48,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas_split.cost import count_macs
-from nas_split.distributed import all_reduce_sum, batch_share
-from nas_split.growth.channel_cost import channel_costs
-from nas_split.growth.depth import Site, deepen, in_insertion_order, insertion_sites, mixed_prefix_within_macs
-from nas_split.numerics import evaluating, full_precision, like_model, model_device
-from nas_split.surgery import CouplingGraph
-from nas_split.surgery.blocks import new_modules
+from ..cost import count_macs
+from ..distributed import all_reduce_sum, batch_share
+from ..numerics import evaluating, full_precision, like_model, model_device
+from ..surgery import CouplingGraph
+from ..surgery.blocks import new_modules, renamer
+from ..surgery.optim import add_new_params
+from .channel_cost import channel_costs
+from .depth import Site, deepen, in_insertion_order, insertion_sites, mixed_prefix_within_macs
 
-__all__ = ["DepthCandidate", "depth_candidates", "select_within_macs", "apply_depth"]
+__all__ = ["DepthCandidate", "DepthRound", "depth_candidates", "select_within_macs", "apply_depth", "grow_depth"]
 
 WidthKey = tuple[str, str, int]  # (layer, "split" | "new", index), as baselines.firefly scores them
 
@@ -161,3 +172,46 @@ def apply_depth(model: nn.Module, chosen: Iterable[DepthCandidate], batch: torch
         deepen(model, site, batch, modules=by_site[site].modules)
         inserted += by_site[site].modules
     return [n for n, m in model.named_modules() if any(m is x for x in inserted)]
+
+
+@dataclass
+class DepthRound:
+    """What one :func:`grow_depth` did: the new modules' names, the chosen sites (``"container:after"``), every
+    scored site's score, and ``rename``, which maps a module name of the model before the step to its name after
+    (later blocks of a deepened stage move up)."""
+
+    blocks: list[str]
+    sites: list[str]
+    scores: dict[str, float]
+    rename: Callable[[str], str]
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (a stage record's ``growth["depth"]``)."""
+        return {"blocks": self.blocks, "sites": self.sites, "scores": self.scores}
+
+
+def grow_depth(model: nn.Module, example_inputs: torch.Tensor, loader: Iterable, max_blocks: int,
+               max_macs: float | None = None, width_scores: Mapping[WidthKey, float] | None = None,
+               optimizer: torch.optim.Optimizer | None = None, steps: int = 20, seed: int = 0,
+               loss_fn: Callable = F.cross_entropy) -> DepthRound:
+    """One round's depth step (see the module docstring): score a block at every site on the first ``steps``
+    batches of ``loader``, choose at most ``max_blocks`` with a negative score (with ``width_scores``: those in
+    the prefix of the mixed ranking that fits ``max_macs``; otherwise by gain per MAC while the model stays
+    within ``max_macs``), insert them keeping the function (the first batch sets the norms of blocks without a
+    skip) and add their parameters to ``optimizer``."""
+    batches = list(itertools.islice(loader, steps))
+    cands = depth_candidates(model, batches, steps=steps, loss_fn=loss_fn, seed=seed)
+    scores = {f"{c.site.container}:{c.site.after}": c.score for c in cands}
+    if width_scores is not None and max_macs is not None:
+        mixed = select_within_macs(model, example_inputs, width_scores, cands, max_macs)
+        chosen = [c for c in mixed if isinstance(c, DepthCandidate)][:max_blocks]
+    else:
+        ranked = sorted((c for c in cands if c.score < 0), key=lambda c: c.score / c.macs)[:max_blocks]
+        k = len(ranked) if max_macs is None else \
+            mixed_prefix_within_macs(model, example_inputs, [c.site for c in ranked], max_macs)
+        chosen = ranked[:k]
+    rename = renamer(model, [c.site for c in chosen])
+    names = apply_depth(model, chosen, batches[0][0]) if chosen else []
+    if optimizer is not None and chosen:
+        add_new_params(optimizer, model, [p for c in chosen for m in c.modules for p in m.parameters()])
+    return DepthRound(names, [f"{c.site.container}:{c.site.after}" for c in chosen], scores, rename)
