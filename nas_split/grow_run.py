@@ -84,7 +84,7 @@ def growth_method(g: GrowthConfig) -> GrowthMethod:
             method = create_method(g.method, grow_ratio=g.grow_ratio, **shared)
         except TypeError:
             raise ConfigError(f"growth method {g.method!r} does not take {' / '.join(shared)}") from None
-    if "max_blocks_per_stage" in g.model_fields_set and not g.depth:
+    if g.max_blocks_per_stage != GrowthConfig.model_fields["max_blocks_per_stage"].default and not g.depth:
         raise ConfigError("growth.max_blocks_per_stage applies with growth.depth: true")
     configure_depth(method, g.max_blocks_per_stage if g.depth else 0, g.anytime is not None)
     return method

@@ -19,7 +19,7 @@ the trial split that verifies a layer is growable runs once per layer in the Gro
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +105,8 @@ class Grower:
         analysis_batches: batches of the analysis loader (exact: all by default; fast: 20 per pass).
         fast_passes, fast_lr: Rayleigh-quotient iterations.
         seed: random source of the fast method's initial directions.
+        trusted: layers verified growable before (e.g. by the previous round's Grower, :attr:`verified`): their
+            trial split is skipped (widening a layer does not change how its channels are coupled).
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, method: str = "s2d", *,
@@ -118,7 +120,7 @@ class Grower:
                  optimizer: torch.optim.Optimizer | None = None,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
                  beta: float = 3.0, analysis_batches: int | None = None, fast_passes: int = 3,
-                 fast_lr: float = 0.05, seed: int = 0):
+                 fast_lr: float = 0.05, seed: int = 0, trusted: Collection[str] = ()):
         if method not in VARIANTS:
             raise ConfigError(f"unknown growth method {method!r}; known: {', '.join(VARIANTS)}")
         if not eps > 0:
@@ -155,7 +157,7 @@ class Grower:
         self.generator = torch.Generator().manual_seed(seed)
         self.spectra: dict[str, Spectrum] = {}  # the last analysis (the fast method warm-starts from it)
         self._trace: tuple[tuple, CouplingGraph, dict[str, Neuron]] | None = None  # (widths, graph, neurons)
-        self._verified: set[str] = set()  # layers whose trial split preserved the function
+        self.verified: set[str] = set(trusted)  # layers whose trial split preserved the function
         if not self.neurons():
             raise NotGrowableError("the model has no growable layer with a nonlinearity to split")
 
@@ -172,8 +174,8 @@ class Grower:
         if self._trace is None or self._trace[0] != key:
             graph = CouplingGraph(self.model, self.example_inputs)
             neurons = splittable_layers(self.model, self.example_inputs, self.requested_layers, graph=graph,
-                                        trusted=self._verified)
-            self._verified |= set(neurons)
+                                        trusted=self.verified)
+            self.verified |= set(neurons)
             self._trace = (key, graph, neurons)
         return self._trace
 

@@ -305,6 +305,7 @@ class SplittingMethod(GrowthMethod):
         self.max_round_factor = variant.max_round_factor
         self.spectra: dict[str, Spectrum] = {}
         self.rates = SliceRates()  # with lra: the growth stage of each channel and its learning rate
+        self.verified: set[str] = set()  # layers a round's Grower verified growable: the next rounds trust them
 
     def check_growable(self, model: nn.Module, example_inputs) -> None:
         self.grower(model, example_inputs, None, 0, None)
@@ -321,16 +322,19 @@ class SplittingMethod(GrowthMethod):
                cost_model: CostModel | None = None) -> Grower:
         """The :class:`~nas_split.Grower` of one round (raises ``NotGrowableError`` for a model without a
         layer to split); ``cost_model`` prices channels for the LP (with ``cost="model"``)."""
-        return Grower(model, example_inputs, self.variant.name, eps=self.eps,
-                      grow_ratio=self.grow_ratio if max_macs is None else None, optimizer=optimizer, seed=seed,
-                      max_macs=max_macs, cost_model=cost_model, **self.options)
+        g = Grower(model, example_inputs, self.variant.name, eps=self.eps,
+                   grow_ratio=self.grow_ratio if max_macs is None else None, optimizer=optimizer, seed=seed,
+                   max_macs=max_macs, cost_model=cost_model, trusted=self.verified, **self.options)
+        self.verified = g.verified
+        return g
 
     grows_depth = True
 
     def grow(self, ctx, model, loader, optimizer, stage, max_macs):
         depth = self.deepen(ctx, model, loader, optimizer, stage, max_macs) if self.max_blocks else None
-        if depth is not None:  # the fast analysis' directions follow their layers' new names
+        if depth is not None:  # the fast analysis' directions and the verified layers follow their new names
             self.spectra = {depth.rename(k): v for k, v in self.spectra.items()}
+            self.verified = {depth.rename(k) for k in self.verified}
         g = self.grower(model, ctx.example_inputs, optimizer, stage_seed(ctx.recipe.seed, stage), max_macs,
                         ctx.cost_model)
         g.spectra = self.spectra

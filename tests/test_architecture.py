@@ -185,3 +185,29 @@ def test_grower_traces_once_per_step_and_verifies_each_layer_once(monkeypatch):
         grower.neurons()  # the grown architecture: traced again once, no new trial split
         assert (len(traces) - before[0], len(trials) - before[1]) == (1, 0), step
     assert len(set(trials)) == len(trials)  # no layer was verified twice
+
+
+def test_checking_a_model_again_reuses_its_verdicts_until_its_structure_changes(monkeypatch):
+    """Validation before a run, the method's check and the first round's Grower check one model: the trial splits
+    run once; a refused layer keeps its reason; a widened model (another structure) is checked again."""
+    import torch
+
+    import search_spaces
+    from nas_split.surgery import growable, growable_layers, split
+
+    trials = []
+    real = growable._preserves
+    monkeypatch.setattr(growable, "_preserves", lambda *a: (trials.append(a[2].root), real(*a))[1])
+    torch.manual_seed(0)
+    model = search_spaces.create("pointnet_lite", num_classes=10, in_chans=3, input_size=32)
+    x = torch.randn(4, 3, 32)
+    first, why = growable_layers(model, x, reasons=(r1 := {})), r1
+    n = len(trials)
+    assert n > 0 and why  # PointNet's feature transform refuses some layers: they are checked too
+    second = growable_layers(model, x, reasons=(r2 := {}))
+    assert (second, r2, len(trials)) == (first, why, n)  # same verdicts, no trial split
+    fresh = search_spaces.create("pointnet_lite", num_classes=10, in_chans=3, input_size=32)
+    assert growable_layers(fresh, x) == first and len(trials) == 2 * n  # another model object: checked itself
+    split(model, x, {first[0]: [0]}, eps=0.0)
+    growable_layers(model, x)
+    assert len(trials) == 3 * n  # widened: a new structure, checked again

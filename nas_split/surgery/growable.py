@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection, MutableMapping
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -18,6 +19,10 @@ from .split import SplitScheme, split_groups
 __all__ = ["growable_layers"]
 
 _TOLERANCE = 1e-4
+#: Trial-split verdicts per model object and structure (its ``repr``: every module's class and sizes, and the input
+#: shape): ``{layer: None (kept the function) | why not}``, so that checking one model again (validation before a
+#: run, each growth method's check, the first round) costs no trial split until the model changes.
+_VERDICTS: WeakKeyDictionary[nn.Module, dict[tuple, dict[str, str | None]]] = WeakKeyDictionary()
 
 
 @full_precision()
@@ -32,7 +37,8 @@ def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool
     :func:`~nas_split.numerics.full_precision` whatever TF32 or autocast say, on the model's device), which
     catches couplings the tracer cannot see (e.g. channels reshaped into a matrix for ``torch.bmm``, as in
     PointNet's feature transform, or averaged over, as by a ``mean`` over channels).  Layers in ``trusted``
-    (verified before; widening a layer does not change how its channels are coupled) skip the trial split.
+    (verified before; widening a layer does not change how its channels are coupled) skip the trial split, and a
+    model checked before with the same structure (its ``repr`` and the input shape) reuses its verdicts.
 
     Every other conv and linear layer of the traced graph is left out, and its reason (the message of the
     :class:`NotGrowableError` it raises, naming the layer) is stored in ``reasons`` when one is given.  The only
@@ -40,12 +46,21 @@ def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool
     model itself on ``example_inputs`` propagates unchanged).
     """
     graph = graph or CouplingGraph(model, example_inputs)
+    key = (repr(model), tuple(example_inputs.shape[1:]), example_inputs.dtype)
+    verdicts = _VERDICTS.setdefault(model, {}).setdefault(key, {})
     names = []
     for n in graph.candidates():
         try:
             group = graph.group(n)
             if verify and n not in trusted:
-                _preserves(model, example_inputs, group)
+                if n not in verdicts:
+                    try:
+                        _preserves(model, example_inputs, group)
+                        verdicts[n] = None
+                    except NotGrowableError as e:
+                        verdicts[n] = str(e)
+                if verdicts[n] is not None:
+                    raise NotGrowableError(verdicts[n])
         except NotGrowableError as e:
             if reasons is not None:
                 reasons[n] = str(e)
