@@ -35,7 +35,8 @@ from nas_split.surgery import CouplingGraph, NewChannels, SplitScheme, add_chann
 
 from .norm_init import calibrate_new_norms
 
-__all__ = ["FireflyCandidates", "firefly_candidates", "select_most_negative", "firefly_grow", "FireflyReport"]
+__all__ = ["FireflyCandidates", "firefly_candidates", "candidate_scores", "select_most_negative", "firefly_grow",
+           "FireflyReport"]
 
 
 @dataclass

@@ -35,12 +35,12 @@ class _Random(GrowthMethod):
 
 
 class _Firefly(GrowthMethod):
+    grows_depth = True
+
     def __init__(self, grow_ratio: float = 0.35, k: int = 8, steps: int = 20, eps: float = 1.0, lr: float = 1e-3,
                  penalty: float = 1e-2, init_scale: float = 0.1, calibrate_norms: bool = True):
         self.grow_ratio, self.k, self.eps, self.calibrate_norms = grow_ratio, k, eps, calibrate_norms
         self.options = {"steps": steps, "lr": lr, "penalty": penalty, "init_scale": init_scale}
-
-    grows_depth = True
 
     def grow(self, ctx, model, loader, optimizer, stage, max_macs):
         def generator():
@@ -50,7 +50,8 @@ class _Firefly(GrowthMethod):
         if self.max_blocks:  # blocks and channels ranked together; the channels are scored again once deepened
             width = None if max_macs is None else candidate_scores(firefly_candidates(
                 model, ctx.example_inputs, loader, k=self.k, generator=generator(), **self.options))
-            depth = self.deepen(ctx, model, loader, optimizer, stage, max_macs, width)
+            depth = self.deepen(ctx, model, loader, optimizer, stage, max_macs, width,
+                                **{k: v for k, v in self.options.items() if k in ("steps", "lr", "penalty")})
         rep = firefly_grow(model, ctx.example_inputs, loader, self.grow_ratio, self.k, self.eps, optimizer,
                            max_macs=max_macs, calibrate_norms=self.calibrate_norms, generator=generator(),
                            **self.options)
@@ -180,6 +181,8 @@ class ScratchMethod(FromScratch):
             self._mult = match_width(partial(ctx.build_width, **self.over), ctx.example_inputs,
                                      ctx.target_mmacs * 1e6)[0]
         except (TypeError, ValueError) as e:  # TypeError: a backbone without blocks per stage
+            if isinstance(e, TypeError) and not self.over:
+                raise
             raise ConfigError(f"scratch: {str(e).splitlines()[0]}") from None
 
     def architecture(self, ctx: MethodContext) -> tuple[nn.Module, dict]:
@@ -215,6 +218,8 @@ class _WidthsArch(FromScratch):
         try:
             self._widths = self.widths(ctx, ctx.build_seed(**self.over))
         except (TypeError, ValueError) as e:  # TypeError: a backbone without blocks per stage
+            if isinstance(e, TypeError) and not self.over:
+                raise
             raise ConfigError(f"{self.name}: {str(e).splitlines()[0]}") from None
 
     def architecture(self, ctx: MethodContext) -> tuple[nn.Module, dict]:

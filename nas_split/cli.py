@@ -273,7 +273,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 def _compare(a: argparse.Namespace, cfg, runs) -> int:
     from .compare import describe, gpus_shared, log
     from .distributed import is_main
-    from .report import write_report
+    from .report_files import write_report
 
     curve = sum(r.phase == "curve" for r in runs)
     log(f"{len(runs)} runs ({len(cfg.entries())} methods x {len(cfg.target_mmacs) or 1} targets x "

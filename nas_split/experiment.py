@@ -152,7 +152,7 @@ def _publish_run(cfg: RunConfig, overwrite: bool, meta: dict, body) -> dict:
 def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
     """A :class:`~nas_split.methods.MethodContext` for ``cfg``, its method, and the method's checks done."""
     from .cost import count_macs
-    from .methods import GrowthMethod, MethodContext, configure_depth, create_method
+    from .methods import GrowthMethod, MethodContext, configure_depth, create_method, split_options
 
     info = p.data.info
     base = {k: v for k, v in cfg.backbone_options.items() if k != "in_chans"}
@@ -165,9 +165,9 @@ def method_context(cfg: MethodRunConfig, p: Prepared, record=lambda rec: None):
     def build_width(mult: float, **over):
         return build(**{"width_mult": mult, "widths": None} if "widths" in base else {"width_mult": mult}, **over)
 
-    options = dict(cfg.method_options)
-    anytime = _anytime(cfg.method, options.pop("anytime", None))
-    max_blocks = _max_blocks(cfg.method, options.pop("depth", False), options.pop("max_blocks_per_stage", None))
+    options, harness = split_options(cfg.method_options)
+    anytime = _anytime(cfg.method, harness.get("anytime"))
+    max_blocks = _max_blocks(cfg.method, harness.get("depth", False), harness.get("max_blocks_per_stage"))
     try:
         method = create_method(cfg.method, **options)
         seed = build(**cfg.seed_options)

@@ -19,6 +19,7 @@ how the baselines register and how a user's own package adds methods::
 from __future__ import annotations
 
 import difflib
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,8 +43,8 @@ from .stages import StageRunner, stage_seed
 from .surgery import NotGrowableError
 
 __all__ = ["MethodContext", "Method", "FromScratch", "RetrainMethod", "trains_from_scratch", "GrowthMethod",
-           "SplittingMethod", "configure_depth", "register_method", "create_method", "list_methods",
-           "growth_methods", "load_plugins", "UnknownMethodError"]
+           "SplittingMethod", "configure_depth", "HARNESS_OPTIONS", "split_options", "register_method",
+           "create_method", "list_methods", "growth_methods", "load_plugins", "UnknownMethodError"]
 
 
 class UnknownMethodError(NasSplitError, KeyError):
@@ -213,10 +214,22 @@ class RetrainMethod(FromScratch):
         return self._build(ctx.recipe.seed), {"architecture": self.path, **level}
 
 
+#: ``method_options`` keys the harness reads rather than the method (:func:`split_options`).
+HARNESS_OPTIONS = ("anytime", "depth", "max_blocks_per_stage")
+
+
+def split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(the method's own options, the harness's)`` of a run's ``method_options`` (:data:`HARNESS_OPTIONS`:
+    anytime levels and depth growth, which the run sets up around the method)."""
+    options = dict(options or {})
+    return {k: v for k, v in options.items() if k not in HARNESS_OPTIONS}, \
+        {k: v for k, v in options.items() if k in HARNESS_OPTIONS}
+
+
 def trains_from_scratch(name: str, options: dict[str, Any] | None = None) -> bool:
     """Whether method ``name`` trains its architecture from scratch (a :class:`FromScratch`: ``scratch``,
     ``random-arch``, ``retrain``), so that its run is its own retraining."""
-    return isinstance(create_method(name, **(options or {})), FromScratch)
+    return isinstance(create_method(name, **split_options(options)[0]), FromScratch)
 
 
 class GrowthMethod(Method):
@@ -238,12 +251,12 @@ class GrowthMethod(Method):
         raise NotImplementedError
 
     def deepen(self, ctx: StageRunner, model: nn.Module, loader, optimizer, stage: int, max_macs: float | None,
-               width_scores=None) -> DepthRound:
+               width_scores=None, **scoring: Any) -> DepthRound:
         """The round's depth step before its width step (:func:`nas_split.growth.depth_scores.grow_depth`): at
-        most :attr:`max_blocks` new blocks, Firefly's gate score, within ``max_macs``; ``width_scores`` (Firefly's)
-        put blocks and channels in one ranking."""
+        most :attr:`max_blocks` new blocks, Firefly's gate score (``scoring``: its ``steps``, ``lr``,
+        ``penalty``), within ``max_macs``; ``width_scores`` (Firefly's) put blocks and channels in one ranking."""
         return grow_depth(model, ctx.example_inputs, loader, self.max_blocks, max_macs, width_scores, optimizer,
-                          seed=stage_seed(ctx.recipe.seed, stage))
+                          seed=stage_seed(ctx.recipe.seed, stage), **scoring)
 
     def check_growable(self, model: nn.Module, example_inputs) -> None:
         """Raise ``NotGrowableError`` (naming the problem) for a seed this method cannot grow."""
@@ -284,6 +297,11 @@ def configure_depth(method: Method, max_blocks: int, anytime: bool = False, key:
     if getattr(method, "lra", False):
         raise ConfigError(f"{key} with lra: the learning-rate slices are kept by layer name, and new blocks rename "
                           "the layers after them; drop one of the two")
+    named = [k for k in ("layers", "groups", "quotas") if getattr(method, "options", {}).get(k)]
+    named += ["max_width"] * isinstance(getattr(method, "options", {}).get("max_width"), dict)
+    if named:
+        raise ConfigError(f"{key} with {named[0]}: it names layers, and new blocks rename the layers after them; "
+                          "drop one of the two")
     if anytime:
         raise ConfigError(f"{key} with anytime: a level keeps a prefix of every layer's channels, and a new block "
                           "has none in the earlier levels; drop one of the two")
@@ -297,6 +315,8 @@ class SplittingMethod(GrowthMethod):
     directions (:attr:`spectra`, kept in ``grow``'s checkpoints).  ``lra=True`` gives each round's copies their
     own learning rate (:mod:`nas_split.growth.rates`, as ``vt`` does); ``variance_transfer=True`` rescales the
     consumers of the split layers after each round (:mod:`nas_split.growth.variance`, as ``vt`` does)."""
+
+    grows_depth = True
 
     def __init__(self, variant: Variant, grow_ratio: float = 0.3, eps: float = 1e-2, lra: bool = False,
                  variance_transfer: bool = False, **options: Any):
@@ -328,13 +348,14 @@ class SplittingMethod(GrowthMethod):
         self.verified = g.verified
         return g
 
-    grows_depth = True
-
     def grow(self, ctx, model, loader, optimizer, stage, max_macs):
+        t0 = time.perf_counter()
         depth = self.deepen(ctx, model, loader, optimizer, stage, max_macs) if self.max_blocks else None
+        depth_seconds = time.perf_counter() - t0
         if depth is not None:  # the fast analysis' directions and the verified layers follow their new names
             self.spectra = {depth.rename(k): v for k, v in self.spectra.items()}
-            self.verified = {depth.rename(k) for k in self.verified}
+            self.verified = {depth.rename(k) for k in self.verified}  # (a new block's layers are checked next:
+            # a residual block's trial split keeps the function whatever, its last norm being zero)
         g = self.grower(model, ctx.example_inputs, optimizer, stage_seed(ctx.recipe.seed, stage), max_macs,
                         ctx.cost_model)
         g.spectra = self.spectra
@@ -351,8 +372,9 @@ class SplittingMethod(GrowthMethod):
             info["variance_transfer"] = betas
         if self.lra:  # the copies a round appends are that stage's slice (nas_split.growth.rates)
             info["lra"] = self.rates.record(model, ctx.example_inputs, report.widths, stage)
-        if depth is not None:
+        if depth is not None:  # the block scoring is analysis too
             info["depth"] = depth.to_dict()
+            info["analysis_seconds"] += depth_seconds
         return info
 
 

@@ -88,6 +88,8 @@ def retrain_config(source: str | Path | Mapping[str, Any], overrides: list[str] 
     """
     from .surgery.export import read_grown
 
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int) or level < 0):
+        raise ConfigError(f"--level is a level's index, 0 (the seed's widths) or more, got {level!r}")
     overrides = list(overrides or [])
     fixed = sorted({o.partition("=")[0].strip().split(".")[0] for o in overrides} & _ARCHITECTURE_KEYS)
     if fixed:

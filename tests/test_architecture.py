@@ -211,3 +211,14 @@ def test_checking_a_model_again_reuses_its_verdicts_until_its_structure_changes(
     split(model, x, {first[0]: [0]}, eps=0.0)
     growable_layers(model, x)
     assert len(trials) == 3 * n  # widened: a new structure, checked again
+    flaky = {first[1]}  # a trial split that raised (out of memory, say) is tried again next time
+
+    def once(m, xx, group):
+        if group.root in flaky:
+            flaky.clear()
+            raise growable.NotGrowableError("trial failed") from RuntimeError("out of memory")
+        return real(m, xx, group)
+
+    monkeypatch.setattr(growable, "_preserves", once)
+    other = search_spaces.create("pointnet_lite", num_classes=10, in_chans=3, input_size=32)
+    assert first[1] not in growable_layers(other, x) and growable_layers(other, x) == first

@@ -149,6 +149,9 @@ def test_scratch_and_random_arch_build_a_given_depth_profile(tmp_path):
      "growth.depth with anytime"),
     (["grow", "--method", "fast", "--set", "growth.max_blocks_per_stage=2"],
      "growth.max_blocks_per_stage applies with growth.depth: true"),
+    (["nni", "--method", "fast", "--set", "growth.depth=true"], "growth.depth is not supported by nas-split nni"),
+    (["run", "--method", "fast", "--set", "method_options={depth: true, layers: [conv_stem]}"],
+     "method_options.depth with layers"),
     (["run", "--method", "gradmax", "--set", "method_options={depth: true}"],
      "method_options.depth applies to firefly and the splitting methods"),
     (["run", "--method", "fast", "--set", "method_options={depth: 2}"], "method_options.depth of 'fast' is true"),
@@ -167,7 +170,8 @@ def test_depth_options_are_refused_in_one_line_where_they_cannot_apply(tmp_path,
 
 
 def test_the_widths_figure_draws_each_run_when_depths_differ():
-    from nas_split.report import Row, widths_figure
+    from nas_split.report import Row
+    from nas_split.report_files import widths_figure
 
     def row(label, seed, n):
         return Row(label, seed, 1.0, 0.9, 1.0, 1.0, 1.0, 0.0, 1, {f"l{i}": 8 + i for i in range(n)})
@@ -177,3 +181,18 @@ def test_the_widths_figure_draws_each_run_when_depths_differ():
     assert sorted(len(line.get_xdata()) for line in lines) == [4, 5, 7]  # deep: one line per run; wide: the mean
     assert sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts()) == ["deep (6/8 layers)",
                                                                                     "wide (5 layers)"]
+
+
+def test_the_harness_keys_are_not_the_method_s_and_scratch_at_another_depth_is_off_the_curve(tmp_path):
+    from nas_split.methods import split_options, trains_from_scratch
+    from nas_split.report import on_scratch_curve
+    from nas_split.retrain import retrain_config
+
+    own, harness = split_options({"depth": True, "steps": 5, "anytime": {}, "max_blocks_per_stage": 2})
+    assert own == {"steps": 5} and harness == {"depth": True, "anytime": {}, "max_blocks_per_stage": 2}
+    assert not trains_from_scratch("firefly", {"depth": True, "steps": 5})  # compare's retrain phase asks this
+    assert trains_from_scratch("scratch", {"depths": [1, 1, 1, 1, 1]})
+    assert on_scratch_curve({"method": "scratch", "method_options": {}})
+    assert not on_scratch_curve({"method": "scratch", "method_options": {"depths": [1, 1, 1, 1, 1]}})
+    with pytest.raises(ns.errors.ConfigError, match="--level is a level's index"):
+        retrain_config(tmp_path / "missing", level=-1)

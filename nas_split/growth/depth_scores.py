@@ -192,15 +192,15 @@ class DepthRound:
 
 def grow_depth(model: nn.Module, example_inputs: torch.Tensor, loader: Iterable, max_blocks: int,
                max_macs: float | None = None, width_scores: Mapping[WidthKey, float] | None = None,
-               optimizer: torch.optim.Optimizer | None = None, steps: int = 20, seed: int = 0,
-               loss_fn: Callable = F.cross_entropy) -> DepthRound:
+               optimizer: torch.optim.Optimizer | None = None, steps: int = 20, lr: float = 1e-3,
+               penalty: float = 1e-2, seed: int = 0, loss_fn: Callable = F.cross_entropy) -> DepthRound:
     """One round's depth step (see the module docstring): score a block at every site on the first ``steps``
     batches of ``loader``, choose at most ``max_blocks`` with a negative score (with ``width_scores``: those in
     the prefix of the mixed ranking that fits ``max_macs``; otherwise by gain per MAC while the model stays
     within ``max_macs``), insert them keeping the function (the first batch sets the norms of blocks without a
     skip) and add their parameters to ``optimizer``."""
     batches = list(itertools.islice(loader, steps))
-    cands = depth_candidates(model, batches, steps=steps, loss_fn=loss_fn, seed=seed)
+    cands = depth_candidates(model, batches, steps=steps, lr=lr, penalty=penalty, loss_fn=loss_fn, seed=seed)
     scores = {f"{c.site.container}:{c.site.after}": c.score for c in cands}
     if width_scores is not None and max_macs is not None:
         mixed = select_within_macs(model, example_inputs, width_scores, cands, max_macs)

@@ -19,10 +19,11 @@ from .split import SplitScheme, split_groups
 __all__ = ["growable_layers"]
 
 _TOLERANCE = 1e-4
-#: Trial-split verdicts per model object and structure (its ``repr``: every module's class and sizes, and the input
-#: shape): ``{layer: None (kept the function) | why not}``, so that checking one model again (validation before a
-#: run, each growth method's check, the first round) costs no trial split until the model changes.
-_VERDICTS: WeakKeyDictionary[nn.Module, dict[tuple, dict[str, str | None]]] = WeakKeyDictionary()
+#: Trial-split verdicts of each model object at its latest structure (its ``repr``: every module's class and sizes,
+#: and the input shape): ``(structure, {layer: None (kept the function) | why not})``, so that checking one model
+#: again (validation before a run, each growth method's check, the first round) costs no trial split until the
+#: model changes.  A trial split that raised (which may be transient: out of memory) is not remembered.
+_VERDICTS: WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, str | None]]] = WeakKeyDictionary()
 
 
 @full_precision()
@@ -47,7 +48,9 @@ def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool
     """
     graph = graph or CouplingGraph(model, example_inputs)
     key = (repr(model), tuple(example_inputs.shape[1:]), example_inputs.dtype)
-    verdicts = _VERDICTS.setdefault(model, {}).setdefault(key, {})
+    if model not in _VERDICTS or _VERDICTS[model][0] != key:
+        _VERDICTS[model] = (key, {})
+    verdicts = _VERDICTS[model][1]
     names = []
     for n in graph.candidates():
         try:
@@ -58,7 +61,9 @@ def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool
                         _preserves(model, example_inputs, group)
                         verdicts[n] = None
                     except NotGrowableError as e:
-                        verdicts[n] = str(e)
+                        if e.__cause__ is None:  # the outputs changed: a verdict on the structure
+                            verdicts[n] = str(e)
+                        raise
                 if verdicts[n] is not None:
                     raise NotGrowableError(verdicts[n])
         except NotGrowableError as e:
