@@ -25,9 +25,16 @@ beside top-1; a lower NLL is better, so its sign is the reverse.  The curve is t
 (:func:`nas_split.report.interp_log_macs`) at the MACs the run reached, or, for "equal training MACs", at the
 MACs the run spent training (every stage and the decision passes; the curve's points at theirs).
 
+``--contrasts depth`` takes issue 26's set instead (width + depth growth against width-only growth, in-run and
+retrained, and against scratch at the backbone's and at the seed's depth); ``--contrasts anytime`` issue 25's (every
+level of an anytime run against its seed's scratch curve at the level's MACs, OSGD against the summed losses and
+the largest level alone at each level, and the ratio of one anytime run's training MACs to those of the scratch
+runs at its levels' MACs).  A run that trains from scratch is its own retraining in a retrained contrast.
+
 Usage::
 
     python benchmarks/ablation.py benchmarks/results/ablation_pointnet benchmarks/results/ablation_pointnet_finetune
+    python benchmarks/ablation.py --contrasts depth benchmarks/results/fashion_mnist_depth
 
 writes ``contrasts.md``, ``contrasts.json`` and ``contrasts.png`` into each directory and prints the tables.
 """
@@ -68,6 +75,19 @@ CONTRASTS = [
 ]
 
 
+DEPTH_CONTRASTS = [
+    (f"{m}+depth - {m} ({'retrained' if ph == 'retrain' else 'in-run'})", f"{m}+depth", m, ph)
+    for m in ("fast", "firefly") for ph in ("search", "retrain")] + [
+    (f"{a} - {b} ({'retrained' if ph == 'retrain' else 'in-run'})", a, b, ph)
+    for a in ("fast", "fast+depth", "firefly", "firefly+depth") for b in ("scratch", "scratch-seed-depth")
+    for ph in ("search", "retrain")] + [
+    ("scratch-seed-depth - scratch", "scratch-seed-depth", "scratch", "search")]
+ANYTIME = ("anytime-osgd", "anytime-sum", "anytime-last")
+ANYTIME_CONTRASTS = [(f"{a} L{k} - curve", f"{a} L{k}", "curve", "search") for a in ANYTIME for k in range(4)] + [
+    (f"osgd - {b[8:]} at L{k}", f"anytime-osgd L{k}", f"{b} L{k}", "search") for b in ANYTIME[1:] for k in range(4)]
+SETS = {"ablation": CONTRASTS, "depth": DEPTH_CONTRASTS, "anytime": ANYTIME_CONTRASTS}
+
+
 def load(directory: Path) -> tuple[CompareConfig, list[tuple]]:
     """The comparison's configuration and its finished ``(run, results)`` pairs."""
     cfg = CompareConfig.model_validate(json.loads((directory / "compare.json").read_text())["config"])
@@ -93,6 +113,12 @@ def metrics(pairs: list[tuple]) -> tuple[dict, dict]:
         rr = RunResult.from_dict(res)
         m = (100 * rr.last.test_acc, rr.last.test_loss, rr.last.mmacs, rr.train_macs)
         out[(run.label, run.phase, run.seed)] = m
+        if run.phase == "search" and rr.from_scratch:  # its own retraining
+            out[(run.label, "retrain", run.seed)] = m
+        for lv in rr.last.extra.get("levels", []):  # an anytime run's levels: "<label> L<k>", the run's cost once
+            out[(f"{run.label} L{lv['level']}", run.phase, run.seed)] = (100 * lv["test_acc"],
+                                                                         lv.get("test_loss", math.nan),
+                                                                         lv["mmacs"], rr.train_macs)
         if run.phase == "curve" or (run.phase == "search" and on_scratch_curve(res["config"])):
             for key, x in (("", m[2]), ("-compute", m[3])):
                 curve[run.seed]["top1" + key].append((x, m[0]))
@@ -143,12 +169,24 @@ def holm(ps: list[float]) -> list[float]:
     return adj
 
 
-def analyse(directory: Path) -> tuple[dict, str]:
-    """The contrasts of one comparison directory, as JSON and as a Markdown table."""
+def training_ratios(pairs: list[tuple], labels: tuple[str, ...]) -> dict[str, list[float]]:
+    """Per anytime label, per seed: the run's training MACs over those of the seed's scratch runs at its levels'
+    MACs (the curve runs and the ``scratch`` run: the K networks trained one by one instead)."""
+    scratch = defaultdict(float)
+    for run, res in pairs:
+        if run.phase == "curve" or (run.phase == "search" and on_scratch_curve(res["config"])):
+            scratch[run.seed] += RunResult.from_dict(res).train_macs
+    return {lab: [RunResult.from_dict(res).train_macs / scratch[run.seed] for run, res in pairs
+                  if run.label == lab and run.phase == "search" and scratch[run.seed]] for lab in labels}
+
+
+def analyse(directory: Path, contrasts: str = "ablation") -> tuple[dict, str]:
+    """The contrasts of one comparison directory (the set ``contrasts`` of :data:`SETS`), as JSON and as a
+    Markdown table."""
     cfg, pairs = load(directory)
     m, curve = metrics(pairs)
     rows = {}
-    for name, a, b, phase in CONTRASTS:
+    for name, a, b, phase in SETS[contrasts]:
         c = contrast(m, curve, a, b, phase, cfg.seeds)
         if c is not None:
             rows[name] = c
@@ -165,11 +203,17 @@ def analyse(directory: Path) -> tuple[dict, str]:
         lines.append(f"| {n} | {c['n']} | {bold}{t['mean']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}]{bold} | "
                      f"{t['p_holm']:.3g} | {ll['mean']:+.4f} [{ll['low']:+.4f}, {ll['high']:+.4f}] | "
                      f"{ll['p_holm']:.3g} |")
+    ratios = training_ratios(pairs, ANYTIME) if contrasts == "anytime" else {}
+    for lab, rs in ratios.items():
+        if rs:
+            lines.append(f"| training MACs: {lab} / the scratch runs at its levels | {len(rs)} | "
+                         f"{statistics.fmean(rs):.2f} ({min(rs):.2f}–{max(rs):.2f}) | | | |")
     lines += ["", "Paired by seed; 95 % t intervals (unadjusted); p: paired t test, Holm-adjusted over the "
               f"{len(keys)} tests of this table; bold: adjusted p < 0.05. Curve: the seed's scratch curve at the "
               "run's MACs (linear in log MACs)."]
     return {"config": {"finetune_epochs": cfg.finetune_epochs, "schedule_span": cfg.schedule_span,
-                       "seeds": cfg.seeds, "target_mmacs": cfg.target_mmacs}, "contrasts": rows}, "\n".join(lines)
+                       "seeds": cfg.seeds, "target_mmacs": cfg.target_mmacs}, "contrasts": rows,
+            "training_mac_ratios": ratios}, "\n".join(lines)
 
 
 def figure(results: dict[str, dict], path: Path) -> None:
@@ -202,10 +246,11 @@ def figure(results: dict[str, dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path, help="finished compare directories")
+    ap.add_argument("--contrasts", choices=sorted(SETS), default="ablation", help="which set of contrasts")
     a = ap.parse_args()
     results = {}
     for d in a.dirs:
-        res, table = analyse(d)
+        res, table = analyse(d, a.contrasts)
         results[d.name] = res
         atomic_write_text(d / "contrasts.md", table + "\n")
         atomic_write_text(d / "contrasts.json", json.dumps(res, indent=1, default=lambda x: None

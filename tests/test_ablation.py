@@ -297,3 +297,45 @@ def test_retrain_refuses_zero_epochs_and_keys_it_would_ignore_and_takes_dot(tmp_
     res = json.loads((tmp_path / "r-retrain" / "results.json").read_text())
     first = json.loads((run / "results.json").read_text())
     assert res["stages"][0]["widths"] == first["stages"][-1]["widths"] and res["stages"][0]["epochs"] == 1
+
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_anytime_and_depth_contrasts_read_levels_and_scratch_as_its_own_retraining():
+    from types import SimpleNamespace
+
+    ab = _script("ablation")
+
+    def stage(mmacs, acc, train_macs, levels=None):
+        st = {"stage": 0, "kind": "round", "epochs": 1, "epochs_total": 1, "test_acc": acc, "test_loss": 1.0,
+              "val_acc": None, "train_seconds": 1.0, "history": [], "widths": {"a": 8}, "train_macs": train_macs,
+              "cost": {"macs": int(mmacs * 1e6), "mmacs": mmacs, "params": 1, "energy_uj_est": 1.0}}
+        return {**st, "levels": levels} if levels else st
+
+    def pair(label, phase, seed, method, st):
+        res = {"schema_version": 1, "command": "run", "method": method, "from_scratch": method == "scratch",
+               "config": {"method": method, "method_options": {}}, "stages": [st], "status": "done"}
+        return SimpleNamespace(label=label, phase=phase, seed=seed), res
+
+    lv = [{"level": 0, "mmacs": 1.0, "test_acc": 0.5, "test_loss": 2.0},
+          {"level": 1, "mmacs": 4.0, "test_acc": 0.8, "test_loss": 1.0}]
+    pairs = []
+    for s, (lo, hi) in enumerate([(0.55, 0.75), (0.45, 0.70)]):
+        pairs += [pair("scratch", "curve", s, "scratch", stage(1.0, lo, 1e9)),
+                  pair("scratch", "search", s, "scratch", stage(4.0, hi, 3e9)),
+                  pair("anytime-osgd", "search", s, "fast", stage(4.0, 0.8, 6e9, lv))]
+    m, curve = ab.metrics(pairs)
+    assert m[("anytime-osgd L0", "search", 0)][:3] == (50.0, 2.0, 1.0)
+    assert m[("scratch", "retrain", 1)] == m[("scratch", "search", 1)]  # scratch is its own retraining
+    c = ab.contrast(m, curve, "anytime-osgd L0", "curve", "search", [0, 1])
+    # level 0 (50 %) against the curve at 1 MMAC: 55 % and 45 % -> differences -5 and +5, mean 0
+    assert c["n"] == 2 and c["top1"]["mean"] == pytest.approx(0.0)
+    assert ab.training_ratios(pairs, ("anytime-osgd",)) == {"anytime-osgd": [1.5, 1.5]}  # 6e9 / (1e9 + 3e9)
