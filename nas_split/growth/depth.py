@@ -48,8 +48,8 @@ from ..surgery.blocks import TIMM_BLOCKS, Site, insert, new_modules, renamer, si
 from .channel_cost import longest_prefix, macs_after_growth
 from .neurons import activation_kind
 
-__all__ = ["IDEMPOTENT", "Site", "insertion_sites", "why_not_exact", "deepen", "in_insertion_order",
-           "mixed_prefix_within_macs"]
+__all__ = ["IDEMPOTENT", "Site", "insertion_sites", "why_not_exact", "block_inputs", "close_block", "deepen",
+           "in_insertion_order", "mixed_prefix_within_macs"]
 
 #: activations with ``φ(φ(u)) = φ(u)``, after which an identity block keeps the function
 IDEMPOTENT = ("relu", "relu6")
@@ -86,7 +86,7 @@ def _cuda(device: torch.device) -> list[torch.device]:
     return [device] if device.type == "cuda" else []
 
 
-def _block_inputs(model: nn.Module, where: Iterable[Site], batch: torch.Tensor) -> dict[Site, torch.Tensor]:
+def block_inputs(model: nn.Module, where: Iterable[Site], batch: torch.Tensor) -> dict[Site, torch.Tensor]:
     """The input of a new block at each site on ``batch`` in train mode (the output of the child it follows).
 
     ``model`` is run once in train mode without gradients; its running statistics, its modules' ``training``
@@ -138,7 +138,7 @@ def _identity_norm(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> No
         norm.running_var.copy_(var)
 
 
-def _close(modules: Sequence[nn.Module], x: torch.Tensor | None) -> None:
+def close_block(modules: Sequence[nn.Module], x: torch.Tensor | None) -> None:
     """Set new modules to compute the identity (see the module docstring): a residual block's last norm to zero,
     otherwise identity layers and norms set on ``x``, the block's input on a batch in train mode."""
     first = modules[0]
@@ -174,11 +174,11 @@ def deepen(model: nn.Module, site: Site, batch: torch.Tensor | None = None,
         raise NasSplitError(f"a new block would not keep the function: {reason}")
     modules = modules or new_modules(model, site)
     if _is_residual(modules):
-        _close(modules, None)
+        close_block(modules, None)
     elif batch is None:
         raise NasSplitError(f"{site}: a new block without a skip is set to the identity on a batch: pass one")
     else:
-        _close(modules, _block_inputs(model, [site], batch)[site])
+        close_block(modules, block_inputs(model, [site], batch)[site])
     return insert(model, site, modules)
 
 

@@ -2,8 +2,10 @@
 loss, so that they can compete with width candidates under one MAC budget.
 
 At each site ``k`` (:func:`nas_split.growth.depth.insertion_sites`) a fresh block ``B_k`` (built as
-:func:`nas_split.surgery.blocks.new_modules` builds it: timm's or PyTorch's initialisation; its norms on batch
-statistics) is attached to the output ``y_k`` of the child it follows, behind a gate ``s_k = 0``::
+:func:`nas_split.surgery.blocks.new_modules` builds it; its norms on batch statistics) is set as insertion sets
+it (:func:`nas_split.growth.depth.close_block`: the last norm zero for a block with a skip, the Net2DeeperNet
+identity on the first batch otherwise), so that ``B_k(y_k) = y_k`` at the start, as Firefly grows new neurons
+from zero, and attached to the output ``y_k`` of the child it follows, behind a gate ``s_k = 0``::
 
     y_k  ->  y_k + s_k · (B_k(y_k) − y_k)
 
@@ -17,8 +19,11 @@ the limit of a small step, the first-order change of the loss::
     J(θ) = Σ_k E[⟨∂L/∂y_k, B_k(y_k) − y_k⟩] + penalty · Σ_k ‖θ_k − θ_k⁰‖²
 
 (at ``s = 0`` neither ``y_k`` nor ``∂L/∂y_k`` depends on any ``θ``, so ``∂J/∂θ_k`` runs through ``B_k`` alone; the
-penalty bounds the step, the objective being linear in the last norm's affine parameters).  Each candidate is
-then scored by ``score_k = E[∂L/∂s_k]`` at ``s = 0`` over the same batches (negative: opening the block lowers the
+penalty bounds the step, the objective being linear in the last norm's affine parameters).  From ``B_k(y_k) =
+y_k`` the optimisation moves each block along a descent direction of the loss, so a site scores below 0 unless
+the loss cannot decrease through it to first order.  (A block left at timm's random initialisation starts far
+from ``y_k`` and, on Fashion-MNIST, every one still scored above 0 after the 20 steps: none would ever be
+inserted.)  Each candidate is then scored by ``score_k = E[∂L/∂s_k]`` at ``s = 0`` over the same batches (negative: opening the block lowers the
 loss), and costs the MACs its block adds per sample.
 
 :func:`select_within_macs` ranks negative-score width and depth candidates by gain per added MAC (``−score /
@@ -55,7 +60,15 @@ from ..surgery import CouplingGraph
 from ..surgery.blocks import new_modules, renamer
 from ..surgery.optim import add_new_params
 from .channel_cost import channel_costs
-from .depth import Site, deepen, in_insertion_order, insertion_sites, mixed_prefix_within_macs
+from .depth import (
+    Site,
+    block_inputs,
+    close_block,
+    deepen,
+    in_insertion_order,
+    insertion_sites,
+    mixed_prefix_within_macs,
+)
 
 __all__ = ["DepthCandidate", "DepthRound", "depth_candidates", "select_within_macs", "apply_depth", "grow_depth"]
 
@@ -115,6 +128,10 @@ def depth_candidates(model: nn.Module, loader: Iterable, where: Sequence[Site] |
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         blocks = {s: nn.Sequential(*new_modules(model, s)).train() for s in where}
+    inputs = block_inputs(model, where, batches[0][0])
+    with torch.no_grad():  # start where insertion starts: B_k(y_k) = y_k (Firefly grows from zero)
+        for s, b in blocks.items():
+            close_block(list(b), inputs[s])
     params = [p for b in blocks.values() for p in b.parameters()]
     start = [p.detach().clone() for p in params]
     dtype = next(model.parameters()).dtype
