@@ -23,8 +23,8 @@ penalty bounds the step, the objective being linear in the last norm's affine pa
 y_k`` the optimisation moves each block along a descent direction of the loss, so a site scores below 0 unless
 the loss cannot decrease through it to first order.  (A block left at timm's random initialisation starts far
 from ``y_k`` and, on Fashion-MNIST, every one still scored above 0 after the 20 steps: none would ever be
-inserted.)  Each candidate is then scored by ``score_k = E[∂L/∂s_k]`` at ``s = 0`` over the same batches (negative: opening the block lowers the
-loss), and costs the MACs its block adds per sample.
+inserted.)  Each candidate is then scored by ``score_k = E[∂L/∂s_k]`` at ``s = 0`` over the same batches
+(negative: opening the block lowers the loss), and costs the MACs its block adds per sample.
 
 :func:`select_within_macs` ranks negative-score width and depth candidates by gain per added MAC (``−score /
 MACs``) and cuts them at the longest prefix within a budget
