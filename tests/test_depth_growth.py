@@ -13,6 +13,7 @@ from nas_split.checkpoints import restore_optimizer
 from nas_split.cli import main
 from nas_split.cost import count_macs
 from nas_split.growth.depth_scores import depth_candidates, grow_depth
+from nas_split.surgery.blocks import DEPTH_KEYS
 from nas_split.training import TrainConfig, make_optimizer
 
 SEED_BLOCKS = 8  # test_mobilenetv2: blocks per stage [1, 1, 2, 1, 1, 1, 1]
@@ -126,6 +127,52 @@ def test_a_run_grows_in_depth_records_it_and_retrains_the_same_architecture(tmp_
     assert r["widths"] == stages[-1]["widths"] and r["depth"]["stage_depths"] == depths
 
 
+@pytest.mark.slow
+def test_nni_stages_grow_in_depth_resume_and_rebuild_as_a_ts_trial_does(tmp_path, monkeypatch):
+    """``nas-split nni`` with ``growth.depth``: the history records each stage's depth; a stage rebuilt as a ``ts``
+    trial rebuilds it (:class:`~nas_split.nni.BackboneSpace` with the previous stage's sizes and depth) continues to
+    the same next stage as the live network; a resumed experiment ends where an uninterrupted one does."""
+    from nas_split.config import NniRunConfig, load_config
+    from nas_split.nni import BackboneSpace, build_experiment, run_nni, train_stage
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # NNI's experiment manifest
+    argv = ["dataset=digits", "backbone=test_mobilenetv2", "growth.method=fast", "growth.depth=true",
+            "growth.max_blocks_per_stage=2", "growth.analysis_batches=2", "growth.fast_passes=1", "growth.rounds=2",
+            "growth.seed_epochs=1", "growth.target_mmacs=1.6", "train.epochs=1", "train.progress=false",
+            "latency=false"]
+    cfg = load_config(NniRunConfig, None, [*argv, f"out={tmp_path / 'seq'}"])
+    exp, strategy = run_nni(cfg)
+    exp.stop()
+    h = strategy.history
+    assert [s["stage"] for s in h] == [0, 1, 2] and "stage_depths" not in h[0]["depth"]
+    added = sum(h[-1]["depth"]["stage_depths"]) - SEED_BLOCKS
+    assert added >= 1, h[-1]["depth"]
+    final = ns.load_grown(h[-1]["checkpoint"])
+    assert [len(s) for s in final.blocks] == h[-1]["depth"]["stage_depths"]
+    assert h[-1]["mmacs"] <= 1.6 * (1 + 1e-9)
+
+    # stage 2 as a ts trial runs it: the network rebuilt from stage 1's spec, sizes and depth, in a fresh object
+    seed_spec = {k: v for k, v in final.nas_split_spec.items() if k not in DEPTH_KEYS}
+    run = strategy.model_space.evaluator.arguments["run"]
+    g = strategy.growth.model_dump()
+    rebuilt = BackboneSpace(seed_spec, h[1]["sizes"], h[1]["depth"])
+    again = train_stage(rebuilt, run, stage=2, checkpoint=str(tmp_path / "trial2.pt"), previous=h[1]["checkpoint"],
+                        growth=g, max_macs=1.6e6)
+    assert (again["default"], again["mmacs"], again["widths"]) == (h[2]["default"], h[2]["mmacs"], h[2]["widths"])
+
+    # a resumed experiment (stopped after stage 1) replays the depth on the live network and ends the same
+    cfg2 = load_config(NniRunConfig, None, [*argv, f"out={tmp_path / 'resumed'}"])
+    first, _ = build_experiment(cfg2)
+    first.config.max_trial_number = 2
+    first.run()
+    first.stop()
+    resumed_exp, resumed = build_experiment(cfg2, exp_id=first.id, check=False)
+    resumed_exp.resume()
+    resumed_exp.stop()
+    assert [(s["stage"], s["default"], s["mmacs"], s["widths"], s["depth"]) for s in resumed.history] == \
+        [(s["stage"], s["default"], s["mmacs"], s["widths"], s["depth"]) for s in h]
+
+
 def test_scratch_and_random_arch_build_a_given_depth_profile(tmp_path):
     from nas_split.config import MethodRunConfig
     from nas_split.experiment import method_context, prepare
@@ -150,7 +197,6 @@ def test_scratch_and_random_arch_build_a_given_depth_profile(tmp_path):
      "growth.depth with anytime"),
     (["grow", "--method", "fast", "--set", "growth.max_blocks_per_stage=2"],
      "growth.max_blocks_per_stage applies with growth.depth: true"),
-    (["nni", "--method", "fast", "--set", "growth.depth=true"], "growth.depth is not supported by nas-split nni"),
     (["run", "--method", "fast", "--set", "method_options={depth: true, layers: [conv_stem]}"],
      "method_options.depth with layers"),
     (["run", "--method", "gradmax", "--set", "method_options={depth: true}"],

@@ -61,9 +61,6 @@ def build_experiment(cfg: NniRunConfig, exp_id: str | None = None,
     from ..checkpoints import CHECKPOINT_DIR
     from ..experiment import prepare
 
-    if cfg.growth.depth:
-        raise ConfigError("growth.depth is not supported by nas-split nni yet (a stage trial rebuilds the seed's "
-                          "depth); grow deeper with nas-split grow, run or compare")
     if cfg.growth.anytime is not None:
         raise ConfigError("growth.anytime is not supported by nas-split nni yet (its stages are separate trials); "
                           "grow an anytime family with nas-split grow, run or compare")

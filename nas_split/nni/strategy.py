@@ -17,6 +17,7 @@ from .._io import atomic_write_json
 from ..checkpoints import load_stage, stage_path
 from ..config import ConfigError, GrowthConfig, validation_message
 from ..engine import next_stage
+from ..surgery.blocks import DEPTH_KEYS, replay_depth
 from ..surgery.sizes import apply_sizes
 from .evaluator import train_stage
 from .space import BackboneSpace
@@ -32,6 +33,7 @@ class _Stage:
     def __init__(self, record: dict):
         self.sample = {k: record[k] for k in ("stage", "widths", "sizes", "checkpoint", "mmacs", "params",
                                               "energy_uj_est")}
+        self.sample["depth"] = record.get("depth", {})
         self.metric = record["default"]
         self.status = ModelStatus.Trained
 
@@ -98,7 +100,7 @@ class SplittingDescent(Strategy):
             self._metrics[int(raw["stage"])] = raw
 
     def state_dict(self) -> dict:
-        """The stage history (sizes, checkpoints, metrics): enough to resume on either engine."""
+        """The stage history (sizes, depth, checkpoints, metrics): enough to resume on either engine."""
         return {"history": [dict(h) for h in self.history]}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -108,8 +110,9 @@ class SplittingDescent(Strategy):
     def list_models(self, sort: bool = True, limit: int | None = None):
         """Stages from the strategy's own history (the engine forgets them on resume), best top-1 first.
 
-        ``sample`` of each holds ``stage``, ``widths``, ``sizes``, ``checkpoint`` (loadable with
-        :func:`nas_split.load_grown`) and the costs; ``export_max_mmacs`` drops the stages above it.
+        ``sample`` of each holds ``stage``, ``widths``, ``sizes``, ``depth`` (a deepened stage's record),
+        ``checkpoint`` (loadable with :func:`nas_split.load_grown`) and the costs; ``export_max_mmacs`` drops the
+        stages above it.
         """
         stages = [_Stage(h) for h in self.history
                   if self.export_max_mmacs is None or h["mmacs"] <= self.export_max_mmacs]
@@ -127,7 +130,8 @@ class SplittingDescent(Strategy):
         template = space.model_space if raw else None
         spec = template.net.nas_split_spec if raw else space.model.trace_kwargs["spec"]
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        if raw and self.history:  # resume: the live network takes the last stage's sizes (its weights: below)
+        if raw and self.history:  # resume: the live network takes the last stage's depth and sizes (weights: below)
+            replay_depth(template.net, self.history[-1].get("depth", {}))
             apply_sizes(template.net, self.history[-1]["sizes"])
         g = self.growth
         while (step := next_stage(self.history, g.rounds, g.target_mmacs, g.budget_energy_uj)) is not None:
@@ -141,7 +145,7 @@ class SplittingDescent(Strategy):
             if raw:  # the live network, grown and trained in this process
                 model = RawFormatModelSpace(template, evaluator)
             else:  # a trial rebuilds the previous stage from its sizes (and its weights from its checkpoint)
-                stage_space = BackboneSpace(spec, prev["sizes"] if prev else None)
+                stage_space = BackboneSpace(spec, prev["sizes"], prev.get("depth")) if prev else BackboneSpace(spec)
                 model = SimplifiedModelSpace.from_model(stage_space, evaluator).freeze({})
             model.status = ModelStatus.Frozen
             model.sample = {"stage": stage}
@@ -151,6 +155,8 @@ class SplittingDescent(Strategy):
             if model.status != ModelStatus.Trained or metric is None:
                 raise RuntimeError(f"stage {stage} failed ({model.status}); the history keeps stages "
                                    f"0..{stage - 1}")
-            self.history.append({**metric, "sizes": load_stage(ckpt).model["sizes"]})
+            grown = load_stage(ckpt).model
+            self.history.append({**metric, "sizes": grown["sizes"],
+                                 "depth": {k: grown["spec"][k] for k in DEPTH_KEYS if k in grown["spec"]}})
             atomic_write_json(self.checkpoint_dir / "history.json", self.state_dict())
             _log.info("stage %d: top-1 %.4f, %.3f MMACs", stage, metric["default"], metric["mmacs"])
