@@ -28,7 +28,8 @@ def pareto_figure(finals: list[Row], curve: Sequence[Row] = ()):
     """Test top-1 against MMACs, the cost model's price (the axis names the model, its unit and whether it was
     measured), training MACs and wall time: mean ± std over seeds, one line per method; on the MMACs panel, hollow
     markers give the retrained accuracy (of the methods that do not train from scratch already) and a dashed grey
-    line the scratch curve; one legend below the panels."""
+    line the scratch curve; an anytime run's levels take its colour, smaller markers and a dotted line through the
+    family (one legend entry per family); one legend below the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +37,9 @@ def pareto_figure(finals: list[Row], curve: Sequence[Row] = ()):
 
     s = summary(finals)
     labels = list(dict.fromkeys(lab for _, lab in s))
-    colors = _colors(labels)
+    family = {r.label: r.family for r in finals if r.family}  # a level's row -> its anytime run's label
+    colors = _colors([lab for lab in labels if lab not in family])
+    colors.update({lab: colors[fam] for lab, fam in family.items()})
     fig, axes = plt.subplots(1, 4, figsize=(20, 5.2), layout="constrained")
     panels = (("mmacs", "MMACs (counted)"), ("priced", cost_axis(finals)),
               ("train_tmacs", "training TMACs (3 x forward per sample + decisions)"),
@@ -45,8 +48,9 @@ def pareto_figure(finals: list[Row], curve: Sequence[Row] = ()):
         for lab in labels:
             pts = sorted((v[key], v["top1"], v["retrained"]) for (t, lb), v in s.items() if lb == lab)
             xs, ys = [p[0][0] for p in pts], [p[1][0] for p in pts]
+            level = lab in family
             ax.errorbar(xs, ys, xerr=[p[0][1] for p in pts], yerr=[p[1][1] for p in pts], marker="o", capsize=3,
-                        color=colors[lab], label=lab)
+                        color=colors[lab], ms=4 if level else 6, label=None if level else lab)
             if key == "mmacs" and any(p[2] is not None and p[2] != p[1] for p in pts):  # not its own retraining
                 re = [(p[0][0], p[2][0]) for p in pts if p[2] is not None]
                 ax.scatter([r[0] for r in re], [r[1] for r in re], facecolors="none", edgecolors=[colors[lab]],
