@@ -51,6 +51,7 @@ def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool
     if model not in _VERDICTS or _VERDICTS[model][0] != key:
         _VERDICTS[model] = (key, {})
     verdicts = _VERDICTS[model][1]
+    reference = None  # the eval-mode copy every trial split starts from, and its outputs: built once, when needed
     names = []
     for n in graph.candidates():
         try:
@@ -58,7 +59,8 @@ def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool
             if verify and n not in trusted:
                 if n not in verdicts:
                     try:
-                        _preserves(model, example_inputs, group)
+                        reference = reference or _reference(model, example_inputs)
+                        _preserves(*reference, example_inputs, group)
                         verdicts[n] = None
                     except NotGrowableError as e:
                         if e.__cause__ is None:  # the outputs changed: a verdict on the structure
@@ -74,21 +76,28 @@ def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool
     return names
 
 
-def _preserves(model: nn.Module, x: torch.Tensor, group: ChannelGroup) -> None:
-    """Check that splitting channel 0 of ``group.root`` (ε = 0) on a copy of ``model`` keeps its outputs on ``x``;
-    raises :class:`NotGrowableError` saying how it does not (any failure of the trial split counts: it runs the
-    user's model at a width it was not built for)."""
-    trial = copy.deepcopy(model).eval()
-    x = like_model(model, x)
+def _reference(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, list[torch.Tensor]]:
+    """An eval-mode copy of ``model`` and its outputs on ``x``: what every trial split starts from and must keep
+    (computed once per check; an error of the model itself propagates)."""
+    base = copy.deepcopy(model).eval()
     with torch.no_grad():
-        ref = trial(x)
+        return base, output_tensors(base(like_model(model, x)))
+
+
+def _preserves(base: nn.Module, ref: list[torch.Tensor], x: torch.Tensor, group: ChannelGroup) -> None:
+    """Check that splitting channel 0 of ``group.root`` (ε = 0) on a copy of ``base`` (:func:`_reference`) keeps
+    its outputs ``ref`` on ``x``; raises :class:`NotGrowableError` saying how it does not (any failure of the trial
+    split counts: it runs the user's model at a width it was not built for)."""
+    trial = copy.deepcopy(base)
+    x = like_model(base, x)
+    with torch.no_grad():
         try:
             split_groups(trial, x, {group.root: group.rebind(trial)}, {group.root: [(0, SplitScheme.s2d())]}, 0.0)
             out = trial(x)
         except Exception as e:  # noqa: BLE001 - whatever the widened model raises, the split does not work
             raise NotGrowableError(f"layer {group.root!r} is not growable: a trial split of it fails "
                                    f"({type(e).__name__}: {e})") from e
-    ref, out = output_tensors(ref), output_tensors(out)
+    out = output_tensors(out)
     if [t.shape for t in out] != [t.shape for t in ref]:
         raise NotGrowableError(f"layer {group.root!r} is not growable: a trial split of it changes the output shapes "
                                f"from {[tuple(t.shape) for t in ref]} to {[tuple(t.shape) for t in out]}")
