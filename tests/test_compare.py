@@ -218,3 +218,20 @@ def test_sigterm_stops_the_workers_and_the_rerun_completes(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     assert len(list(out.glob("runs/*/*/seed*/results.json"))) == 6
+
+
+def test_an_in_process_run_gives_back_the_caller_s_thread_count():
+    """``run_one`` sets the run's torch threads (float sums depend on them) and restores the caller's count, also
+    when the run fails, so that a comparison in a user's process leaves its threads as it found them."""
+    from pydantic import ValidationError
+
+    from nas_split.compare import run_one
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(ValidationError):
+            run_one({"method": "fast", "no_such_key": 1}, threads=2)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
