@@ -5,7 +5,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint clean
 
-PYTEST := $(PY) -m pytest -q --durations=15
+# two pytest-xdist workers (2 torch threads each, idle OpenMP threads sleep: tests/conftest.py); loadgroup keeps
+# the tests that share a module fixture on one worker, so it is built once
+PYTEST := $(PY) -m pytest -q --durations=15 -n 2 --dist loadgroup
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)

@@ -28,8 +28,9 @@ MACs the run spent training (every stage and the decision passes; the curve's po
 ``--contrasts depth`` takes issue 26's set instead (width + depth growth against width-only growth, in-run and
 retrained, and against scratch at the backbone's and at the seed's depth); ``--contrasts anytime`` issue 25's (every
 level of an anytime run against its seed's scratch curve at the level's MACs, OSGD against the summed losses and
-the largest level alone at each level, and the ratio of one anytime run's training MACs to those of the scratch
-runs at its levels' MACs).  A run that trains from scratch is its own retraining in a retrained contrast.
+the largest level alone at each level, batch-norm statistics recalibrated after training against private ones
+kept while training, and the ratio of one anytime run's training MACs to those of the scratch runs at its levels'
+MACs).  A run that trains from scratch is its own retraining in a retrained contrast.
 
 Usage::
 
@@ -84,7 +85,9 @@ DEPTH_CONTRASTS = [
     ("scratch-seed-depth - scratch", "scratch-seed-depth", "scratch", "search")]
 ANYTIME = ("anytime-osgd", "anytime-sum", "anytime-last")
 ANYTIME_CONTRASTS = [(f"{a} L{k} - curve", f"{a} L{k}", "curve", "search") for a in ANYTIME for k in range(4)] + [
-    (f"osgd - {b[8:]} at L{k}", f"anytime-osgd L{k}", f"{b} L{k}", "search") for b in ANYTIME[1:] for k in range(4)]
+    (f"osgd - {b[8:]} at L{k}", f"anytime-osgd L{k}", f"{b} L{k}", "search") for b in ANYTIME[1:] for k in range(4)] + [
+    (f"recalibrated - private statistics at L{k}", f"anytime-osgd-recal L{k}", f"anytime-osgd L{k}", "search")
+    for k in range(4)]  # bn: recalibrate against private; L3 (the full model's own statistics) must give 0
 SETS = {"ablation": CONTRASTS, "depth": DEPTH_CONTRASTS, "anytime": ANYTIME_CONTRASTS}
 
 

@@ -25,6 +25,10 @@ EPS = 0.03
 
 @pytest.fixture(scope="module", params=["mobilenet", "pointnet"])
 def trained(request):
+    """A trained model and 4 batches; its tests run with two torch threads, as their margins were set (the trained
+    weights depend on the thread count through float sums)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
     torch.manual_seed(0)
     if request.param == "mobilenet":
         data = create_dataset("digits", seed=0)
@@ -36,7 +40,8 @@ def trained(request):
         epochs = 10
     tr, _, _ = data.loaders(64, 512, 0, 0)
     Trainer(TrainConfig(epochs=epochs, progress=False, seed=0)).fit(model, tr)
-    return model, list(itertools.islice(tr, 4))
+    yield model, list(itertools.islice(tr, 4))
+    torch.set_num_threads(before)
 
 
 def _loss(model, batches) -> float:

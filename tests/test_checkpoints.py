@@ -31,7 +31,7 @@ def _nni(history: list[dict]) -> list[dict]:
     return [{k: h[k] for k in ("stage", "default", "macs", "mmacs", "widths", "new_neurons")} for h in history]
 
 
-def test_an_old_grow_checkpoint_resumes_and_retrains(tmp_path, capsys):
+def test_an_old_grow_checkpoint_resumes_and_retrains(tmp_path, capsys, two_threads):
     run = shutil.copytree(OLD / "grow", tmp_path / "grow")
     assert main(["retrain", str(run), "--out", str(tmp_path / "retrain"), "--no-progress", "--no-latency"]) == 0
     assert _stages(tmp_path / "retrain") == EXPECTED["retrain_grow"]
@@ -41,7 +41,7 @@ def test_an_old_grow_checkpoint_resumes_and_retrains(tmp_path, capsys):
     assert ckpt.stage == 2 and len(ckpt.records) == 3 and set(ckpt.method_state) == {"spectra", "stages"}
 
 
-def test_an_old_nni_stage_reads_as_a_stage_and_retrains(tmp_path, capsys):
+def test_an_old_nni_stage_reads_as_a_stage_and_retrains(tmp_path, capsys, two_threads):
     old = load_stage(OLD / "nni" / "checkpoints" / "stage1.pt")
     assert old.results is None and old.stage is None and old.epochs_total == 2
     assert old.config["dataset"] == "digits" and old.optimizer is not None and old.method_state["spectra"]
@@ -50,7 +50,7 @@ def test_an_old_nni_stage_reads_as_a_stage_and_retrains(tmp_path, capsys):
     assert _stages(tmp_path / "r") == EXPECTED["retrain_nni"]
 
 
-def test_an_old_nni_run_resumes_into_the_one_layout(tmp_path, monkeypatch):
+def test_an_old_nni_run_resumes_into_the_one_layout(tmp_path, monkeypatch, two_threads):
     """The strategy's history of an old run (stages 0 and 1; stage 1 a model file with ``.state.pt`` beside it)
     continues with stage 2, which is the old code's uninterrupted stage 2, saved in the one layout."""
     from nas_split.config import NniRunConfig, load_config

@@ -11,7 +11,7 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 @pytest.mark.slow
-def test_the_five_commands_write_the_stored_records(tmp_path, monkeypatch):
+def test_the_five_commands_write_the_stored_records(tmp_path, monkeypatch, two_threads):
     monkeypatch.setenv("HOME", str(tmp_path))  # NNI writes its manifest under $HOME
     monkeypatch.syspath_prepend(str(GOLDEN))
     sys.modules.pop("fingerprint", None)

@@ -119,7 +119,7 @@ def test_device_data_gives_the_same_training_as_the_loader():
     assert [h["val_acc"] for h in fast] == [h["val_acc"] for h in slow]
 
 
-def test_channels_last_is_the_default_for_conv_nets_and_trains_alike():
+def test_channels_last_is_the_default_for_conv_nets_and_trains_alike(two_threads):
     assert Trainer(TrainConfig(progress=False)).memory_format(search_spaces.create("test_mobilenetv1", 10, 1, 8)) \
         == torch.channels_last
     assert Trainer(TrainConfig(progress=False)).memory_format(search_spaces.create("test_mlp", 10, 1, 8)) \
