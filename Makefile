@@ -5,9 +5,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint clean
 
-# two pytest-xdist workers (2 torch threads each, idle OpenMP threads sleep: tests/conftest.py); loadgroup keeps
-# the tests that share a module fixture on one worker, so it is built once
-PYTEST := $(PY) -m pytest -q --durations=15 -n 2 --dist loadgroup
+# two pytest-xdist workers, one torch thread each (tests/conftest.py). A module fixture may be built on both workers:
+# --dist loadgroup would keep its tests together, but pytest-xdist 3.8 cannot rename node ids under pytest 9
+PYTEST := $(PY) -m pytest -q --durations=15 -n 2
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)

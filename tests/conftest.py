@@ -41,19 +41,7 @@ def two_threads(monkeypatch):
 SLOW = set(Path(__file__).with_name("slow_tests.txt").read_text().split())
 
 
-def _shared_fixture(item: pytest.Item) -> str | None:
-    """The first fixture of this suite wider than one test (module scope) that ``item`` uses, as ``file::name``."""
-    for name in item.fixturenames:
-        defs = item._fixtureinfo.name2fixturedefs.get(name) or ()
-        if defs and defs[-1].scope != "function" and defs[-1].baseid.startswith("tests/"):
-            return f"{defs[-1].baseid}::{name}"
-    return None
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid in SLOW:
             item.add_marker(pytest.mark.slow)
-        shared = _shared_fixture(item)
-        if shared:  # under pytest-xdist (--dist loadgroup) its tests run on one worker: the fixture is built once
-            item.add_marker(pytest.mark.xdist_group(shared))
