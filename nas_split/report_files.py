@@ -28,8 +28,9 @@ def pareto_figure(finals: list[Row], curve: Sequence[Row] = ()):
     """Test top-1 against MMACs, the cost model's price (the axis names the model, its unit and whether it was
     measured), training MACs and wall time: mean ± std over seeds, one line per method; on the MMACs panel, hollow
     markers give the retrained accuracy (of the methods that do not train from scratch already) and a dashed grey
-    line the scratch curve; an anytime run's levels take its colour, smaller markers and a dotted line through the
-    family (one legend entry per family); one legend below the panels."""
+    line the scratch curve; a run's family rows (an anytime run's levels, a growth run's stage snapshots) take its
+    colour, smaller markers and a dotted line through the family (one legend entry per family); one legend below
+    the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +38,7 @@ def pareto_figure(finals: list[Row], curve: Sequence[Row] = ()):
 
     s = summary(finals)
     labels = list(dict.fromkeys(lab for _, lab in s))
-    family = {r.label: r.family for r in finals if r.family}  # a level's row -> its anytime run's label
+    family = {r.label: r.family for r in finals if r.family}  # a level's / snapshot's row -> its run's label
     colors = _colors([lab for lab in labels if lab not in family])
     colors.update({lab: colors[fam] for lab, fam in family.items()})
     fig, axes = plt.subplots(1, 4, figsize=(20, 5.2), layout="constrained")

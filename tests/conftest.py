@@ -1,8 +1,9 @@
 import os
 from pathlib import Path
 
-#: pytest-xdist workers (``make test`` runs one per core of 2): each gets one torch thread, and so do the processes
-#: a test starts (compare workers, NNI trials, DDP ranks) through ``OMP_NUM_THREADS``.
+#: pytest-xdist workers (``make test`` runs one per core of 2): each gets one torch thread, and ``OMP_NUM_THREADS``
+#: gives the same default to the processes a test starts (NNI ts trials; DDP ranks and compare workers set their
+#: own count: CPUs per process, ``nas_split.compare.worker_threads``).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
 if WORKERS > 1:

@@ -29,19 +29,21 @@ def trained(request):
     weights depend on the thread count through float sums)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    if request.param == "mobilenet":
-        data = create_dataset("digits", seed=0)
-        model = search_spaces.create("mobilenetv1_cifar_025", 10, in_chans=1, input_size=8, width_mult=0.125)
-        epochs = 6
-    else:  # PointNet: the split channels reach their consumer through a max-pool over points
-        data = create_dataset("shapes3d", seed=0, num_points=64, train_size=600)
-        model = search_spaces.create("pointnet_lite", 12, in_chans=3, input_size=64, width_mult=0.125)
-        epochs = 10
-    tr, _, _ = data.loaders(64, 512, 0, 0)
-    Trainer(TrainConfig(epochs=epochs, progress=False, seed=0)).fit(model, tr)
-    yield model, list(itertools.islice(tr, 4))
-    torch.set_num_threads(before)
+    try:
+        torch.manual_seed(0)
+        if request.param == "mobilenet":
+            data = create_dataset("digits", seed=0)
+            model = search_spaces.create("mobilenetv1_cifar_025", 10, in_chans=1, input_size=8, width_mult=0.125)
+            epochs = 6
+        else:  # PointNet: the split channels reach their consumer through a max-pool over points
+            data = create_dataset("shapes3d", seed=0, num_points=64, train_size=600)
+            model = search_spaces.create("pointnet_lite", 12, in_chans=3, input_size=64, width_mult=0.125)
+            epochs = 10
+        tr, _, _ = data.loaders(64, 512, 0, 0)
+        Trainer(TrainConfig(epochs=epochs, progress=False, seed=0)).fit(model, tr)
+        yield model, list(itertools.islice(tr, 4))
+    finally:
+        torch.set_num_threads(before)
 
 
 def _loss(model, batches) -> float:

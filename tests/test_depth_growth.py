@@ -145,6 +145,7 @@ def test_nni_stages_grow_in_depth_resume_and_rebuild_as_a_ts_trial_does(tmp_path
     exp.stop()
     h = strategy.history
     assert [s["stage"] for s in h] == [0, 1, 2] and "stage_depths" not in h[0]["depth"]
+    assert sum(h[1]["depth"]["stage_depths"]) > SEED_BLOCKS, h[1]["depth"]  # stage 1 deepened: what is rebuilt
     added = sum(h[-1]["depth"]["stage_depths"]) - SEED_BLOCKS
     assert added >= 1, h[-1]["depth"]
     final = ns.load_grown(h[-1]["checkpoint"])
@@ -156,6 +157,7 @@ def test_nni_stages_grow_in_depth_resume_and_rebuild_as_a_ts_trial_does(tmp_path
     run = strategy.model_space.evaluator.arguments["run"]
     g = strategy.growth.model_dump()
     rebuilt = BackboneSpace(seed_spec, h[1]["sizes"], h[1]["depth"])
+    assert rebuilt.trace_kwargs["depth"] == h[1]["depth"]  # what NNI serialises for a ts trial to rebuild it
     again = train_stage(rebuilt, run, stage=2, checkpoint=str(tmp_path / "trial2.pt"), previous=h[1]["checkpoint"],
                         growth=g, max_macs=1.6e6)
     assert (again["default"], again["mmacs"], again["widths"]) == (h[2]["default"], h[2]["mmacs"], h[2]["widths"])

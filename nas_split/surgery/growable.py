@@ -39,7 +39,8 @@ def growable_layers(model: nn.Module, example_inputs: torch.Tensor, verify: bool
     catches couplings the tracer cannot see (e.g. channels reshaped into a matrix for ``torch.bmm``, as in
     PointNet's feature transform, or averaged over, as by a ``mean`` over channels).  Layers in ``trusted``
     (verified before; widening a layer does not change how its channels are coupled) skip the trial split, and a
-    model checked before with the same structure (its ``repr`` and the input shape) reuses its verdicts.
+    model checked before with the same structure (its ``repr`` and the input shape) reuses its verdicts.  The check
+    holds two copies of the model at a time (the eval-mode reference and one trial), on the model's device.
 
     Every other conv and linear layer of the traced graph is left out, and its reason (the message of the
     :class:`NotGrowableError` it raises, naming the layer) is stored in ``reasons`` when one is given.  The only
