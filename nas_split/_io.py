@@ -67,6 +67,30 @@ def _lock_owner(lock: Path) -> tuple[int, str] | None:
         return None
 
 
+def _create_lock(lock: Path, me: tuple[int, str]) -> bool:
+    """Create ``lock`` holding ``pid host`` in one step, or return False if it exists.  The owner is written to a
+    private file first and hard-linked into place, so no other process ever reads the lock empty (an empty lock
+    reads as stale and would be taken over from its live owner); where the file system has no hard links, an
+    exclusive create and a write."""
+    tmp = lock.with_name(f"{lock.name}.new-{me[0]}")
+    tmp.write_text(f"{me[0]} {me[1]}\n")
+    try:
+        os.link(tmp, lock)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{me[0]} {me[1]}\n")
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -101,9 +125,7 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            if not _create_lock(lock, me):
                 owner = _lock_owner(lock)
                 if owner is not None and (owner[1] != me[1] or _alive(owner[0])):
                     raise RunLockedError(f"output {str(out)!r} is in use by process {owner[0]} on {owner[1]} "
@@ -115,8 +137,6 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
                 except FileNotFoundError:
                     pass
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{me[0]} {me[1]}\n")
             break
         else:
             raise RunLockedError(f"output {str(out)!r}: could not take its lock {str(lock)!r}")
