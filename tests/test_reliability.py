@@ -185,6 +185,27 @@ def test_two_concurrent_trains_on_one_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_a_lock_is_never_seen_without_its_owner(tmp_path, monkeypatch):
+    """The moment the lock file exists, a process reading it finds its owner: a lock read empty looks stale and is
+    taken over from its live owner (two concurrent trains both ran to the end when the lock was created empty and
+    written after)."""
+    import socket
+
+    from nas_split import _io
+
+    seen, real_link = [], os.link
+
+    def link(src, dst):
+        real_link(src, dst)
+        seen.append(_io._lock_owner(Path(dst)))  # what another process would read at this instant
+
+    monkeypatch.setattr(os, "link", link)
+    with _io.output_lock(tmp_path / "run"):
+        pass
+    assert seen == [(os.getpid(), socket.gethostname())]
+    assert list(tmp_path.iterdir()) == []  # the private file and the lock are gone
+
+
 def test_grow_refused_while_another_process_holds_the_output(tmp_path):
     from nas_split._io import output_lock
 
