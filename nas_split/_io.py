@@ -72,8 +72,9 @@ def _create_lock(lock: Path, me: tuple[int, str]) -> bool:
     private file first and hard-linked into place, so no other process ever reads the lock empty (an empty lock
     reads as stale and would be taken over from its live owner); where the file system has no hard links, an
     exclusive create and a write."""
+    owner = f"{me[0]} {me[1]}\n"
     tmp = lock.with_name(f"{lock.name}.new-{me[0]}")
-    tmp.write_text(f"{me[0]} {me[1]}\n")
+    tmp.write_text(owner)
     try:
         os.link(tmp, lock)
         return True
@@ -85,7 +86,7 @@ def _create_lock(lock: Path, me: tuple[int, str]) -> bool:
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
-            f.write(f"{me[0]} {me[1]}\n")
+            f.write(owner)
         return True
     finally:
         tmp.unlink(missing_ok=True)

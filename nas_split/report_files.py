@@ -49,9 +49,9 @@ def pareto_figure(finals: list[Row], curve: Sequence[Row] = ()):
         for lab in labels:
             pts = sorted((v[key], v["top1"], v["retrained"]) for (t, lb), v in s.items() if lb == lab)
             xs, ys = [p[0][0] for p in pts], [p[1][0] for p in pts]
-            level = lab in family
+            member = lab in family
             ax.errorbar(xs, ys, xerr=[p[0][1] for p in pts], yerr=[p[1][1] for p in pts], marker="o", capsize=3,
-                        color=colors[lab], ms=4 if level else 6, label=None if level else lab)
+                        color=colors[lab], ms=4 if member else 6, label=None if member else lab)
             if key == "mmacs" and any(p[2] is not None and p[2] != p[1] for p in pts):  # not its own retraining
                 re = [(p[0][0], p[2][0]) for p in pts if p[2] is not None]
                 ax.scatter([r[0] for r in re], [r[1] for r in re], facecolors="none", edgecolors=[colors[lab]],
