@@ -3,11 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast durations lint clean
 
-# two pytest-xdist workers, one torch thread each (tests/conftest.py). A module fixture may be built on both workers:
-# --dist loadgroup would keep its tests together, but pytest-xdist 3.8 cannot rename node ids under pytest 9
-PYTEST := $(PY) -m pytest -q --durations=15 -n 2
+# two pytest-xdist workers, one torch thread each, each taking whole test modules (a module fixture is built once),
+# the longest first by tests/durations.txt (tests/conftest.py)
+PYTEST := $(PY) -m pytest -q --durations=15 -n 2 --dist loadfile
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)  # the edit loop: everything but the tests marked slow
 	$(PYTEST) -m "not slow"
+
+durations: $(STAMP)  # measure every test again: tests/durations.txt (the slow marks and the workers' order)
+	$(PYTEST) --durations=0 | $(PY) tests/durations.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -36,13 +37,35 @@ def two_threads(monkeypatch):
     torch.set_num_threads(before)
 
 
-#: Tests that took 2.5 s or more in a full run on 2 cores (``make test``'s ``--durations``), one node id per line:
-#: marked ``slow`` so that ``make test-fast`` (``-m "not slow"``) stays an edit loop; ``make test`` runs them all.
-#: Regenerate: ``pytest --durations=0 -q > d.log`` then keep the node ids whose setup + call + teardown >= 2.5 s.
-SLOW = set(Path(__file__).with_name("slow_tests.txt").read_text().split())
+#: Each test's seconds (setup + call + teardown) in a full ``make test`` on 2 cores, from ``tests/durations.txt``
+#: (``make durations`` measures them again).  Tests of ``SLOW_SECONDS`` or more are marked ``slow`` so that
+#: ``make test-fast`` (``-m "not slow"``) stays an edit loop; ``make test`` runs them all.
+SECONDS = {nodeid: float(s) for s, nodeid in (line.split(maxsplit=1) for line in
+           Path(__file__).with_name("durations.txt").read_text().splitlines() if line and not line.startswith("#"))}
+SLOW_SECONDS = 2.5
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.nodeid in SLOW:
+        if SECONDS.get(item.nodeid, 0.0) >= SLOW_SECONDS:
             item.add_marker(pytest.mark.slow)
+
+
+if importlib.util.find_spec("xdist"):  # the dev extra's; without it the suite runs in one process
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestModuleFirst(LoadFileScheduling):
+        """``--dist loadfile`` (whole modules per worker, so a module fixture is built once) with the modules handed
+        out longest first by their recorded seconds (greedy longest-processing-time), so that no long module starts
+        last and runs alone while the other worker idles."""
+
+        def _seconds(self, module: str) -> float:
+            return sum(SECONDS.get(nodeid, 0.0) for nodeid in self.workqueue[module])
+
+        def _assign_work_unit(self, node) -> None:
+            self.workqueue.move_to_end(max(self.workqueue, key=self._seconds), last=False)
+            super()._assign_work_unit(node)
+
+    @pytest.hookimpl(optionalhook=True, tryfirst=True)
+    def pytest_xdist_make_scheduler(config, log):
+        return LongestModuleFirst(config, log) if config.getvalue("dist") == "loadfile" else None
