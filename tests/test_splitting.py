@@ -133,6 +133,64 @@ def test_exact_S_equals_autograd_hessian(kind, idx, act):
     assert (s - ref).norm() <= 1e-5 * ref.norm()
 
 
+class _ConstantBranch(nn.Module):
+    """One analysed activation the input reaches (``a1``) and one it does not (``a2``, fed by a learned constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.a1 = nn.Linear(6, 5), nn.Tanh()
+        self.const = nn.Parameter(torch.randn(1, 3))
+        self.l2, self.a2 = nn.Linear(3, 5), nn.Tanh()
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.a1(self.l1(x)) * self.a2(self.l2(self.const)))
+
+
+class _Tokens(nn.Module):
+    """An integer input (token ids): there is no input gradient to ask for."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.l1, self.a1 = nn.Linear(6, 5), nn.Tanh()
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.a1(self.l1(self.emb(x))).mean(1))
+
+
+def _brute_force_linear_tanh(net, x, y, layer, act):
+    """S_o = Hessian over θ_o of Σ_r g_ro tanh(θ_o·p_r + b_o) over every row r of the layer's input (autograd)."""
+    store = {}
+    hooks = [layer.register_forward_hook(lambda m, i, o: store.__setitem__("p", i[0])),
+             act.register_forward_hook(lambda m, i, o: store.__setitem__("sigma", o))]
+    loss = F.cross_entropy(net(x), y)
+    for h in hooks:
+        h.remove()
+    (g,) = torch.autograd.grad(loss, store["sigma"])
+    p, g = store["p"].detach().reshape(-1, layer.in_features), g.reshape(-1, layer.out_features)
+    return torch.stack([torch.autograd.functional.hessian(
+        lambda t, o=o: (g[:, o] * torch.tanh(p @ t + layer.bias[o].detach())).sum(), layer.weight[o].detach())
+        for o in range(layer.out_features)])
+
+
+@pytest.mark.parametrize("model", ["constant-branch", "tokens"])
+def test_activations_the_input_does_not_reach_and_integer_inputs_are_analysed_exactly(model):
+    # the analysis' backward asks for the input's gradient only; these two need the parameters' (two batches: the
+    # first decides from one graph, the second goes straight to the parameters)
+    torch.manual_seed(0)
+    net, x = (_ConstantBranch().double(), torch.randn(8, 6).double()) if model == "constant-branch" else \
+        (_Tokens().double(), torch.randint(0, 10, (8, 4)))
+    y = torch.arange(8) % 3
+    names = [n for n in ("l1", "l2") if hasattr(net, n)]
+    s = splitting_matrices(net, [(x, y), (x, y)], find_neurons(net, x, names), F.cross_entropy)
+    for name in names:
+        ref = _brute_force_linear_tanh(net, x, y, getattr(net, name), getattr(net, "a" + name[1]))
+        assert ref.abs().max() > 0
+        assert (s[name] - ref).norm() <= 1e-10 * ref.norm()
+
+
 def test_exact_S_is_averaged_over_batches():
     net, x, y = tiny("linear", "tanh")
     neurons = find_neurons(net, x, ["0"])

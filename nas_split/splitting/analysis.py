@@ -206,23 +206,41 @@ class _Capture:
 
 def _passes(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss_fn: LossFn,
             max_batches: int | None) -> Iterator[tuple[int, dict[str, dict[str, torch.Tensor]]]]:
-    """For each batch: forward + backward (eval mode), yield the batch size and the captured tensors."""
+    """For each batch: forward + backward (eval mode), yield the batch size and the captured tensors.
+
+    The backward asks for the gradient of a floating-point input only: the hooks take the activations' gradients
+    on the way, and autograd skips the weights' gradients (about half a backward's work).  Where the first batch
+    shows an activation that does not lie between the input and the loss, every batch asks for the parameters'
+    gradients instead (the first from the same graph, kept for that one check)."""
     device = model_device(model)
     cap = _Capture(neurons)
     params = [p for p in model.parameters() if p.requires_grad]
+    through_input: bool | None = None  # None: not known before the first batch
+
+    def missing() -> list[str]:
+        return [n for n, nr in neurons.items()
+                if not {"g"} | ({"g_dw"} if nr.tail is not None else set()) <= cap.data.get(n, {}).keys()]
+
     try:
         with evaluating(model):
             for x, y in itertools.islice(loader, max_batches):
                 x, y = like_model(model, x), y.to(device)
+                use_input = through_input is not False and x.is_floating_point()
+                if use_input:
+                    x = x.detach().requires_grad_(True)
                 cap.data = {}
                 loss = loss_fn(model(x), y)
                 if not torch.isfinite(loss):
                     raise DivergedError(f"loss is {loss.item()} during splitting analysis")
-                torch.autograd.grad(loss, params, allow_unused=True)
-                missing = [n for n, nr in neurons.items()
-                           if not {"g"} | ({"g_dw"} if nr.tail is not None else set()) <= cap.data.get(n, {}).keys()]
-                if missing:
-                    raise NotAnalyzableError(f"no gradient reached the activation of {missing[0]!r}")
+                if use_input:
+                    torch.autograd.grad(loss, x, retain_graph=through_input is None, allow_unused=True)
+                    if through_input is None:
+                        through_input = not missing()
+                if not use_input or not through_input:
+                    through_input = False
+                    torch.autograd.grad(loss, params, allow_unused=True)
+                if missing():
+                    raise NotAnalyzableError(f"no gradient reached the activation of {missing()[0]!r}")
                 yield len(y), cap.data
     finally:
         cap.close()
@@ -287,10 +305,8 @@ def _sv(nr: Neuron, d: dict[str, torch.Tensor], beta: float, v: torch.Tensor) ->
     x4, kw = _as_2d(m, d["x"])
     v4 = v.unsqueeze(2) if isinstance(m, nn.Conv1d) else v
     q = F.conv2d(x4, v4, None, **kw)                                                   # p·v per position
-    with torch.enable_grad():
-        q_ = q.detach().requires_grad_(True)
-        vq = F.conv2d(q_ * t.w1, t.kernel, None, **t.kw)                               # V_qᵀ v
-        (gq,) = torch.autograd.grad(0.5 * (t.h * vq * vq).sum(), q_)
+    vq = F.conv2d(q * t.w1, t.kernel, None, **t.kw)                                    # V_qᵀ v
+    gq = torch.nn.grad.conv2d_input(q.shape, t.kernel, t.h * vq, **t.kw) * t.w1        # ∂/∂q ½ Σ h (V_qᵀ v)²
     c4 = d["c"].unsqueeze(2) if isinstance(m, nn.Conv1d) else d["c"]
     sv = torch.nn.grad.conv2d_weight(x4, v4.shape, c4 * q + gq, **kw)
     return sv.squeeze(2) if isinstance(m, nn.Conv1d) else sv
