@@ -50,6 +50,8 @@ class Row:
     retrained_acc: float | None = None
     cost_model: str = "horowitz-45nm µJ (estimated)"
     curve_acc: float | None = None
+    #: a point of the scratch curve itself (a ``scratch`` run at its full epochs, beside the ``curve`` runs)
+    on_curve: bool = False
     #: an anytime run's earlier level (its label is ``"<run label> L<k>"``): the level's index and the run's label
     level: int | None = None
     family: str | None = None
@@ -150,7 +152,8 @@ def collect(pairs: Sequence[tuple], snapshots: bool = False) -> tuple[list[dict]
     for r in curve + [r for r in finals if r.label in scratch]:
         points[r.seed].append((r.mmacs, r.test_acc))
     finals = [replace(r, retrained_acc=retrained.get((r.label, r.target, r.seed), r.retrained_acc),
-                      curve_acc=None if r.label in scratch else interp_log_macs(points[r.seed], r.mmacs))
+                      curve_acc=None if r.label in scratch else interp_log_macs(points[r.seed], r.mmacs),
+                      on_curve=r.label in scratch)
               for r in finals]  # scratch is a point of the curve: no difference to itself
     return rows, finals, curve
 

@@ -28,9 +28,9 @@ def pareto_figure(finals: list[Row], curve: Sequence[Row] = ()):
     """Test top-1 against MMACs, the cost model's price (the axis names the model, its unit and whether it was
     measured), training MACs and wall time: mean ± std over seeds, one line per method; on the MMACs panel, hollow
     markers give the retrained accuracy (of the methods that do not train from scratch already) and a dashed grey
-    line the scratch curve; a run's family rows (an anytime run's levels, a growth run's stage snapshots) take its
-    colour, smaller markers and a dotted line through the family (one legend entry per family); one legend below
-    the panels."""
+    line the scratch curve (its runs and the scratch runs at the targets, in order of MACs); a run's family rows
+    (an anytime run's levels, a growth run's stage snapshots) take its colour, smaller markers and a dotted line
+    through the family (one legend entry per family); one legend below the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +62,8 @@ def pareto_figure(finals: list[Row], curve: Sequence[Row] = ()):
                 pts = sorted((s[(target, lab)][key][0], s[(target, lab)]["top1"][0]) for lab in members)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=":", color=colors[fam], lw=1)
         if key == "mmacs" and curve:
-            pts = sorted((v["mmacs"][0], v["top1"][0]) for v in summary(list(curve)).values())
+            on = [*curve, *(r for r in finals if r.on_curve)]  # the curve runs and scratch at the targets
+            pts = sorted((v["mmacs"][0], v["top1"][0]) for v in summary(on).values())
             ax.plot([p[0] for p in pts], [p[1] for p in pts], ls="--", color="grey", label="scratch curve")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test top-1 %")
