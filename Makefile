@@ -5,9 +5,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast durations lint clean
 
-# two pytest-xdist workers, one torch thread each, each taking whole test modules (a module fixture is built once),
-# the longest first by tests/durations.txt (tests/conftest.py)
-PYTEST := $(PY) -m pytest -q --durations=15 -n 2 --dist loadfile
+# two pytest-xdist workers, one torch thread each, each taking whole test modules (a module fixture is built once)
+# in the order tests/conftest.py gives them: the longest first by tests/durations.txt
+PYTEST := $(PY) -m pytest -q --durations=15 -n 2 --dist loadfile --no-loadscope-reorder
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,7 +25,8 @@ test-fast: $(STAMP)  # the edit loop: everything but the tests marked slow
 	$(PYTEST) -m "not slow"
 
 durations: $(STAMP)  # measure every test again: tests/durations.txt (the slow marks and the workers' order)
-	$(PYTEST) --durations=0 | $(PY) tests/durations.py
+	$(PYTEST) --durations=0 > $(VENV)/durations.log
+	$(PY) tests/durations.py < $(VENV)/durations.log
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,5 @@
-import importlib.util
 import os
+from collections import Counter
 from pathlib import Path
 
 #: pytest-xdist workers (``make test`` runs one per core of 2): each gets one torch thread, and ``OMP_NUM_THREADS``
@@ -49,23 +49,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SECONDS.get(item.nodeid, 0.0) >= SLOW_SECONDS:
             item.add_marker(pytest.mark.slow)
-
-
-if importlib.util.find_spec("xdist"):  # the dev extra's; without it the suite runs in one process
-    from xdist.scheduler import LoadFileScheduling
-
-    class LongestModuleFirst(LoadFileScheduling):
-        """``--dist loadfile`` (whole modules per worker, so a module fixture is built once) with the modules handed
-        out longest first by their recorded seconds (greedy longest-processing-time), so that no long module starts
-        last and runs alone while the other worker idles."""
-
-        def _seconds(self, module: str) -> float:
-            return sum(SECONDS.get(nodeid, 0.0) for nodeid in self.workqueue[module])
-
-        def _assign_work_unit(self, node) -> None:
-            self.workqueue.move_to_end(max(self.workqueue, key=self._seconds), last=False)
-            super()._assign_work_unit(node)
-
-    @pytest.hookimpl(optionalhook=True, tryfirst=True)
-    def pytest_xdist_make_scheduler(config, log):
-        return LongestModuleFirst(config, log) if config.getvalue("dist") == "loadfile" else None
+    # Whole modules, the longest first by their recorded seconds (a stable sort: each module's tests keep their
+    # order).  ``make test`` runs ``--dist loadfile --no-loadscope-reorder``: each worker takes whole modules (a
+    # module fixture is built once), the next in this order whenever it is free (greedy longest-processing-time),
+    # so that no long module starts last and runs alone while the other worker idles.
+    module = Counter()
+    for item in items:
+        module[item.path] += SECONDS.get(item.nodeid, 0.0)
+    items.sort(key=lambda item: -module[item.path])

@@ -153,6 +153,7 @@ def test_an_anytime_run_reports_one_row_per_level_against_the_scratch_curve():
     assert (low.level, low.family, low.mmacs, low.test_acc) == (0, "fast", 2.0, 0.65)
     assert low.curve_acc == pytest.approx(0.6) and by["fast"].curve_acc == pytest.approx(0.7)
     assert low.train_macs == by["fast"].train_macs  # one run gives every level: its training cost, once
+    assert [r.label for r in finals if r.on_curve] == ["scratch"]  # scratch at the target is a point of the curve
     table = markdown_table(finals)
     line = next(ln for ln in table.splitlines() if ln.startswith("| fast L0 |"))
     assert "2.000 |" in line and "†" not in line  # a level is not a miss of the target

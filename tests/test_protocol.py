@@ -17,7 +17,7 @@ from torch import nn
 import search_spaces
 from baselines.scratch import random_widths
 from nas_split.cli import main
-from nas_split.cost import PassCounter, count_macs
+from nas_split.cost import PassCounter, count_macs, input_gradients_only
 from nas_split.report import paired_ci
 from nas_split.surgery import NewChannels, add_channels, apply_sizes, layer_sizes, layer_widths, load_grown, save_grown
 from nas_split.surgery.rebuild import fresh_model, resized_sizes, width_groups
@@ -50,9 +50,11 @@ def test_pass_counter_hand_value():
             model(torch.zeros(5, 4)).sum().backward()
         with torch.no_grad():
             model(torch.zeros(7, 4))
+        with input_gradients_only():  # a backward without weight gradients follows
+            model(torch.zeros(2, 4))
     model(torch.zeros(11, 4))  # outside the block: not counted
-    assert (passes.with_grad, passes.without_grad) == (15, 7)
-    assert passes.macs(18) == 3 * 15 * 18 + 7 * 18
+    assert (passes.with_grad, passes.input_grad, passes.without_grad) == (15, 2, 7)
+    assert passes.macs(18) == 3 * 15 * 18 + 2 * 2 * 18 + 7 * 18
 
 
 def _mbv1():

@@ -133,18 +133,24 @@ def test_exact_S_equals_autograd_hessian(kind, idx, act):
     assert (s - ref).norm() <= 1e-5 * ref.norm()
 
 
-class _ConstantBranch(nn.Module):
-    """One analysed activation the input reaches (``a1``) and one it does not (``a2``, fed by a learned constant)."""
+class _TwoBranches(nn.Module):
+    """``a1`` on the input; ``a2`` on a learned constant (``route="constant"``), on the input (``"input"``), or on
+    the constant for batches of more than 4 samples only (``"by-batch"``); ``in_place``: ``forward`` scales its
+    input in place first."""
 
-    def __init__(self):
+    def __init__(self, route: str = "constant", in_place: bool = False):
         super().__init__()
+        self.route, self.in_place = route, in_place
         self.l1, self.a1 = nn.Linear(6, 5), nn.Tanh()
         self.const = nn.Parameter(torch.randn(1, 3))
         self.l2, self.a2 = nn.Linear(3, 5), nn.Tanh()
         self.head = nn.Linear(5, 3)
 
     def forward(self, x):
-        return self.head(self.a1(self.l1(x)) * self.a2(self.l2(self.const)))
+        if self.in_place:
+            x.mul_(1.5)
+        on_const = self.route == "constant" or (self.route == "by-batch" and len(x) > 4)
+        return self.head(self.a1(self.l1(x)) * self.a2(self.l2(self.const if on_const else x[:, :3])))
 
 
 class _Tokens(nn.Module):
@@ -165,7 +171,7 @@ def _brute_force_linear_tanh(net, x, y, layer, act):
     store = {}
     hooks = [layer.register_forward_hook(lambda m, i, o: store.__setitem__("p", i[0])),
              act.register_forward_hook(lambda m, i, o: store.__setitem__("sigma", o))]
-    loss = F.cross_entropy(net(x), y)
+    loss = F.cross_entropy(net(x.clone()), y)
     for h in hooks:
         h.remove()
     (g,) = torch.autograd.grad(loss, store["sigma"])
@@ -175,20 +181,45 @@ def _brute_force_linear_tanh(net, x, y, layer, act):
         for o in range(layer.out_features)])
 
 
-@pytest.mark.parametrize("model", ["constant-branch", "tokens"])
-def test_activations_the_input_does_not_reach_and_integer_inputs_are_analysed_exactly(model):
-    # the analysis' backward asks for the input's gradient only; these two need the parameters' (two batches: the
-    # first decides from one graph, the second goes straight to the parameters)
+@pytest.mark.parametrize("model", ["constant-branch", "by-batch", "in-place", "tokens"])
+def test_every_model_the_input_gradient_shortcut_cannot_serve_is_analysed_exactly(model):
+    # the analysis' backward asks for the input's gradient only; these need the parameters' gradients: an activation
+    # on a learned constant (from the first batch on, or from the second batch on), an integer input; and a model
+    # that scales its input in place must not meet a leaf that requires grad
     torch.manual_seed(0)
-    net, x = (_ConstantBranch().double(), torch.randn(8, 6).double()) if model == "constant-branch" else \
-        (_Tokens().double(), torch.randint(0, 10, (8, 4)))
-    y = torch.arange(8) % 3
-    names = [n for n in ("l1", "l2") if hasattr(net, n)]
-    s = splitting_matrices(net, [(x, y), (x, y)], find_neurons(net, x, names), F.cross_entropy)
-    for name in names:
-        ref = _brute_force_linear_tanh(net, x, y, getattr(net, name), getattr(net, "a" + name[1]))
+    net = _Tokens() if model == "tokens" else _TwoBranches(
+        {"by-batch": "by-batch", "in-place": "input"}.get(model, "constant"), in_place=model == "in-place")
+    net = net.double()
+    xs = [torch.randint(0, 10, (8, 4))] * 2 if model == "tokens" else [torch.randn(n, 6).double() for n in (4, 8)]
+    batches = [(x, torch.arange(len(x)) % 3) for x in xs]
+    names = ["l1"] if model == "tokens" else ["l1", "l2"]
+    s = splitting_matrices(net, [(x.clone(), y) for x, y in batches], find_neurons(net, xs[0].clone(), names),
+                           F.cross_entropy)
+    for name in names:  # the batch mean over samples
+        ref = sum(len(x) * _brute_force_linear_tanh(net, x, y, getattr(net, name), getattr(net, "a" + name[1]))
+                  for x, y in batches) / sum(len(x) for x in xs)
         assert ref.abs().max() > 0
         assert (s[name] - ref).norm() <= 1e-10 * ref.norm()
+
+
+@pytest.mark.parametrize("model", ["input", "tokens"])
+def test_an_analysis_pass_costs_two_forwards_by_flop_count_and_the_pass_counter_says_so(model):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nas_split.cost import PassCounter, count_macs
+    from nas_split.splitting.analysis import _passes
+
+    net = (_Tokens() if model == "tokens" else _TwoBranches("input")).double()
+    x = torch.randint(0, 10, (8, 4)) if model == "tokens" else torch.randn(8, 6).double()
+    neurons = find_neurons(net, x, ["l1"])
+    per_sample = count_macs(net, x)[0]
+    assert per_sample == (4 * 30 + 15 if model == "tokens" else 30 + 15 + 15)  # hand count: rows x in x out
+    with PassCounter(net) as passes, FlopCounterMode(display=False) as fc:
+        next(_passes(net, [(x, torch.arange(8) % 3)], neurons, F.cross_entropy, 1))
+    # a float input: forward + the input gradients (no weight gradients) = 2 forwards; token ids: weights' too
+    want = (3 if model == "tokens" else 2) * 8 * per_sample
+    assert fc.get_total_flops() // 2 == want
+    assert passes.macs(per_sample) == want
 
 
 def test_exact_S_is_averaged_over_batches():

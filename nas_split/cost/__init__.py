@@ -31,7 +31,7 @@ Conventions (every figure says how it was obtained, see :attr:`CostReport.proven
 * **latency** (measured): median wall time of a forward pass, ``torch.utils.benchmark``, batch 1, eval mode.
 * **training MACs**: :mod:`.counting`.
 """
-from .counting import TRAIN_MACS_PER_SAMPLE, PassCounter, count_macs, first_sample, training_macs
+from .counting import TRAIN_MACS_PER_SAMPLE, PassCounter, count_macs, first_sample, input_gradients_only, training_macs
 from .latency import LatencyTable, device_name, latency_cache_path, measure_latency, time_forward
 from .measure import CostReport, LayerCost, measure_cost
 from .models import Coefficients, CostModel, EnergyModel
@@ -39,7 +39,8 @@ from .profiles import ProfileFile, ProfileModel
 from .registry import COST_MODELS, check_spec, cost_model
 from .shapes import LayerShape, layer_shape
 
-__all__ = ["TRAIN_MACS_PER_SAMPLE", "PassCounter", "count_macs", "first_sample", "training_macs", "LatencyTable",
+__all__ = ["TRAIN_MACS_PER_SAMPLE", "input_gradients_only", "PassCounter",
+           "count_macs", "first_sample", "training_macs", "LatencyTable",
            "device_name", "latency_cache_path", "measure_latency", "time_forward", "CostReport", "LayerCost",
            "measure_cost", "Coefficients", "CostModel", "EnergyModel", "ProfileFile", "ProfileModel",
            "COST_MODELS", "check_spec", "cost_model", "LayerShape", "layer_shape"]

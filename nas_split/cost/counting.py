@@ -7,10 +7,15 @@
   forward MACs per sample (forward, plus a backward pass that computes input and weight gradients, each about
   one forward).  A stage that trains on ``n`` samples at ``M`` MACs costs ``3 n M`` (:func:`training_macs`);
   the passes a growth or pruning step makes to decide (analysis, scoring) are counted by
-  :class:`PassCounter`: ``3 M`` per sample forwarded with gradients on, ``M`` without.  Evaluation is not
-  counted.
+  :class:`PassCounter`: ``3 M`` per sample forwarded with gradients on, ``2 M`` where the backward asks for
+  input gradients only (:func:`input_gradients_only`: the splitting analysis, no weight gradients), ``M``
+  without.  Evaluation is not counted.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -18,10 +23,26 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..numerics import evaluating, like_model
 
-__all__ = ["count_macs", "first_sample", "TRAIN_MACS_PER_SAMPLE", "training_macs", "PassCounter"]
+__all__ = ["count_macs", "first_sample", "TRAIN_MACS_PER_SAMPLE", "INPUT_GRADIENT_MACS_PER_SAMPLE", "training_macs",
+           "PassCounter", "input_gradients_only"]
 
 #: Forward-MAC multiples of one training sample: forward + backward (input and weight gradients).
 TRAIN_MACS_PER_SAMPLE = 3
+#: ... of one sample whose backward computes input gradients only (no weight gradients).
+INPUT_GRADIENT_MACS_PER_SAMPLE = 2
+
+_INPUT_GRADIENTS_ONLY: ContextVar[bool] = ContextVar("input_gradients_only", default=False)
+
+
+@contextmanager
+def input_gradients_only() -> Iterator[None]:
+    """Mark the forward passes inside as followed by a backward that asks for input (and activation) gradients
+    only: :class:`PassCounter` counts them :data:`INPUT_GRADIENT_MACS_PER_SAMPLE` forward MACs per sample."""
+    token = _INPUT_GRADIENTS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _INPUT_GRADIENTS_ONLY.reset(token)
 
 
 def first_sample(example_inputs: torch.Tensor) -> torch.Tensor:
@@ -65,22 +86,26 @@ class PassCounter:
     """Counts the samples forwarded through ``model`` inside the ``with`` block, with and without gradients.
 
     ``macs(m)`` is the cost of those passes at ``m`` MACs per sample: ``3 m`` per sample forwarded with autograd
-    on (a backward is assumed to follow), ``m`` per sample without.  Nested calls of ``model`` (a wrapper calling
-    the model) count once per call of ``model`` itself.
+    on (a backward is assumed to follow), ``2 m`` inside :func:`input_gradients_only` (a backward without weight
+    gradients), ``m`` per sample without.  Nested calls of ``model`` (a wrapper calling the model) count once per
+    call of ``model`` itself.
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.with_grad = 0
+        self.input_grad = 0
         self.without_grad = 0
 
     def _hook(self, _module, args) -> None:
         x = args[0] if args else None
         n = int(x.shape[0]) if torch.is_tensor(x) and x.dim() > 0 else 1
-        if torch.is_grad_enabled():
-            self.with_grad += n
-        else:
+        if not torch.is_grad_enabled():
             self.without_grad += n
+        elif _INPUT_GRADIENTS_ONLY.get():
+            self.input_grad += n
+        else:
+            self.with_grad += n
 
     def __enter__(self) -> PassCounter:
         self._handle = self.model.register_forward_pre_hook(self._hook)
@@ -91,4 +116,5 @@ class PassCounter:
 
     def macs(self, macs_per_sample: float) -> float:
         """MACs of the counted passes at ``macs_per_sample``."""
-        return training_macs(macs_per_sample, self.with_grad) + macs_per_sample * self.without_grad
+        return training_macs(macs_per_sample, self.with_grad) + macs_per_sample * (
+            INPUT_GRADIENT_MACS_PER_SAMPLE * self.input_grad + self.without_grad)

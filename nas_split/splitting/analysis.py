@@ -31,9 +31,11 @@ second adds
     T_o = E_x[ Σ_q h_{o,q} V_{o,q} V_{o,q}ᵀ ],   h = ∂L/∂y τ''(e) s²,   V_{o,q} = Σ_k K_{o,k} σ'(u_{o,q+k}) a_o p_{q+k},
 
 i.e. ``V_o`` is the depthwise conv of the patches weighted by ``σ'(u) a``.  Exact: ``T_o`` per chunk of neurons
-from one depthwise convolution over ``N · D`` maps; fast: ``T_o v = ∇_v ½ Σ_q h_q (V_qᵀ v)²`` by autograd, with
-``V_qᵀ v = (K ⋆ (σ' a ⊙ conv(x, v)))_q``.  Measured on CPU (``mobilenetv1_cifar_025`` ×0.125, 8 px, 5 batches
-of 64): the term makes exact analysis 4.1× and fast 1.7× as slow as without it.  Without ``T`` the prediction
+from one depthwise convolution over ``N · D`` maps; fast: ``T_o v = ∇_v ½ Σ_q h_q (V_qᵀ v)²``, with
+``V_qᵀ v = (K ⋆ (σ' a ⊙ q))``, ``q = conv(x, v)`` and ``∂/∂q = σ' a ⊙ (K ⋆ᵀ (h ⊙ V_qᵀ v))`` (the depthwise conv's
+input gradient, ``conv2d_input``).  Measured on CPU (``mobilenetv1_cifar_025`` ×0.125, 8 px, 5 batches of 64):
+the term made exact analysis 4.1× and fast 1.7× as slow as without it (fast with an autograd call for ``∂/∂q``,
+since replaced by ``conv2d_input``, bit for bit the same).  Without ``T`` the prediction
 is off by factors of 0.8 to 2.7 on a SiLU MobileNet block (``tests/test_prediction.py``).
 
 Linear neurons (no nonlinearity, e.g. MobileNetV2's projection convs) have ``σ'' = 0`` and hence ``S = 0``: a
@@ -51,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cost.counting import input_gradients_only
 from ..distributed import all_reduce_sum, batch_share, world_size
 from ..errors import DivergedError
 from ..growth.neurons import Neuron, NotAnalyzableError
@@ -209,36 +212,41 @@ def _passes(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss
     """For each batch: forward + backward (eval mode), yield the batch size and the captured tensors.
 
     The backward asks for the gradient of a floating-point input only: the hooks take the activations' gradients
-    on the way, and autograd skips the weights' gradients (about half a backward's work).  Where the first batch
-    shows an activation that does not lie between the input and the loss, every batch asks for the parameters'
-    gradients instead (the first from the same graph, kept for that one check)."""
+    on the way, and autograd skips the weights' gradients (about a third of a training step's work; counted as
+    such, :func:`~nas_split.cost.input_gradients_only`).  The model runs on a copy of the input, so a model that
+    edits its input in place still works.  Where a batch shows an activation the input does not reach, that batch
+    and every later one ask for the parameters' gradients instead (one more forward and backward for that batch);
+    so does an integer input."""
     device = model_device(model)
     cap = _Capture(neurons)
     params = [p for p in model.parameters() if p.requires_grad]
-    through_input: bool | None = None  # None: not known before the first batch
+    by_input = True  # until a batch shows an activation the input does not reach
 
     def missing() -> list[str]:
         return [n for n, nr in neurons.items()
                 if not {"g"} | ({"g_dw"} if nr.tail is not None else set()) <= cap.data.get(n, {}).keys()]
 
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cap.data = {}
+        loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise DivergedError(f"loss is {loss.item()} during splitting analysis")
+        return loss
+
     try:
         with evaluating(model):
             for x, y in itertools.islice(loader, max_batches):
                 x, y = like_model(model, x), y.to(device)
-                use_input = through_input is not False and x.is_floating_point()
+                use_input = by_input and x.is_floating_point()
                 if use_input:
-                    x = x.detach().requires_grad_(True)
-                cap.data = {}
-                loss = loss_fn(model(x), y)
-                if not torch.isfinite(loss):
-                    raise DivergedError(f"loss is {loss.item()} during splitting analysis")
-                if use_input:
-                    torch.autograd.grad(loss, x, retain_graph=through_input is None, allow_unused=True)
-                    if through_input is None:
-                        through_input = not missing()
-                if not use_input or not through_input:
-                    through_input = False
-                    torch.autograd.grad(loss, params, allow_unused=True)
+                    leaf = x.detach().requires_grad_(True)
+                    with input_gradients_only():
+                        loss = loss_of(leaf.clone(), y)
+                    torch.autograd.grad(loss, leaf, allow_unused=True)
+                    del loss
+                    by_input = not missing()
+                if not use_input or not by_input:
+                    torch.autograd.grad(loss_of(x, y), params, allow_unused=True)
                 if missing():
                     raise NotAnalyzableError(f"no gradient reached the activation of {missing()[0]!r}")
                 yield len(y), cap.data
