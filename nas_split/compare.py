@@ -291,20 +291,16 @@ def worker_threads(jobs: int, runs: int) -> int:
 def run_one(config: dict, threads: int) -> dict:
     """Worker entry point (also used in-process): one run with ``threads`` torch threads (the caller's count is
     restored afterwards), its results."""
-    import torch
-
     from .experiment import run_method
+    from .numerics import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        return run_method(MethodRunConfig.model_validate(config), overwrite=True)
+        with torch_threads(threads):
+            return run_method(MethodRunConfig.model_validate(config), overwrite=True)
     except SystemExit as e:
         if _STOPPED:  # a terminated worker: its run cleaned up as it unwound; leave now, take no queued run
             os._exit(e.code if isinstance(e.code, int) else 1)
         raise
-    finally:
-        torch.set_num_threads(before)
 
 
 _STOPPED = False  # set in a comparison worker by SIGTERM (_worker_init)

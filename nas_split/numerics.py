@@ -13,6 +13,9 @@ GPU is analysed, selected on and split there).
 :func:`evaluating` runs a block with the model in eval mode (batch norm on its running statistics, no dropout) and
 gives every module its own ``training`` flag back afterwards, so a submodule the user froze in eval mode (frozen
 batch norm) stays frozen.
+
+:func:`torch_threads` runs a block with a given number of torch threads and gives the caller's count back (float
+reductions, hence results bit for bit, depend on the count).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["full_precision", "evaluating", "model_device", "like_model"]
+__all__ = ["full_precision", "evaluating", "torch_threads", "model_device", "like_model"]
 
 
 def _precision_switches() -> list[object]:
@@ -81,6 +84,17 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in flags:
             m.training = training
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads; the previous count is restored on exit, also by an exception."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -17,6 +17,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from nas_split.numerics import torch_threads  # noqa: E402
+
 os.environ.setdefault("NAS_SPLIT_DATA", "/nonexistent-nas-split-data")  # tests never read a user's data
 torch.set_num_threads(THREADS)
 
@@ -30,11 +32,9 @@ def _seed():
 def two_threads(monkeypatch):
     """Two torch threads, also in the processes the test starts, whatever the worker has: for the tests whose
     stored numbers (the golden records) or margins were set with two, as float sums depend on the count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 #: Each test's seconds (setup + call + teardown) in a full ``make test`` on 2 cores, from ``tests/durations.txt``

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import search_spaces
 from nas_split import Grower
 from nas_split.data import create_dataset
+from nas_split.numerics import torch_threads
 from nas_split.surgery import split
 from nas_split.training import TrainConfig, Trainer
 
@@ -27,9 +28,7 @@ EPS = 0.03
 def trained(request):
     """A trained model and 4 batches; its tests run with two torch threads, as their margins were set (the trained
     weights depend on the thread count through float sums)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         torch.manual_seed(0)
         if request.param == "mobilenet":
             data = create_dataset("digits", seed=0)
@@ -42,8 +41,6 @@ def trained(request):
         tr, _, _ = data.loaders(64, 512, 0, 0)
         Trainer(TrainConfig(epochs=epochs, progress=False, seed=0)).fit(model, tr)
         yield model, list(itertools.islice(tr, 4))
-    finally:
-        torch.set_num_threads(before)
 
 
 def _loss(model, batches) -> float:

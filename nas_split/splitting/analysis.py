@@ -247,8 +247,8 @@ def _passes(model: nn.Module, loader: Iterable, neurons: dict[str, Neuron], loss
                     by_input = not missing()
                 if not use_input or not by_input:
                     torch.autograd.grad(loss_of(x, y), params, allow_unused=True)
-                if missing():
-                    raise NotAnalyzableError(f"no gradient reached the activation of {missing()[0]!r}")
+                if gone := missing():
+                    raise NotAnalyzableError(f"no gradient reached the activation of {gone[0]!r}")
                 yield len(y), cap.data
     finally:
         cap.close()
